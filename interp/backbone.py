@@ -1,0 +1,281 @@
+"""Loading a frozen backbone through the real `from_pretrained` path, and finding its parts.
+
+`load_backbone` accepts a hub id, a local directory written by `save_pretrained`, or the name of a
+built-in tiny backbone (see `BUILTIN_BACKBONES`). Built-ins are deterministic random-init Qwen2 models with
+the real Qwen2.5 BPE and the chat template of the model they stand in for; they are built once, written
+with `save_pretrained` into a local cache and then loaded exactly like a real checkpoint.
+
+Architecture parts are found structurally, never by model name:
+- `decoder_layers(model)`: the ModuleList with `num_hidden_layers` entries (Qwen2, Llama, Mistral, Gemma,
+  GPT-2, ...);
+- `base_decoder(model)`: the model without its LM head (`model.base_model`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from interp.errors import UserError
+
+ASSETS = Path(__file__).parent / "assets"
+TINY_BACKBONE_VERSION = 1  # bump when the tiny recipe changes: it is part of the cache path
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """A built-in random-init stand-in for a real model: its template, special tokens and seed."""
+
+    template_dir: str  # under interp/assets: chat_template.jinja and config.json of the real model
+    added_tokens: tuple[str, ...]  # added tokens in id order, starting at 151643 (as in the real tokenizer)
+    bos: str | None
+    eos: str
+    pad: str
+    seed: int
+    num_hidden_layers: int = 32
+    hidden_size: int = 64
+    intermediate_size: int = 176
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+
+
+_QWEN_ADDED = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+    "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+    "<tool_response>", "</tool_response>", "<think>", "</think>",
+)  # fmt: skip
+_R1_DISTILL_ADDED = (
+    "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜begin▁of▁sentence｜>", "<|EOT|>", "<think>",
+    "</think>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+)  # fmt: skip
+
+BUILTIN_BACKBONES: dict[str, TinySpec] = {
+    "tiny-qwq": TinySpec("qwq-32b", _QWEN_ADDED, bos=None, eos="<|im_end|>", pad="<|endoftext|>", seed=0),
+    "tiny-r1-distill": TinySpec(
+        "r1-distill-qwen-32b", _R1_DISTILL_ADDED, bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>",
+        pad="<｜end▁of▁sentence｜>", seed=1,
+    ),
+}
+BUILTIN_BACKBONES["tiny"] = BUILTIN_BACKBONES["tiny-qwq"]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
+
+
+def cache_root() -> Path:
+    """Where built-in backbones and activation caches live (env REASONING_DIRECTIONS_CACHE overrides)."""
+    default = Path.home() / ".cache" / "reasoning-directions"
+    return Path(os.environ.get("REASONING_DIRECTIONS_CACHE", default))
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name.rstrip(os.sep) and Path(name).expanduser().exists()
+
+
+def resolve_backbone_path(name_or_path: str) -> str:
+    """Built-in name -> its local directory (built on first use); local dir -> checked; hub id -> unchanged.
+
+    Raises UserError for a local path that does not exist or holds no config.json.
+    """
+    if name_or_path in BUILTIN_BACKBONES:
+        return str(build_tiny_backbone(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model directory {name_or_path!r} has no config.json")
+        return str(path)
+    if _looks_like_path(name_or_path) or path.suffix or name_or_path.count("/") > 1:
+        raise UserError(f"model path {name_or_path!r} does not exist")
+    return name_or_path  # a hub id such as "Qwen/QwQ-32B"
+
+
+def build_tiny_backbone(name: str) -> Path:
+    """Build (once) and return the directory of a built-in tiny backbone. Safe under concurrent builders."""
+    spec = BUILTIN_BACKBONES[name]
+    key = "tiny-r1-distill" if spec is BUILTIN_BACKBONES["tiny-r1-distill"] else "tiny-qwq"
+    target = cache_root() / "backbones" / f"{key}-v{TINY_BACKBONE_VERSION}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+    try:
+        _tiny_tokenizer(spec).save_pretrained(staging)
+        _tiny_model(spec).save_pretrained(staging)
+        try:
+            os.rename(staging, target)  # atomic; loses the race harmlessly if another process won
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _tiny_tokenizer(spec: TinySpec) -> PreTrainedTokenizerBase:
+    from transformers import Qwen2Tokenizer
+
+    vocab = json.loads((ASSETS / "qwen2.5" / "vocab.json").read_text(encoding="utf-8"))
+    merges_lines = (ASSETS / "qwen2.5" / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in merges_lines if line and not line.startswith("#version")]
+    first_added = 151643
+    assert len(vocab) == first_added and len(merges) == 151387, (len(vocab), len(merges))
+    # The constructor registers its special tokens first: make that the token with id 151643, as in the real
+    # tokenizer, then add the rest in id order.
+    first = spec.added_tokens[0]
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token=first, pad_token=first)
+    tokenizer.add_tokens(list(spec.added_tokens[1:]), special_tokens=True)
+    for i, token in enumerate(spec.added_tokens):  # the ids must match the real tokenizer's
+        assert tokenizer.convert_tokens_to_ids(token) == first_added + i, token
+    tokenizer.eos_token, tokenizer.pad_token = spec.eos, spec.pad
+    if spec.bos is not None:
+        tokenizer.bos_token = spec.bos
+    tokenizer.chat_template = (ASSETS / spec.template_dir / "chat_template.jinja").read_text()
+    return tokenizer
+
+
+def _tiny_model(spec: TinySpec) -> PreTrainedModel:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    real = json.loads((ASSETS / spec.template_dir / "config.json").read_text())
+    config = Qwen2Config(
+        vocab_size=real["vocab_size"],
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=4096,
+        rms_norm_eps=real["rms_norm_eps"],
+        rope_parameters={"rope_type": "default", "rope_theta": real["rope_theta"]},
+        tie_word_embeddings=False,
+        bos_token_id=real["bos_token_id"],
+        eos_token_id=real["eos_token_id"],
+        pad_token_id=real["bos_token_id"],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = Qwen2ForCausalLM(config)
+    assert model.config.num_hidden_layers == spec.num_hidden_layers and model.config.hidden_size == spec.hidden_size
+    return model
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The backbone's tokenizer, set up for batched extraction (left padding, a pad token)."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_backbone_path(name_or_path), revision=revision, trust_remote_code=trust_remote_code
+    )
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_config(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The backbone's config without loading weights (used to validate layer indices up front)."""
+    return AutoConfig.from_pretrained(
+        resolve_backbone_path(name_or_path), revision=revision, trust_remote_code=trust_remote_code
+    )
+
+
+def load_backbone(
+    name_or_path: str,
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict | None = None,
+    attn_implementation: str | None = None,
+    quantization: str | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a frozen causal LM and its tokenizer.
+
+    Args:
+        name_or_path: hub id, local `save_pretrained` directory, or a built-in name ("tiny", "tiny-qwq",
+            "tiny-r1-distill").
+        dtype: "float32" | "bfloat16" | "float16" | "auto" | torch.dtype; None = the checkpoint's own.
+        device_map: passed to `from_pretrained` ("auto" shards across visible GPUs through accelerate).
+        quantization: None | "8bit" | "4bit" (bitsandbytes).
+    Returns:
+        (model in eval mode with requires_grad False everywhere, tokenizer with left padding).
+    """
+    path = resolve_backbone_path(name_or_path)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise UserError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        if quantization not in ("8bit", "4bit"):
+            raise UserError(f"unknown quantization {quantization!r}; expected '8bit' or '4bit'")
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit"
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.requires_grad_(False).eval()
+    decoder_layers(model)  # fail now, not mid-run, if the layer stack cannot be found
+    return model, load_tokenizer(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def num_layers(config) -> int:
+    return config.get_text_config().num_hidden_layers
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of decoder blocks: the one ModuleList whose length is the config's layer count."""
+    n = num_layers(model.config)
+    found = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    found = [m for m in found if len({type(block) for block in m}) == 1]
+    if not found:
+        raise UserError(f"cannot find a stack of {n} decoder layers in {type(model).__name__}")
+    return found[0]
+
+
+def base_decoder(model: PreTrainedModel) -> nn.Module:
+    """The transformer without its LM head (Qwen2Model for Qwen2ForCausalLM, GPT2Model for GPT-2)."""
+    return model.base_model
+
+
+def input_device(model: PreTrainedModel) -> torch.device:
+    """Where token ids must go (the embedding's device; differs from others under device_map)."""
+    return model.get_input_embeddings().weight.device
+
+
+def backbone_fingerprint(name_or_path: str, revision: str | None = None) -> str:
+    """A short id of the weights, for cache keys.
+
+    Hub ids: id + revision. Local directories: config.json plus, for every weight file, its name, size and
+    the sha256 of its first and last MiB (cheap even for 64 GB checkpoints; changes when weights change).
+    """
+    path = Path(resolve_backbone_path(name_or_path))
+    digest = hashlib.sha256()
+    if not path.is_dir():
+        digest.update(f"{name_or_path}@{revision or 'main'}".encode())
+        return digest.hexdigest()[:16]
+    digest.update((path / "config.json").read_bytes())
+    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        size = weights.stat().st_size
+        digest.update(f"{weights.name}:{size}".encode())
+        with open(weights, "rb") as f:
+            digest.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:16]
