@@ -50,7 +50,12 @@ def capture_residuals(
     if positions.kind == "post_instruction":
         n_post = len(post_instruction or ())
         expected = torch.tensor(list(post_instruction or ()), device=device)
-        if n_post == 0 or not bool((input_ids[:, -n_post:] == expected).all() and attention_mask[:, -1].all()):
+        ends_with_template = (
+            0 < n_post <= input_ids.shape[1]
+            and bool(attention_mask[:, -1].all())
+            and bool((input_ids[:, -n_post:] == expected).all())
+        )
+        if not ends_with_template:
             raise UserError(
                 "positions 'post_instruction' need left-padded prompts formatted with the chat template "
                 "(see interp.format_chat_prompt)"
