@@ -285,3 +285,57 @@ def backbone_fingerprint(name_or_path: str, revision: str | None = None) -> str:
             f.seek(max(0, size - (1 << 20)))
             digest.update(f.read(1 << 20))
     return digest.hexdigest()[:16]
+
+
+@dataclass
+class BackboneSpec:
+    """Which frozen backbone to load and how (the config's `backbone:` section)."""
+
+    name_or_path: str = "tiny"
+    """Hub id (e.g. Qwen/QwQ-32B), local save_pretrained directory, or built-in: tiny, tiny-qwq, tiny-r1-distill."""
+    dtype: str = "float32"
+    """float32 | bfloat16 | float16 | auto (the checkpoint's own)."""
+    device_map: str | None = None
+    """None: Lightning places the model on its device; "auto": accelerate shards it over the visible GPUs."""
+    attn_implementation: str | None = None
+    """sdpa | eager | flash_attention_2; None = the transformers default."""
+    quantization: str | None = None
+    """None | 8bit | 4bit (bitsandbytes)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit); part of the activation-cache key."""
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise UserError(f"backbone.dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.quantization not in (None, "8bit", "4bit"):
+            raise UserError(f"backbone.quantization {self.quantization!r} is not one of None, '8bit', '4bit'")
+        if self.name_or_path not in BUILTIN_BACKBONES:
+            resolve_backbone_path(self.name_or_path)  # a missing local path fails here, before any loading
+
+    def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        return load_backbone(
+            self.name_or_path, dtype=self.dtype, device_map=self.device_map,
+            attn_implementation=self.attn_implementation, quantization=self.quantization,
+            trust_remote_code=self.trust_remote_code, revision=self.revision,
+        )  # fmt: skip
+
+    def num_layers(self) -> int:
+        """Depth without loading weights (built-ins: from their recipe, so nothing is built or written)."""
+        if self.name_or_path in BUILTIN_BACKBONES:
+            return BUILTIN_BACKBONES[self.name_or_path].num_hidden_layers
+        return num_layers(load_config(self.name_or_path, self.revision, self.trust_remote_code))
+
+    def hidden_size(self) -> int:
+        if self.name_or_path in BUILTIN_BACKBONES:
+            return BUILTIN_BACKBONES[self.name_or_path].hidden_size
+        return load_config(self.name_or_path, self.revision, self.trust_remote_code).get_text_config().hidden_size
+
+    def fingerprint(self) -> dict:
+        """What identifies the weights and numerics, for activation-cache keys."""
+        return {
+            "name_or_path": self.name_or_path,
+            "weights": backbone_fingerprint(self.name_or_path, self.revision),
+            "dtype": self.dtype,
+            "quantization": self.quantization,
+        }

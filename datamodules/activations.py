@@ -1,0 +1,181 @@
+"""Per-layer probe data read from the activation cache.
+
+It exposes the small protocol the probe module relies on:
+    n_layers, d_model, num_classes, class_names, layers, train_moments() -> RunningMoments over train features
+and yield batches {"x": [batch, n_layers, d_model] float32, "y": [batch], "y_control": [batch]}.
+
+Control-task labels for selectivity: see datamodules/tensors.py.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.prompts import LABELS, ReasoningPromptsDataModule
+from datamodules.tensors import control_task_labels
+from interp.activations import check_layers
+from interp.backbone import BackboneSpec
+from interp.cache import SPLITS, ActivationCache, ShardReader, cache_key
+from interp.errors import UserError
+from interp.positions import PositionSpec
+from interp.stats import RunningMoments
+
+PROBE_LABELS = tuple(label for label in LABELS if label != "problem")
+
+
+class _CachedRows(Dataset):
+    """Rows of the cache at one position: x [n_layers, d_model] read through memory-mapped shards."""
+
+    def __init__(self, reader: ShardReader, shard_id, shard_offset, position: int, y, y_control):
+        self.reader, self.shard_id, self.shard_offset = reader, shard_id, shard_offset
+        self.position, self.y, self.y_control = position, y, y_control
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        x = self.reader.row(int(self.shard_id[i]), int(self.shard_offset[i]))[self.position]
+        return {"x": x, "y": self.y[i], "y_control": self.y_control[i]}
+
+
+class CachedActivationDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        prompts: ReasoningPromptsDataModule,
+        backbone: BackboneSpec | None = None,
+        layers: list[int] | None = None,
+        positions: str = "last",
+        position: int = -1,
+        label: str = "reasoning",
+        cache_dir: str = ".cache/activations",
+        batch_size: int = 64,
+        num_workers: int = 0,
+        control_seed: int = 0,
+    ):
+        """
+        Args:
+            prompts: the prompt datamodule (GSM8K/MATH reasoning vs control prompts).
+            backbone: the frozen model to read (its name also selects the prompts' tokenizer).
+            layers: layer indices to cache and probe; None = all.
+            positions: which tokens to cache: last | last_<k> | post_instruction | mean.
+            position: which cached position the probes read (-1 = the last one).
+            label: what the probes predict: reasoning | dataset | subject | level.
+            cache_dir: where activation caches live (one sub-directory per cache key).
+            batch_size: probe-training batch size (extraction uses prompts.batch_size).
+            control_seed: seed of the control-task labels (selectivity).
+        """
+        super().__init__()
+        self.backbone = backbone or BackboneSpec()
+        self.prompts = prompts
+        self.prompts.backbone = self.backbone.name_or_path  # one model decides the tokenizer and the activations
+        self.layers = check_layers(layers, self.backbone.num_layers())
+        self.positions = PositionSpec.parse(positions)
+        if label not in PROBE_LABELS:
+            raise UserError(f"data.label {label!r} is not one of {list(PROBE_LABELS)}")
+        self.position, self.label, self.cache_dir = position, label, Path(cache_dir)
+        self.batch_size, self.num_workers, self.control_seed = batch_size, num_workers, control_seed
+        self.datasets: dict[str, Dataset] = {}
+
+    # ---- the cache -------------------------------------------------------------------------------------------
+    def cache_spec(self) -> dict:
+        self.prompts.setup("predict")
+        return {
+            "backbone": self.backbone.fingerprint(),
+            "data": self.prompts.data_spec(),
+            "layers": self.layers,
+            "positions": str(self.positions),
+        }
+
+    @cached_property
+    def cache(self) -> ActivationCache:
+        return ActivationCache(self.cache_dir / cache_key(self.cache_spec()))
+
+    def manifest(self) -> dict:
+        self.prompts.setup("predict")
+        post = len(self.prompts.post_instruction_ids) if hasattr(self.prompts, "post_instruction_ids") else None
+        return {
+            "key": self.cache.directory.name,
+            "spec": self.cache_spec(),
+            "n_rows": len(self.prompts.rows),
+            "layers": self.layers,
+            "positions": str(self.positions),
+            "n_positions": self.positions.num_positions(post) if post else None,
+            "d_model": self.backbone.hidden_size(),
+            "dtype": "float32",
+            "label_names": self.prompts.label_names,
+        }
+
+    # ---- probe data ------------------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_model(self) -> int:
+        return self.backbone.hidden_size()
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.cache.manifest["label_names"][self.label])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        if not self.cache.complete:
+            raise UserError(f"activation cache {self.cache.directory} is incomplete: run extraction first")
+        meta = self.cache.metadata()
+        y = meta[f"label.{self.label}"]
+        valid = y >= 0  # e.g. MATH subject/level are undefined (-1) for GSM8K rows
+        train = valid & (meta["split"] == 0)
+        if int(train.sum()) == 0:
+            raise UserError(f"no training rows have a {self.label!r} label")
+        y_control = control_task_labels(y.clamp(min=0), meta["label.problem"], train, self.control_seed)
+        reader = ShardReader(self.cache.shards())
+        self.row_index: dict[str, torch.Tensor] = {}
+        for split_id, split in enumerate(SPLITS):
+            keep = valid & (meta["split"] == split_id)
+            self.row_index[split] = meta["row_index"][keep]
+            self.datasets[split] = _CachedRows(
+                reader, meta["shard_id"][keep], meta["shard_offset"][keep], self.position, y[keep], y_control[keep]
+            )
+
+    def train_moments(self) -> RunningMoments:
+        """Feature mean/variance over the training rows, [n_layers, d_model], one batch at a time."""
+        self.setup()
+        moments = RunningMoments()
+        for batch in DataLoader(self.datasets["train"], batch_size=256, num_workers=self.num_workers):
+            moments.update(batch["x"])
+        return moments
+
+    def split_features(self, split: str, layer_slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x [n, d_model], y [n]) of one split at one probed layer (slot into `layers`), for scikit-learn."""
+        self.setup()
+        xs, ys = [], []
+        for batch in DataLoader(self.datasets[split], batch_size=256, num_workers=self.num_workers):
+            xs.append(batch["x"][:, layer_slot])
+            ys.append(batch["y"])
+        return torch.cat(xs), torch.cat(ys)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )  # fmt: skip
+
+    def train_dataloader(self):
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader("test", shuffle=False)
