@@ -1,0 +1,124 @@
+"""The command-line layer shared by train.py and evaluate.py (LightningCLI without subcommands).
+
+Run names: `--run_name` (default: the config file's stem). A run writes
+    checkpoints/<run_name>/best.ckpt, last.ckpt      ModelCheckpoint (probe/steering weights only)
+    logs/<run_name>/                                 TensorBoard events, config.yaml, run artifacts
+Every checkpoint also carries the run's full config (`run_config`), so `evaluate.py --ckpt` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import yaml
+from jsonargparse import ArgumentParser
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from callbacks.probe_figures import ProbeAccuracyFigure
+from interp.errors import UserError
+
+CHECKPOINT_ROOT = Path("checkpoints")
+LOG_ROOT = Path("logs")
+
+
+class RunConfigInCheckpoint(L.Callback):
+    """Stores the run's resolved config (YAML) in every checkpoint."""
+
+    def __init__(self, config_yaml: str):
+        self.config_yaml = config_yaml
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["run_config"] = self.config_yaml
+
+
+class ProjectCLI(LightningCLI):
+    def __init__(self, args=None):
+        super().__init__(
+            model_class=L.LightningModule,
+            datamodule_class=L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            run=False,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False},
+            auto_configure_optimizers=False,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run_name", type=str | None, default=None, help="Run name (default: config stem).")
+        parser.add_argument(
+            "--ckpt_path", type=str | None, default=None,
+            help="Resume from this checkpoint ('last' = checkpoints/<run_name>/last.ckpt).",
+        )  # fmt: skip
+        parser.add_argument(
+            "--backbone", type=str | None, default=None,
+            help="Override data.init_args.backbone.name_or_path (e.g. tiny, Qwen/QwQ-32B, a local directory).",
+        )  # fmt: skip
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config
+        if config.backbone:
+            backbone = config.data.init_args.get("backbone")
+            if backbone is None:
+                raise UserError("--backbone needs a data module with a `backbone` argument")
+            backbone.name_or_path = config.backbone
+        if not config.run_name:
+            sources = [str(c) for c in (config.get("config") or [])]
+            config.run_name = Path(sources[-1]).stem if sources else "run"
+
+    @property
+    def run_name(self) -> str:
+        return self.config.run_name
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        run = self.config.run_name
+        monitor, mode = getattr(self.model, "checkpoint_monitor", ("val/acc_best", "max"))
+        checkpoint = ModelCheckpoint(
+            dirpath=CHECKPOINT_ROOT / run, filename="best", monitor=monitor, mode=mode, save_top_k=1,
+            save_last=True, auto_insert_metric_name=False,
+        )  # fmt: skip
+        config_yaml = self.parser.dump(self.config, skip_none=False, skip_validation=True)
+        self.trainer_defaults["callbacks"] = [
+            checkpoint, RichProgressBar(leave=True), ProbeAccuracyFigure(), RunConfigInCheckpoint(config_yaml)
+        ]
+        if self.config.trainer.get("logger") in (None, True):
+            kwargs["logger"] = TensorBoardLogger(save_dir=str(LOG_ROOT), name=run, version="")
+        return super().instantiate_trainer(**kwargs)
+
+    def resolved_ckpt_path(self) -> str | None:
+        path = self.config.ckpt_path
+        if path in (None, "last"):
+            last = CHECKPOINT_ROOT / self.config.run_name / "last.ckpt"
+            if path == "last" and not last.is_file():
+                raise UserError(f"--ckpt_path last: {last} does not exist")
+            return str(last) if path == "last" else None
+        if not Path(path).is_file():
+            raise UserError(f"--ckpt_path {path} does not exist")
+        return path
+
+
+def datamodule_from_run_config(config_yaml: str) -> L.LightningDataModule:
+    """Rebuild a run's datamodule from the config stored in its checkpoint."""
+    config = yaml.safe_load(config_yaml)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(L.LightningDataModule, "data", required=True)
+    namespace = parser.parse_object({"data": config["data"]})
+    return parser.instantiate_classes(namespace).data
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run an entry point; user errors become one line on stderr and exit status 2 (no traceback)."""
+    from jsonargparse import ArgumentError
+
+    try:
+        main()
+    except (UserError, ArgumentError) as error:
+        message = str(error).strip().splitlines()
+        print(f"error: {message[0] if message else type(error).__name__}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,21 @@
+"""Train per-layer probes (or other modules) on activations of a frozen backbone.
+
+    python train.py --config configs/probes_qwq.yaml [--backbone tiny] [--run_name NAME] [--ckpt_path last]
+
+1. extract residual-stream activations into the activation cache (Trainer.predict; reused when complete),
+2. fit the module on the cache (checkpoints/<run>/, TensorBoard in logs/<run>/).
+"""
+
+from callbacks.cache_writer import extract_activations
+from cli import ProjectCLI, run_main
+
+
+def main() -> None:
+    cli = ProjectCLI()
+    ckpt_path = cli.resolved_ckpt_path()
+    extract_activations(cli.trainer, cli.datamodule)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+
+
+if __name__ == "__main__":
+    run_main(main)
