@@ -1,0 +1,274 @@
+"""Reasoning directions: contrastive means, PCA of paired differences, random nulls, and their file format.
+
+Activations come from `interp.activations.collect_activations`: [n, n_layers, d_model] for one-vector
+position specs, [n, n_pos, n_layers, d_model] otherwise. Every function here also takes an ITERABLE of such
+batches (a generator over an activation cache, a DataLoader, ...), so any number of prompts fits in memory.
+Directions come back without the prompt axis: [n_layers, d_model] or [n_pos, n_layers, d_model], float32.
+
+File format (`save_directions` / `load_directions`):
+    reasoning_directions.safetensors   tensor "directions" (float32) + optional extra named tensors; its
+                                       header repeats the key metadata so a stray .json is caught on load
+    reasoning_directions.json          metadata: model, layers, positions, d_model, shape, norms, selection
+                                       table, ... (whatever the caller passes, plus the computed fields)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from interp.errors import UserError
+from interp.stats import RunningMoments
+
+DIRECTIONS_FILE = "reasoning_directions.safetensors"
+_CHECKED_KEYS = ("model", "layers", "positions", "d_model", "shape")  # JSON fields repeated in the header
+
+Activations = torch.Tensor | Iterable[torch.Tensor]
+
+
+def _batches(acts: Activations, side: str) -> Iterator[torch.Tensor]:
+    """Yield [batch, (n_pos,) n_layers, d] tensors from one tensor or an iterable of them."""
+    stream = [acts] if isinstance(acts, torch.Tensor) else acts
+    for batch in stream:
+        if not isinstance(batch, torch.Tensor) or batch.ndim not in (3, 4):
+            shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
+            raise UserError(
+                f"{side} activations must be [n, n_layers, d_model] or [n, n_pos, n_layers, d_model], got {shape}"
+            )
+        yield batch
+
+
+def _check_same(shape_a: torch.Size, shape_b: torch.Size, what: str) -> None:
+    if tuple(shape_a) != tuple(shape_b):
+        raise UserError(f"{what}: shapes {tuple(shape_a)} and {tuple(shape_b)} do not match")
+
+
+def _moments(acts: Activations, side: str) -> RunningMoments:
+    moments, item_shape = RunningMoments(), None
+    for batch in _batches(acts, side):
+        if item_shape is None:
+            item_shape = batch.shape[1:]
+        _check_same(item_shape, batch.shape[1:], f"{side} activation batches [n, ...]")
+        moments.update(batch)
+    if moments.count == 0:
+        raise UserError(f"no {side} activations")
+    return moments
+
+
+def compute_contrastive_directions(reasoning_acts: Activations, control_acts: Activations) -> torch.Tensor:
+    """mean(reasoning) - mean(control) per (position, layer), unnormalised.
+
+    Args:
+        reasoning_acts, control_acts: [n, n_layers, d] or [n, n_pos, n_layers, d] tensors, or iterables of
+            such batches. The two sides may hold different numbers of prompts.
+    Returns:
+        float32 [n_layers, d] or [n_pos, n_layers, d]; both means are accumulated in float64.
+    """
+    reasoning = _moments(reasoning_acts, "reasoning")
+    control = _moments(control_acts, "control")
+    _check_same(reasoning.mean.shape, control.mean.shape, "reasoning vs control activations (without n)")
+    return (reasoning.mean - control.mean).to(torch.float32)
+
+
+def pca_directions(reasoning_acts: Activations, control_acts: Activations) -> torch.Tensor:
+    """First principal direction of the paired differences delta_i = reasoning_i - control_i.
+
+    Row i of each side is one matched pair (e.g. the same question with and without a reasoning cue);
+    for iterables, the k-th batches of the two sides must hold the same pairs.
+
+    UNCENTRED PCA: the top eigenvector v of the second moment E[delta delta^T] = mu mu^T + Cov(delta).
+    Centring would subtract mu mu^T, i.e. remove the consistent reasoning-vs-control shift that the
+    direction is meant to capture, and leave only the direction along which the differences VARY most
+    (which may well be nuisance). Uncentred, a consistent shift dominates and a constant shift is
+    recovered exactly.
+
+    Sign and norm: returned as (v . mu) v, the unit direction scaled to the mean difference's projection on
+    it. This fixes the sign (it has positive dot product (v . mu)^2 with mu whichever sign eigh gave v) and
+    the scale: when mu lies along v the result equals the contrastive direction mu; a principal direction
+    orthogonal to mu comes back with (near) zero norm, which `check_nonzero_norm` then reports.
+
+    Memory: one float64 d x d matrix per (position, layer): 8 * n_pos * n_layers * d^2 bytes, e.g. 210 MB
+    per layer for d = 5120. For the 32B models pass one layer at a time (acts[..., [layer], :]).
+
+    Returns:
+        float32 [n_layers, d] or [n_pos, n_layers, d].
+    """
+    control_stream = iter(_batches(control_acts, "control"))
+    second: torch.Tensor | None = None  # [*item, d] x d float64 running sum of delta delta^T
+    mean = RunningMoments()
+    item_shape = None
+    for reasoning in _batches(reasoning_acts, "reasoning"):
+        control = next(control_stream, None)
+        if control is None:
+            raise UserError("pca_directions needs matched pairs: the control side ran out of batches first")
+        _check_same(reasoning.shape, control.shape, "pca_directions matched reasoning vs control batch")
+        if item_shape is None:
+            item_shape = reasoning.shape[1:]
+        _check_same(item_shape, reasoning.shape[1:], "reasoning activation batches [n, ...]")
+        delta = reasoning.to(torch.float64) - control.to(torch.float64)  # [b, *item]
+        outer = torch.einsum("b...i,b...j->...ij", delta, delta)  # [*item, d] x d
+        second = outer if second is None else second + outer
+        mean.update(delta)
+    if next(control_stream, None) is not None:
+        raise UserError("pca_directions needs matched pairs: the reasoning side ran out of batches first")
+    if second is None or mean.count == 0:
+        raise UserError("no paired activations")
+    _, eigvecs = torch.linalg.eigh(second / mean.count)  # ascending eigenvalues
+    top = eigvecs[..., :, -1]  # [*item_without_d, d], unit norm
+    projection = (top * mean.mean).sum(-1, keepdim=True)  # v . mu, [*item_without_d, 1]
+    return (projection * top).to(torch.float32)
+
+
+def random_directions(like: torch.Tensor, n: int, generator: torch.Generator | int | None = None) -> torch.Tensor:
+    """n isotropic random directions with the norm of `like` at every (position, layer), for null tests.
+
+    Args:
+        like: [..., d] e.g. [n_layers, d] or [n_pos, n_layers, d].
+        generator: a torch.Generator or an int seed (None: the global RNG).
+    Returns:
+        [n, *like.shape] in like's dtype and on its device; ||out[k, ..., :]|| == ||like[..., :]||.
+    """
+    if isinstance(generator, int):
+        generator = torch.Generator().manual_seed(generator)
+    if n < 1:
+        raise UserError(f"random_directions: n must be >= 1, got {n}")
+    gauss = torch.randn((n, *like.shape), generator=generator, dtype=torch.float64)
+    unit = gauss / gauss.norm(dim=-1, keepdim=True)
+    norms = like.detach().cpu().to(torch.float64).norm(dim=-1, keepdim=True)  # [..., 1]
+    return (unit * norms).to(device=like.device, dtype=like.dtype)
+
+
+def check_directions(
+    directions: torch.Tensor, n_layers: int, d_model: int, layers: Sequence[int] | None = None
+) -> None:
+    """Raise UserError unless `directions` ([n_layers, d] or [n_pos, n_layers, d]) fit a model.
+
+    `layers`: the model layers the rows stand for (default: all n_layers, in order).
+    """
+    if directions.ndim not in (2, 3):
+        raise UserError(
+            f"directions must be [n_layers, d_model] or [n_pos, n_layers, d_model], got {tuple(directions.shape)}"
+        )
+    if directions.shape[-1] != d_model:
+        raise UserError(f"directions have d_model {directions.shape[-1]} but the model has d_model {d_model}")
+    expected = n_layers if layers is None else len(layers)
+    if directions.shape[-2] != expected:
+        what = f"the model's {n_layers} layers" if layers is None else f"the {expected} layers {list(layers)}"
+        raise UserError(f"directions cover {directions.shape[-2]} layers but {what} were expected")
+    bad = [layer for layer in (layers or ()) if not 0 <= layer < n_layers]
+    if bad:
+        raise UserError(f"direction layers {bad} out of range: the model has {n_layers} layers")
+
+
+def check_nonzero_norm(directions: torch.Tensor, layers: Sequence[int] | None = None, eps: float = 0.0) -> None:
+    """Raise UserError "zero-norm direction at layer L" if any [..., d] vector has norm <= eps (or is not
+    finite). `layers` maps the layer axis (dim -2) to model layer indices (default 0..n-1)."""
+    if directions.ndim < 2:
+        directions = directions[None]
+    norms = directions.detach().to(torch.float64).norm(dim=-1)  # [..., n_layers]
+    layers = list(range(norms.shape[-1])) if layers is None else list(layers)
+    bad = (~torch.isfinite(norms)) | (norms <= eps)
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        where = f" (position {index[-2]})" if len(index) > 1 else ""
+        kind = "non-finite" if not math.isfinite(float(norms[index])) else "zero-norm"
+        raise UserError(f"{kind} direction at layer {layers[index[-1]]}{where}")
+
+
+def unit_directions(directions: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
+    """directions / ||directions|| along d (out of place), after `check_nonzero_norm`."""
+    check_nonzero_norm(directions, layers)
+    return directions / directions.norm(dim=-1, keepdim=True)
+
+
+def _paths(path: str | Path) -> tuple[Path, Path]:
+    path = Path(path)
+    tensors = path if path.suffix == ".safetensors" else path / DIRECTIONS_FILE
+    return tensors, tensors.with_suffix(".json")
+
+
+def save_directions(
+    path: str | Path,
+    directions: torch.Tensor,
+    metadata: dict,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write directions (float32) and their JSON metadata; returns the .safetensors path.
+
+    Args:
+        path: a directory (-> <dir>/reasoning_directions.safetensors) or a path ending in .safetensors.
+        directions: [n_layers, d] or [n_pos, n_layers, d].
+        metadata: JSON-serialisable; conventionally model, layers, positions, method, selection table, ...
+            "d_model", "shape" and "norms" ([..., n_layers] L2 norms) are filled in (and must agree if given).
+        extra: more named tensors to store beside "directions" (e.g. "pca", "null_norms").
+    """
+    if directions.ndim not in (2, 3):
+        raise UserError(f"directions must be [n_layers, d] or [n_pos, n_layers, d], got {tuple(directions.shape)}")
+    directions = directions.detach().cpu().to(torch.float32).contiguous()
+    computed = {
+        "d_model": directions.shape[-1],
+        "shape": list(directions.shape),
+        "norms": directions.to(torch.float64).norm(dim=-1).tolist(),
+    }
+    for key in ("d_model", "shape"):
+        if key in metadata and metadata[key] != computed[key]:
+            raise UserError(f"metadata {key}={metadata[key]!r} does not match the directions ({computed[key]!r})")
+    meta = {**metadata, **computed}
+    if "layers" in meta and len(meta["layers"]) != directions.shape[-2]:
+        raise UserError(f"metadata lists {len(meta['layers'])} layers but directions have {directions.shape[-2]}")
+    tensors = {"directions": directions}
+    for name, value in (extra or {}).items():
+        if name == "directions":
+            raise UserError("extra tensor name 'directions' is reserved")
+        tensors[name] = value.detach().cpu().contiguous()
+    tensor_path, json_path = _paths(path)
+    tensor_path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": "pt", "metadata": json.dumps({k: meta.get(k) for k in _CHECKED_KEYS}, sort_keys=True)}
+    save_file(tensors, str(tensor_path), metadata=header)
+    json_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return tensor_path
+
+
+def load_directions(path: str | Path) -> tuple[torch.Tensor, dict]:
+    """Read what `save_directions` wrote: (directions float32, metadata). Missing files, or metadata that
+    does not match the tensor file (another run's .json, edited shape/layers), raise UserError."""
+    directions, meta, _ = _load(path)
+    return directions, meta
+
+
+def load_extra_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The `extra` tensors stored by `save_directions` (same checks as `load_directions`)."""
+    return _load(path)[2]
+
+
+def _load(path: str | Path) -> tuple[torch.Tensor, dict, dict[str, torch.Tensor]]:
+    tensor_path, json_path = _paths(path)
+    for file in (tensor_path, json_path):
+        if not file.is_file():
+            raise UserError(f"directions file {str(file)!r} does not exist")
+    try:
+        meta = json.loads(json_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"directions metadata {str(json_path)!r} is not valid JSON: {err}") from None
+    with safe_open(str(tensor_path), framework="pt") as f:
+        names = list(f.keys())
+        if "directions" not in names:
+            raise UserError(f"{str(tensor_path)!r} holds no 'directions' tensor")
+        tensors = {name: f.get_tensor(name) for name in names}
+        header = json.loads((f.metadata() or {}).get("metadata", "{}"))
+    directions = tensors.pop("directions")
+    for key in _CHECKED_KEYS:
+        if header.get(key) != meta.get(key):
+            raise UserError(
+                f"metadata {json_path.name} does not match {tensor_path.name}: "
+                f"{key} is {meta.get(key)!r} in the JSON but {header.get(key)!r} in the tensor file"
+            )
+    if list(directions.shape) != meta.get("shape"):
+        raise UserError(f"{tensor_path.name}: directions shape {list(directions.shape)} != metadata {meta.get('shape')}")
+    return directions, meta, tensors
