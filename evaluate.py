@@ -21,11 +21,11 @@ from interp.errors import UserError
 from lightning_modules.probes import LayerProbeModule
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best.ckpt or last.ckpt)")
     parser.add_argument("--output_dir", default=None, help="where result files go (default: logs/<run_name>)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     ckpt = Path(args.ckpt)
     if not ckpt.is_file():
         raise UserError(f"checkpoint {ckpt} does not exist")

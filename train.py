@@ -10,8 +10,8 @@ from callbacks.cache_writer import extract_activations
 from cli import ProjectCLI, run_main
 
 
-def main() -> None:
-    cli = ProjectCLI()
+def main(args: list[str] | None = None) -> None:
+    cli = ProjectCLI(args=args)
     ckpt_path = cli.resolved_ckpt_path()
     extract_activations(cli.trainer, cli.datamodule)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)

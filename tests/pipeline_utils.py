@@ -1,0 +1,43 @@
+"""Helpers for end-to-end tests: shrink a shipped config to the tiny backbone and a few embedded problems."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(config_name: str, tmp_path: Path, limit: int = 12, **data_overrides) -> Path:
+    """Copy configs/<config_name> with the tiny stand-in backbone, embedded data and a tmp cache dir."""
+    config = yaml.safe_load((REPO / "configs" / config_name).read_text())
+    data = config["data"]["init_args"]
+    real = data["backbone"]["name_or_path"]
+    data["backbone"] = {"name_or_path": "tiny-r1-distill" if "R1-Distill" in real else "tiny", "dtype": "float32"}
+    prompts = data["prompts"]["init_args"]
+    prompts["sources"] = [
+        {"name": "gsm8k", "path": "embedded", "split": "test", "limit": limit},
+        {"name": "math", "path": "embedded", "split": "test", "limit": limit},
+    ]
+    data["cache_dir"] = str(tmp_path / "cache")
+    data.update(data_overrides)
+    config["trainer"]["accelerator"] = "cpu"
+    path = tmp_path / f"tiny_{config_name}"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def build_datamodule(cache_dir, limit: int = 10, layers=None, positions: str = "last_2", batch_size: int = 4):
+    """A small CachedActivationDataModule on the tiny backbone and embedded data."""
+    from datamodules.activations import CachedActivationDataModule
+    from datamodules.problems import DatasetSource
+    from datamodules.prompts import ReasoningPromptsDataModule
+    from interp.backbone import BackboneSpec
+
+    prompts = ReasoningPromptsDataModule(
+        sources=[DatasetSource("gsm8k", limit=limit), DatasetSource("math", limit=limit)], batch_size=batch_size
+    )
+    return CachedActivationDataModule(
+        prompts=prompts, backbone=BackboneSpec("tiny"), layers=layers, positions=positions, cache_dir=str(cache_dir)
+    )
