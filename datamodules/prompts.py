@@ -1,0 +1,381 @@
+"""Contrastive prompt pairs (reasoning vs control) from GSM8K/MATH problems, as a LightningDataModule.
+
+Every problem gives two prompts that differ only in the instruction around the same question:
+    reasoning: "{question}\\n\\nPlease reason step by step, and put your final answer within \\boxed{}."
+    control:   restate | copy | topic   (read the same question, but do not solve it)
+Both are wrapped in the backbone's own chat template (`interp.prompts.format_chat_prompt`), so a pair shares
+the post-instruction template tokens (e.g. `<|im_end|>\\n<|im_start|>assistant\\n<think>\\n` for QwQ).
+
+Rows are ordered problem by problem (reasoning row, then control row); both rows of a problem share its
+`pair_index` and its split. Splits are drawn BY PROBLEM (seeded, stratified by dataset, subject and level),
+so no question is seen in two splits. Integer labels per row (`LABELS`) feed the probes:
+    reasoning  1 = reasoning prompt, 0 = control prompt
+    dataset    index into DATASETS = ("gsm8k", "math")
+    subject    index into the sorted MATH subjects present; -1 for GSM8K
+    level      MATH level 1..5 -> 0..4; -1 when unknown (and for GSM8K)
+    problem    problem_index
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from lightning import LightningDataModule
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from datamodules.problems import DATASETS, DatasetSource, Problem, load_sources
+from interp.backbone import load_tokenizer
+from interp.errors import UserError
+from interp.prompts import format_chat_prompt, post_instruction_ids, tokenize_prompts
+
+# Templates: the literal "{question}" is replaced by the question; every other character (braces included) is
+# kept as written, so "\boxed{}" needs no escaping in a YAML config.
+REASONING_TEMPLATE = "{question}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+CONTROL_TEMPLATES = {
+    "restate": "{question}\n\nRestate the problem above in your own words. Do not solve it and do not give an answer.",
+    "copy": "{question}\n\nCopy the text above exactly, word for word. Do not solve it.",
+    "topic": "{question}\n\nName the topic of the problem above in a few words. Do not solve it.",
+}
+LABELS = ("reasoning", "dataset", "subject", "level", "problem")
+KINDS = ("control", "reasoning")  # the "reasoning" label encoding
+SPLITS = ("train", "val", "test")  # the "split" tensor encoding in batches
+DATA_SPEC_VERSION = 1  # bump when the way rows or token ids are built changes
+
+
+def fill_template(template: str, question: str) -> str:
+    return template.replace("{question}", question)
+
+
+def _check_template(template: str, what: str) -> None:
+    if not isinstance(template, str) or "{question}" not in template:
+        raise UserError(f"{what} must contain the placeholder {{question}}, got {template!r:.80}")
+
+
+def resolve_control_template(control: str, control_template: str | None = None) -> str:
+    """The control instruction: the user's template if given, else the built-in one named `control`."""
+    if control_template is not None:
+        _check_template(control_template, "control_template")
+        return control_template
+    if control not in CONTROL_TEMPLATES:
+        raise UserError(f"unknown control {control!r}; expected one of {sorted(CONTROL_TEMPLATES)} "
+                        "(or give control_template)")  # fmt: skip
+    return CONTROL_TEMPLATES[control]
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """One prompt of a reasoning/control pair, with its problem's fields."""
+
+    row_index: int  # 0..N-1, position in the row list
+    problem_index: int  # index into the problem list given to build_prompt_rows
+    pair_index: int  # == problem_index: the reasoning and control rows of one problem share it
+    kind: str  # "reasoning" | "control"
+    prompt: str  # chat-formatted text; tokenize with add_special_tokens=False
+    split: str  # "train" | "val" | "test" (the same for both rows of a pair)
+    problem_id: str
+    dataset: str
+    question: str
+    gold_answer: str
+    gold_solution: str
+    subject: str | None
+    level: int | None
+
+
+def split_counts(n: int, val_fraction: float, test_fraction: float) -> dict[str, int]:
+    """Problems per split: rounded fractions; with n >= 3 every split with a fraction > 0 gets >= 1 and train >= 1."""
+    n_val, n_test = int(val_fraction * n + 0.5), int(test_fraction * n + 0.5)
+    if n >= 3:
+        n_val, n_test = max(n_val, int(val_fraction > 0)), max(n_test, int(test_fraction > 0))
+    while n - n_val - n_test < 1 and n_val + n_test > 0:  # keep train non-empty
+        if n_val >= n_test:
+            n_val -= 1
+        else:
+            n_test -= 1
+    return {"train": n - n_val - n_test, "val": n_val, "test": n_test}
+
+
+def split_problems(problems: list[Problem], val_fraction: float, test_fraction: float, seed: int) -> list[str]:
+    """The split of each problem (same order), seeded and stratified by (dataset, subject, level).
+
+    Problems are sorted by stratum with a seeded random order inside each stratum, then the splits are dealt
+    along that order by smooth weighted round robin: the totals are exactly `split_counts`, and every stratum
+    gets close to its proportional share of each split.
+    """
+    n = len(problems)
+    counts = split_counts(n, val_fraction, test_fraction)
+    shuffle = np.random.default_rng(seed).permutation(n).tolist()
+    order = sorted(range(n), key=lambda i: (problems[i].dataset, problems[i].subject or "",
+                                            problems[i].level or 0, shuffle[i]))  # fmt: skip
+    credit = dict.fromkeys(SPLITS, 0)
+    splits = [""] * n
+    for i in order:
+        for name in SPLITS:
+            credit[name] += counts[name]
+        pick = max(SPLITS, key=credit.__getitem__)
+        credit[pick] -= n
+        splits[i] = pick
+    return splits
+
+
+def build_prompt_rows(
+    problems: list[Problem],
+    tokenizer: PreTrainedTokenizerBase,
+    control: str = "restate",
+    reasoning_template: str = REASONING_TEMPLATE,
+    control_template: str | None = None,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    max_prompt_tokens: int | None = None,
+) -> list[PromptRow]:
+    """Two rows per problem (reasoning, then control), split by problem.
+
+    A problem whose longer prompt has more than `max_prompt_tokens` tokens is dropped whole (prompts are never
+    truncated: that would cut off the template). Raises UserError when nothing is left, when a prompt holds
+    the BOS token twice, or when a prompt does not end with the template's post-instruction tokens.
+    """
+    _check_template(reasoning_template, "reasoning_template")
+    control_text = resolve_control_template(control, control_template)
+    pairs = [(format_chat_prompt(tokenizer, fill_template(reasoning_template, p.question)),
+              format_chat_prompt(tokenizer, fill_template(control_text, p.question))) for p in problems]  # fmt: skip
+    ids = tokenizer([text for pair in pairs for text in pair], add_special_tokens=False)["input_ids"]
+    post = post_instruction_ids(tokenizer)
+    bos = tokenizer.bos_token_id
+    for text, token_ids in zip([t for pair in pairs for t in pair], ids):
+        if bos is not None and token_ids.count(bos) > 1:
+            raise UserError(f"a prompt holds the BOS token {tokenizer.bos_token!r} twice: {text[:80]!r}")
+        if token_ids[len(token_ids) - len(post) :] != post:
+            raise UserError(f"a prompt does not end with the chat template's post-instruction tokens: {text[-80:]!r}")
+    lengths = [max(len(ids[2 * i]), len(ids[2 * i + 1])) for i in range(len(problems))]
+    kept = [i for i, n in enumerate(lengths) if max_prompt_tokens is None or n <= max_prompt_tokens]
+    if not kept:
+        raise UserError(f"no problem fits max_prompt_tokens={max_prompt_tokens} "
+                        f"(the shortest pair needs {min(lengths, default=0)} tokens)")  # fmt: skip
+    splits = split_problems([problems[i] for i in kept], val_fraction, test_fraction, seed)
+    rows: list[PromptRow] = []
+    for i, split in zip(kept, splits):
+        p = problems[i]
+        for kind, prompt in zip(("reasoning", "control"), pairs[i]):
+            rows.append(PromptRow(
+                row_index=len(rows), problem_index=i, pair_index=i, kind=kind, prompt=prompt, split=split,
+                problem_id=p.problem_id, dataset=p.dataset, question=p.question, gold_answer=p.gold_answer,
+                gold_solution=p.gold_solution, subject=p.subject, level=p.level,
+            ))  # fmt: skip
+    return rows
+
+
+def label_names(rows: list[PromptRow]) -> dict[str, list[str]]:
+    """Class names per label ("problem" omitted: its classes are the problem indices)."""
+    subjects = sorted({r.subject for r in rows if r.dataset == "math" and r.subject is not None})
+    return {
+        "reasoning": list(KINDS),
+        "dataset": list(DATASETS),
+        "subject": subjects,
+        "level": [f"Level {k}" for k in range(1, 6)],
+    }
+
+
+def encode_labels(rows: list[PromptRow], names: dict[str, list[str]] | None = None) -> dict[str, torch.Tensor]:
+    """Integer labels, one LongTensor [n_rows] per name in LABELS, in row order (see the module docstring)."""
+    names = label_names(rows) if names is None else names
+    subject_index = {s: k for k, s in enumerate(names["subject"])}
+    columns = {
+        "reasoning": [KINDS.index(r.kind) for r in rows],
+        "dataset": [DATASETS.index(r.dataset) for r in rows],
+        "subject": [subject_index.get(r.subject, -1) if r.dataset == "math" else -1 for r in rows],
+        "level": [r.level - 1 if r.level is not None else -1 for r in rows],
+        "problem": [r.problem_index for r in rows],
+    }
+    return {name: torch.tensor(columns[name], dtype=torch.long) for name in LABELS}
+
+
+def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> dict:
+    """What determines the token ids: the full tokenizer definition (vocab, merges, normalizer, pre-tokenizer,
+    added tokens), the special tokens, the padding side and the chat template, as hashes."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # the tokenizer.json it would save, minus call-time state: a padded call sets padding
+        copy = Tokenizer.from_str(backend.to_str())
+        copy.no_padding()
+        copy.no_truncation()
+        definition = copy.to_str()
+    else:
+        definition = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    sha = lambda text: hashlib.sha256(text.encode()).hexdigest()  # noqa: E731
+    return {
+        "class": type(tokenizer).__name__,
+        "definition_sha256": sha(definition),
+        "special_tokens": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "padding_side": tokenizer.padding_side,
+        "chat_template_sha256": sha(tokenizer.chat_template or ""),
+    }
+
+
+def _file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class PromptCollator:
+    """Row indices -> a left-padded batch (see ReasoningPromptsDataModule.predict_dataloader)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, rows: list[PromptRow], labels: dict[str, torch.Tensor]):
+        self.tokenizer, self.rows, self.labels = tokenizer, rows, labels
+
+    def __call__(self, row_indices: list[int]) -> dict:
+        index = torch.tensor(row_indices, dtype=torch.long)  # [b]
+        batch = tokenize_prompts(self.tokenizer, [self.rows[i].prompt for i in row_indices])
+        return {
+            "input_ids": batch["input_ids"].long(),  # [b, s], left padded
+            "attention_mask": batch["attention_mask"].long(),  # [b, s]
+            "row_index": index,
+            "labels": {name: values[index] for name, values in self.labels.items()},  # [b] each
+            "split": torch.tensor([SPLITS.index(self.rows[i].split) for i in row_indices], dtype=torch.long),
+        }
+
+
+class ReasoningPromptsDataModule(LightningDataModule):
+    """GSM8K/MATH problems -> chat-formatted reasoning/control prompt pairs, batched for activation extraction.
+
+    After `setup()`: `tokenizer`, `problems` (all loaded problems), `rows` (list[PromptRow]) and `label_names`.
+    Set `exclude_rows` (row indices) to skip rows in `predict_dataloader`, e.g. to resume an extraction.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tiny",
+        sources: list[DatasetSource] | None = None,
+        control: str = "restate",
+        reasoning_template: str | None = None,
+        control_template: str | None = None,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        max_prompt_tokens: int | None = 1024,
+        batch_size: int = 8,
+        num_workers: int = 0,
+    ) -> None:
+        """
+        Args:
+            backbone: Whose tokenizer and chat template format the prompts: hub id, local directory or
+                built-in (tiny, tiny-qwq, tiny-r1-distill). Use the backbone the activations come from.
+            sources: Problem sets; default: 64 GSM8K test + 64 MATH-500 problems from the embedded copies.
+            control: Built-in control instruction: restate | copy | topic (any name if control_template is set).
+            reasoning_template: Reasoning instruction with the placeholder {question}; default: step by step,
+                final answer in \\boxed{}.
+            control_template: Control instruction with {question}; overrides the built-in named by `control`.
+            val_fraction: Fraction of problems (pairs) in the val split.
+            test_fraction: Fraction of problems (pairs) in the test split.
+            seed: Seeds the problem sample (source limits) and the split.
+            max_prompt_tokens: Drop problems whose longer prompt exceeds this many tokens (never truncated).
+            batch_size: Prompts per predict batch.
+            num_workers: DataLoader worker processes.
+        """
+        super().__init__()
+        if sources is None:
+            sources = [DatasetSource("gsm8k", limit=64), DatasetSource("math", limit=64)]
+        sources = [s if isinstance(s, DatasetSource) else DatasetSource(**s) for s in sources]
+        if not sources:
+            raise UserError("sources is empty; give at least one DatasetSource")
+        resolve_control_template(control, control_template)
+        if reasoning_template is not None:
+            _check_template(reasoning_template, "reasoning_template")
+        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0 <= value < 1:
+                raise UserError(f"{name} must be in [0, 1), got {value}")
+        if val_fraction + test_fraction >= 1:
+            raise UserError(f"val_fraction + test_fraction must be < 1 (train needs problems), "
+                            f"got {val_fraction} + {test_fraction}")  # fmt: skip
+        if max_prompt_tokens is not None and max_prompt_tokens < 1:
+            raise UserError(f"max_prompt_tokens must be >= 1 or null, got {max_prompt_tokens}")
+        if batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise UserError(f"num_workers must be >= 0, got {num_workers}")
+        self.backbone = backbone
+        self.sources = sources
+        self.control = control
+        self.reasoning_template = reasoning_template if reasoning_template is not None else REASONING_TEMPLATE
+        self.control_template = resolve_control_template(control, control_template)
+        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
+        self.seed = seed
+        self.max_prompt_tokens = max_prompt_tokens
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.exclude_rows: set[int] = set()
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.problems: list[Problem] | None = None
+        self.rows: list[PromptRow] | None = None
+        self.label_names: dict[str, list[str]] | None = None
+        self._labels: dict[str, torch.Tensor] | None = None
+        self._spec: dict | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the tokenizer, the problems and the rows (once; later calls do nothing)."""
+        if self.rows is not None:
+            return
+        self.tokenizer = load_tokenizer(self.backbone)
+        self.problems = load_sources(self.sources, self.seed)
+        self.rows = build_prompt_rows(
+            self.problems, self.tokenizer, control=self.control, reasoning_template=self.reasoning_template,
+            control_template=self.control_template, val_fraction=self.val_fraction,
+            test_fraction=self.test_fraction, seed=self.seed, max_prompt_tokens=self.max_prompt_tokens,
+        )  # fmt: skip
+        self.label_names = label_names(self.rows)
+        self._labels = encode_labels(self.rows, self.label_names)
+        prompts = [r.prompt for r in self.rows]
+        self.prompt_lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+
+    def predict_dataloader(self) -> DataLoader:
+        """Every row not in `exclude_rows`, longest prompts first (batches of similar length waste little
+        compute on padding, and an out-of-memory error shows up in the first batch). Batches:
+        {"input_ids": [b, s] left padded, "attention_mask": [b, s], "row_index": [b],
+         "labels": {name: [b] for name in LABELS}, "split": [b] (0 train, 1 val, 2 test)}, all LongTensor."""
+        self.setup()
+        keep = [r.row_index for r in self.rows if r.row_index not in self.exclude_rows]
+        keep.sort(key=lambda i: (-self.prompt_lengths[i], i))
+        return DataLoader(
+            keep, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+            collate_fn=PromptCollator(self.tokenizer, self.rows, self._labels),
+        )  # fmt: skip
+
+    def data_spec(self) -> dict:
+        """JSON-able description of everything that determines the rows and their token ids (for cache keys).
+
+        Identical across processes for the same config, data files and tokenizer; changes when any of them
+        does. Includes a digest of the rows themselves, so a change in how rows are built changes it too.
+        """
+        if self._spec is not None:
+            return self._spec
+        self.setup()
+        sources = []
+        for source in self.sources:
+            entry = dataclasses.asdict(source)
+            if source.is_local:
+                entry["sha256"] = _file_sha256(source.local_file())
+            sources.append(entry)
+        rows_json = json.dumps([dataclasses.astuple(r) for r in self.rows], ensure_ascii=False)
+        self._spec = {
+            "version": DATA_SPEC_VERSION,
+            "sources": sources,
+            "control": self.control,
+            "reasoning_template": self.reasoning_template,
+            "control_template": self.control_template,
+            "val_fraction": self.val_fraction,
+            "test_fraction": self.test_fraction,
+            "seed": self.seed,
+            "max_prompt_tokens": self.max_prompt_tokens,
+            "tokenizer": {"backbone": self.backbone, **tokenizer_identity(self.tokenizer)},
+            "label_names": self.label_names,
+            "num_rows": len(self.rows),
+            "rows_sha256": hashlib.sha256(rows_json.encode()).hexdigest(),
+        }
+        return self._spec
