@@ -112,13 +112,38 @@ def datamodule_from_run_config(config_yaml: str) -> L.LightningDataModule:
     return parser.instantiate_classes(namespace).data
 
 
+def _user_error_in(error: BaseException | None) -> UserError | None:
+    """The UserError behind `error`, if any (jsonargparse re-raises errors from __init__ as ValueErrors)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+_NOISE = ("Does not validate against", "Subtypes:", "Errors:", "Expected a <class 'NoneType'>", "Given value",
+          "Problem with given class_path")
+
+
+def _one_line(message: str) -> str:
+    """jsonargparse explains a bad value over many indented lines; keep the ones that name the problem."""
+    lines = [line.strip().lstrip("- ") for line in message.strip().splitlines()]
+    kept = [line for line in lines if line and not line.startswith(_NOISE)]
+    return " ".join(kept) or lines[0]
+
+
 def run_main(main: Callable[[], None]) -> None:
     """Run an entry point; user errors become one line on stderr and exit status 2 (no traceback)."""
     from jsonargparse import ArgumentError
 
     try:
         main()
-    except (UserError, ArgumentError) as error:
-        message = str(error).strip().splitlines()
-        print(f"error: {message[0] if message else type(error).__name__}", file=sys.stderr)
+    except (ArgumentError, ValueError) as error:
+        cause = _user_error_in(error)
+        if cause is None and not isinstance(error, ArgumentError):
+            raise
+        message = str(cause).strip().splitlines()[0] if cause else _one_line(str(error))
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

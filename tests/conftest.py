@@ -12,6 +12,9 @@ os.environ.setdefault("REASONING_DIRECTIONS_CACHE", str(Path(__file__).resolve()
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The tiny models are dispatch-bound: one thread is as fast and does not thrash when 2 cores are shared.
+torch.set_num_threads(1)
+
 from interp.backbone import load_backbone  # noqa: E402
 from interp.prompts import format_chat_prompt  # noqa: E402
 
