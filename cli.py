@@ -79,13 +79,19 @@ class ProjectCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         run = self.config.run_name
         monitor, mode = getattr(self.model, "checkpoint_monitor", ("val/acc_best", "max"))
-        checkpoint = ModelCheckpoint(
+        # Lightning 2.6 refreshes `save_last` only when a top-k checkpoint was saved in the same step, so
+        # last.ckpt comes from its own unmonitored callback that overwrites it after every validation.
+        best = ModelCheckpoint(
             dirpath=CHECKPOINT_ROOT / run, filename="best", monitor=monitor, mode=mode, save_top_k=1,
-            save_last=True, auto_insert_metric_name=False,
+            auto_insert_metric_name=False, enable_version_counter=False,
+        )  # fmt: skip
+        last = ModelCheckpoint(
+            dirpath=CHECKPOINT_ROOT / run, filename="last", monitor=None, save_top_k=1,
+            auto_insert_metric_name=False, enable_version_counter=False,
         )  # fmt: skip
         config_yaml = self.parser.dump(self.config, skip_none=False, skip_validation=True)
         self.trainer_defaults["callbacks"] = [
-            checkpoint, RichProgressBar(leave=True), ProbeAccuracyFigure(), RunConfigInCheckpoint(config_yaml)
+            best, last, RichProgressBar(leave=True), ProbeAccuracyFigure(), RunConfigInCheckpoint(config_yaml)
         ]
         if self.config.trainer.get("logger") in (None, True):
             kwargs["logger"] = TensorBoardLogger(save_dir=str(LOG_ROOT), name=run, version="")

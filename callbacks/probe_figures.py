@@ -14,7 +14,7 @@ class ProbeAccuracyFigure(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = getattr(pl_module, "last_metrics", {}).get("val")
-        if trainer.sanity_checking or not metrics or not trainer.is_global_zero:
+        if trainer.sanity_checking or not metrics or "acc" not in metrics or not trainer.is_global_zero:
             return
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):

@@ -1,12 +1,24 @@
-"""The one hook mechanism: named residual-stream sites, registered only inside context managers.
+"""The one hook mechanism: named sites in the residual stream, registered only inside context managers.
 
 Sites (the only naming used anywhere in the project):
-    blocks.{l}.resid_pre   input of decoder layer l                      [batch, pos, d_model]
+    embed                  output of the input (token) embedding                        [batch, pos, d_model]
+    blocks.{l}.resid_pre   input of decoder layer l                                     [batch, pos, d_model]
+    blocks.{l}.attn_out    output of layer l's attention module, before it is added to the residual stream
+    blocks.{l}.mlp_out     output of layer l's MLP, before it is added to the residual stream
     blocks.{l}.resid_post  output of decoder layer l (for the last layer: before the final norm)
+
+For Qwen2 / Llama / Mistral / Gemma the residual stream is written by exactly these modules:
+resid_pre(0) = embed and resid_post(l) = resid_pre(l) + attn_out(l) + mlp_out(l). The attention and MLP
+submodules are found structurally by attribute name (`self_attn` / `attn` / `self_attention` / `attention`,
+`mlp` / `feed_forward` / `ffn`; GPT-2 uses `attn` and `mlp`). Caveats: models with learned absolute position
+embeddings (GPT-2) add them after the `embed` site, and sandwich-norm models (Gemma 2/3, OLMo 2) normalize
+attn_out / mlp_out again before adding them to the residual stream. `embed` does not fire when a caller
+passes `inputs_embeds` instead of token ids.
 
 A hook function receives the activation tensor and returns None (observe) or a replacement tensor of the
 same shape. Decoder layers return a Tensor in transformers 5 and a tuple in older versions and other
-architectures; both are handled here, so a hook never sees `output[0]` of a Tensor (= batch item 0).
+architectures; attention modules return a tuple (attn_output, weights); both are handled here, so a hook
+never sees `output[0]` of a Tensor (= batch item 0).
 Hooks are global state on the modules: `hooked` removes every handle in `finally`, also on exceptions.
 """
 
@@ -19,26 +31,49 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from interp.backbone import decoder_layers
+from interp.backbone import base_decoder, decoder_layers
 from interp.errors import UserError
 
 HookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
-_SITE = re.compile(r"^blocks\.(\d+)\.(resid_pre|resid_post)$")
+InputObserver = Callable[[dict], None]
+_SITE = re.compile(r"^blocks\.(\d+)\.(resid_pre|resid_post|attn_out|mlp_out)$")
+_ATTN_NAMES = ("self_attn", "attn", "self_attention", "attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
 
 
 def site_name(layer: int, kind: str = "resid_post") -> str:
     return f"blocks.{layer}.{kind}"
 
 
-def parse_site(name: str, n_layers: int | None = None) -> tuple[int, str]:
-    """'blocks.3.resid_post' -> (3, 'resid_post'); raises UserError for malformed names or bad layers."""
+def parse_site(name: str, n_layers: int | None = None) -> tuple[int | None, str]:
+    """'blocks.3.resid_post' -> (3, 'resid_post'); 'embed' -> (None, 'embed').
+
+    Raises UserError for malformed names or layers out of range.
+    """
+    if name == "embed":
+        return None, "embed"
     match = _SITE.match(name)
     if match is None:
-        raise UserError(f"unknown hook site {name!r}; expected 'blocks.<layer>.resid_pre|resid_post'")
+        raise UserError(
+            f"unknown hook site {name!r}; expected 'embed' or "
+            "'blocks.<layer>.resid_pre|attn_out|mlp_out|resid_post'"
+        )
     layer, kind = int(match.group(1)), match.group(2)
     if n_layers is not None and not 0 <= layer < n_layers:
         raise UserError(f"hook site {name!r}: layer {layer} out of range for a model with {n_layers} layers")
     return layer, kind
+
+
+def block_part(block: nn.Module, part: str) -> nn.Module:
+    """The attention ("attn") or MLP ("mlp") submodule of one decoder layer, found by attribute name."""
+    names = _ATTN_NAMES if part == "attn" else _MLP_NAMES
+    for name in names:
+        module = getattr(block, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise UserError(
+        f"cannot find the {part} submodule of {type(block).__name__} (looked for {', '.join(names)})"
+    )
 
 
 class StopForward(Exception):
@@ -67,29 +102,53 @@ def _input_hook(fn: HookFn):
     return hook
 
 
+def _observer_hook(observe: InputObserver):
+    def hook(module, args, kwargs):
+        observe({"input_ids": args[0], **kwargs} if args else dict(kwargs))
+
+    return hook
+
+
 def _raise_stop(module, args, output):
     raise StopForward
 
 
 @contextmanager
 def hooked(
-    model: nn.Module, hooks: Iterable[tuple[str, HookFn]] = (), stop_after_layer: int | None = None
+    model: nn.Module,
+    hooks: Iterable[tuple[str, HookFn]] = (),
+    stop_after_layer: int | None = None,
+    observe_inputs: InputObserver | None = None,
 ) -> Iterator[None]:
-    """Attach `(site, fn)` hooks to the model's decoder layers for the duration of the block.
+    """Attach `(site, fn)` hooks to the model for the duration of the block.
 
     Several hooks may share a site; they run in the given order, each seeing the previous one's result.
     `stop_after_layer=l` raises StopForward right after layer l's hooks (catch it with `run_until`).
+    `observe_inputs(kwargs)` is called before every forward of the base decoder (`base_decoder(model)`),
+    before any site hook of that forward, with its keyword arguments (`input_ids`, `attention_mask`,
+    `cache` or `past_key_values`, ...): it lets a hook know where the tokens of the current forward sit.
     Nested `hooked` blocks compose: hooks of the outer block run first.
     """
     layers = decoder_layers(model)
     handles = []
     try:
+        if observe_inputs is not None:
+            handles.append(
+                base_decoder(model).register_forward_pre_hook(
+                    _observer_hook(observe_inputs), with_kwargs=True
+                )
+            )
         for name, fn in hooks:
             layer, kind = parse_site(name, len(layers))
-            if kind == "resid_post":
+            if kind == "embed":
+                handles.append(model.get_input_embeddings().register_forward_hook(_output_hook(fn)))
+            elif kind == "resid_post":
                 handles.append(layers[layer].register_forward_hook(_output_hook(fn)))
-            else:
+            elif kind == "resid_pre":
                 handles.append(layers[layer].register_forward_pre_hook(_input_hook(fn), with_kwargs=True))
+            else:
+                part = block_part(layers[layer], "attn" if kind == "attn_out" else "mlp")
+                handles.append(part.register_forward_hook(_output_hook(fn)))
         if stop_after_layer is not None:
             handles.append(layers[stop_after_layer].register_forward_hook(_raise_stop))
         yield

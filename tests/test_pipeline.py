@@ -1,7 +1,6 @@
 """End to end: every shipped config runs (fast_dev_run, tiny backbone); train -> resume -> evaluate."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,0 +1,126 @@
+"""Text generation from a frozen backbone, plain or under a direction intervention.
+
+`generate` runs HF `model.generate` on left-padded batches with a KV cache (sampling with the models'
+recommended temperature 0.6 / top_p 0.95 by default, greedy with `do_sample=False`). Other decoding settings
+(top_k, repetition penalty, ...) come from the model's own `generation_config`.
+`apply_direction_intervention` is the same generation inside an `InterventionHandler`.
+Prompts are used as given: format chat prompts with `interp.format_chat_prompt` first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from interp.backbone import input_device
+from interp.errors import UserError
+from interp.interventions import InterventionHandler
+from interp.prompts import tokenize_prompts
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids])
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+@torch.no_grad()
+def generate_token_ids(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int = 512,
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    do_sample: bool = True,
+    seed: int | None = None,
+    batch_size: int = 8,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """The new token ids of every prompt, up to (not including) the first EOS, in the input order.
+
+    Prompts are batched by similar length and left padded; `seed` makes sampling reproducible without
+    touching the global RNG state; `use_cache=False` re-runs the whole sequence at every step (slow: for
+    checks).
+    """
+    if isinstance(prompts, str) or len(prompts) == 0:
+        raise UserError("generate takes a non-empty list of prompts")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise UserError(f"max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must be >= 1")
+    if do_sample and not (temperature > 0 and 0 < top_p <= 1):
+        raise UserError(f"sampling needs temperature > 0 and 0 < top_p <= 1; got {temperature}, {top_p}")
+    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+    eos = _eos_ids(model, tokenizer)
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    out: list[list[int]] = [[] for _ in prompts]
+    devices = list(range(torch.cuda.device_count())) if seed is not None else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = tokenize_prompts(tokenizer, [prompts[i] for i in chunk], device=input_device(model))
+            ids = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                use_cache=use_cache,
+                pad_token_id=tokenizer.pad_token_id,
+                **sampling,
+            )
+            for row, index in enumerate(chunk):
+                new = ids[row, batch["input_ids"].shape[1] :].tolist()
+                ends = [k for k, token in enumerate(new) if token in eos]
+                out[index] = new[: ends[0]] if ends else new
+    return out
+
+
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int = 512,
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    do_sample: bool = True,
+    seed: int | None = None,
+    batch_size: int = 8,
+    use_cache: bool = True,
+) -> list[str]:
+    """Generated text of every prompt (new tokens only, up to the first EOS; special tokens such as
+    `</think>` are kept), in the input order. Arguments as in `generate_token_ids`."""
+    ids = generate_token_ids(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        do_sample=do_sample, seed=seed, batch_size=batch_size, use_cache=use_cache,
+    )  # fmt: skip
+    return [tokenizer.decode(row, skip_special_tokens=False) for row in ids]
+
+
+def apply_direction_intervention(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str | Sequence[str],
+    directions,
+    intervention_strength: float = 1.0,
+    layers: Sequence[int] | None = None,
+    mode: str = "add",
+    positions: str = "all",
+    ablation_layer: int | None = None,
+    **generation_kwargs,
+) -> str | list[str]:
+    """Generate under an `InterventionHandler` (see it for directions / strength / layers / mode / positions).
+
+    `prompt`: one prompt (returns one string) or a list (returns a list). `generation_kwargs` go to
+    `generate` (max_new_tokens, temperature, top_p, do_sample, seed, batch_size, use_cache).
+    """
+    single = isinstance(prompt, str)
+    handler = InterventionHandler(
+        model, directions, intervention_strength, layers=layers, mode=mode, positions=positions,
+        ablation_layer=ablation_layer,
+    )  # fmt: skip
+    with handler:
+        texts = generate(model, tokenizer, [prompt] if single else list(prompt), **generation_kwargs)
+    return texts[0] if single else texts

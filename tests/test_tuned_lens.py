@@ -1,0 +1,196 @@
+"""Tuned lens: identity start (= logit lens), the model's own logits at the last layer, training, checkpoints.
+
+Independent references: the HF forward of each cached prompt (`model(...).logits`), the final norm and LM head
+applied by hand with `interp.metrics.last_token_kl` (float64) for every KL, and closed-form translators.
+"""
+
+import lightning as L
+import pytest
+import torch
+from pipeline_utils import build_datamodule, tiny_config
+
+import train
+from callbacks.cache_writer import extract_activations
+from interp.errors import UserError
+from interp.metrics import last_token_kl
+from interp.prompts import tokenize_prompts
+from lightning_modules.tuned_lens import AffineTranslators, TunedLensModule
+
+N_BACKBONE_LAYERS = 32
+
+
+def _trainer(**kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def lens_data(tmp_path_factory):
+    """A complete activation cache of the tiny backbone, last token, every layer (7 + 7 problems)."""
+    dm = build_datamodule(tmp_path_factory.mktemp("lens_cache"), limit=7, positions="last", batch_size=8)
+    extract_activations(_trainer(), dm)
+    dm.batch_size = 8
+    dm.setup()
+    return dm
+
+
+def _split_x(dm, split: str) -> torch.Tensor:
+    return torch.cat([batch["x"] for batch in dm._loader(split, shuffle=False)])  # [n, n_layers, d_model]
+
+
+def _reference_kl(model, x: torch.Tensor, translate=None) -> torch.Tensor:
+    """KL(final || lens) [n, n_layers] in float64 from the HF modules directly (norm + lm_head by hand)."""
+    with torch.no_grad():
+        readout = lambda h: model.lm_head(model.model.norm(h))  # noqa: E731
+        final = readout(x[:, -1])
+        cols = []
+        for slot in range(x.shape[1]):
+            h = x[:, slot] if translate is None else translate(slot, x[:, slot])
+            cols.append(last_token_kl(final, readout(h)))
+        return torch.stack(cols, dim=1)
+
+
+@pytest.fixture(scope="module")
+def trained(lens_data, tmp_path_factory):
+    """(module, checkpoint path) after 2 epochs on the tiny cache."""
+    L.seed_everything(0, verbose=False)
+    module = TunedLensModule(lr=1e-2)
+    trainer = _trainer(max_epochs=2, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=lens_data)
+    path = tmp_path_factory.mktemp("lens_ckpt") / "lens.ckpt"
+    trainer.save_checkpoint(path)
+    return module, trainer, path
+
+
+def test_translators_closed_form():
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 8)
+    for rank in (None, 2):
+        translators = AffineTranslators(3, 8, rank)
+        assert torch.equal(translators(x), x)  # the identity at initialisation
+        with torch.no_grad():
+            for p in translators.parameters():
+                p.copy_(torch.randn_like(p))
+        if rank is None:
+            A = translators.weight
+        else:
+            A = translators.up @ translators.down.transpose(1, 2)  # [n_layers, d, r] @ [n_layers, r, d]
+            assert translators.up.shape == (3, 8, 2)
+        torch.testing.assert_close(translators.matrices(), A)
+        expected = torch.stack([x[:, i] + x[:, i] @ A[i].T + translators.bias[i] for i in range(3)], dim=1)
+        torch.testing.assert_close(translators(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [None, 4])
+def test_untrained_tuned_lens_is_the_logit_lens(lens_data, tiny, rank):
+    model, _ = tiny
+    module = TunedLensModule(rank=rank)
+    module._build(lens_data.layers, lens_data.d_model, N_BACKBONE_LAYERS)
+    module.attach_backbone(model)
+    x = _split_x(lens_data, "val")
+    with torch.no_grad():
+        kl_tuned, kl_logit = module.kl_per_layer(x, tuned=True), module.kl_per_layer(x, tuned=False)
+    assert kl_tuned.shape == (len(x), N_BACKBONE_LAYERS)
+    assert torch.equal(kl_tuned, kl_logit)
+    assert kl_logit[:, -1].abs().max() < 1e-7  # the last layer's logit lens is the model itself
+    assert kl_logit[:, 0].min() > 1e-4  # ... the first is not (the test can fail)
+    reference = _reference_kl(model, x)
+    torch.testing.assert_close(kl_logit.double(), reference, atol=2e-6, rtol=1e-3)
+
+
+def test_last_layer_lens_logits_are_the_models_logits(lens_data, tiny):
+    model, tokenizer = tiny
+    module = TunedLensModule()
+    module._build(lens_data.layers, lens_data.d_model, N_BACKBONE_LAYERS)
+    module.attach_backbone(model)
+    x = _split_x(lens_data, "test")
+    rows = lens_data.row_index["test"].tolist()
+    with torch.no_grad():
+        lens_logits = module(x)[:, module.final_slot]  # [n, vocab]
+        for i, row in enumerate(rows):
+            batch = tokenize_prompts(tokenizer, [lens_data.prompts.rows[row].prompt])
+            hf_logits = model(**batch).logits[0, -1]
+            torch.testing.assert_close(lens_logits[i], hf_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_needs_the_last_layer_and_another():
+    module = TunedLensModule()
+    with pytest.raises(UserError, match="last layer"):
+        module._build([0, 5], 64, N_BACKBONE_LAYERS)
+    with pytest.raises(UserError, match="besides the last"):
+        module._build([31], 64, N_BACKBONE_LAYERS)
+    with pytest.raises(UserError, match="rank"):
+        TunedLensModule(rank=0)
+
+
+def test_training_beats_the_logit_lens(trained, lens_data, tiny):
+    module, trainer, _ = trained
+    model, _ = tiny
+    val = module.last_metrics["val"]
+    assert val["kl_tuned"].shape == val["kl_logit"].shape == (N_BACKBONE_LAYERS,)
+    assert val["kl_tuned"].mean() < 0.5 * val["kl_logit"].mean()
+    # The last layer is the model itself: its translator is never trained and its KL stays 0.
+    assert float(val["kl_tuned"][-1]) == 0.0
+    assert not module.translators.weight[-1].any() and not module.translators.bias[-1].any()
+    assert module.translators.weight[0].abs().max() > 0
+
+    # Logged numbers: per layer and means, equal to an independent float64 recomputation on the val split.
+    metrics = trainer.callback_metrics
+    assert {f"val/{m}/L{i:02d}" for m in ("kl_tuned", "kl_logit") for i in range(32)} <= set(metrics)
+    x = _split_x(lens_data, "val")
+    A, b = module.translators.weight.detach(), module.translators.bias.detach()
+    ref_tuned = _reference_kl(model, x, translate=lambda i, h: h + h @ A[i].T + b[i]).mean(0)
+    ref_logit = _reference_kl(model, x).mean(0)
+    torch.testing.assert_close(val["kl_tuned"].double(), ref_tuned, atol=2e-6, rtol=2e-3)
+    torch.testing.assert_close(val["kl_logit"].double(), ref_logit, atol=2e-6, rtol=2e-3)
+    assert float(metrics["val/kl_tuned_mean"]) == pytest.approx(float(ref_tuned.mean()), rel=2e-3, abs=1e-6)
+    assert float(metrics["val/kl_logit/L05"]) == pytest.approx(float(ref_logit[5]), rel=2e-3, abs=1e-6)
+    assert TunedLensModule.checkpoint_monitor == ("val/kl_tuned_mean", "min")
+
+
+def test_checkpoint_holds_only_translators_and_reloads(trained, lens_data):
+    module, _, path = trained
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    keys = set(checkpoint["state_dict"])
+    assert keys == {"translators.weight", "translators.bias"}
+    assert not any(word in key for key in keys for word in ("lm_head", "norm", "embed", "layers."))
+    assert checkpoint["tuned_lens_layout"]["layers"] == list(range(N_BACKBONE_LAYERS))
+
+    # No backbone given: the reloaded module loads its readout from the spec stored in the checkpoint.
+    reloaded = TunedLensModule.load_from_checkpoint(path, map_location="cpu")
+    assert reloaded.hparams.lr == 1e-2
+    x = _split_x(lens_data, "test")
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), module(x))
+        assert torch.equal(reloaded.kl_per_layer(x), module.kl_per_layer(x))
+
+
+def test_config_runs_fast_dev_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config("tuned_lens_tiny.yaml", tmp_path, limit=2)
+    train.main(["--config", str(config), "--trainer.fast_dev_run", "true", "--run_name", "dev"])
+    assert list((tmp_path / "cache").glob("*/manifest.json"))
+
+
+@pytest.mark.slow
+def test_train_and_resume_through_train_py(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config("tuned_lens_tiny.yaml", tmp_path, limit=3)
+    args = ["--config", str(config), "--run_name", "run"]
+    train.main([*args, "--trainer.max_epochs", "1"])
+    train.main([*args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    ckpt_dir = tmp_path / "checkpoints" / "run"
+    checkpoint = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    assert set(checkpoint["state_dict"]) == {"translators.weight", "translators.bias"}
+    assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 2  # one training batch per epoch
+    monitors = [v["monitor"] for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    assert "val/kl_tuned_mean" in monitors and (ckpt_dir / "best.ckpt").is_file()
+    assert list((tmp_path / "logs" / "run").glob("events.out.tfevents.*"))
+
+
+def test_config_needs_the_last_layer(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config("tuned_lens_tiny.yaml", tmp_path, limit=2, layers=[0, 3])
+    with pytest.raises(UserError, match="last layer"):
+        train.main(["--config", str(config), "--trainer.fast_dev_run", "true", "--run_name", "dev"])
