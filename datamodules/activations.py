@@ -23,15 +23,17 @@ from interp.backbone import BackboneSpec
 from interp.cache import SPLITS, ActivationCache, ShardReader, cache_key
 from interp.errors import UserError
 from interp.positions import PositionSpec
+from interp.prompts import post_instruction_ids
 from interp.stats import RunningMoments
 
 PROBE_LABELS = tuple(label for label in LABELS if label != "problem")
 
 
 class _CachedRows(Dataset):
-    """Rows of the cache at one position: x [n_layers, d_model] read through memory-mapped shards."""
+    """Rows of the cache read through memory-mapped shards: x [n_layers, d_model] at one cached position,
+    or [n_pos, n_layers, d_model] with position=None."""
 
-    def __init__(self, reader: ShardReader, shard_id, shard_offset, position: int, y, y_control):
+    def __init__(self, reader: ShardReader, shard_id, shard_offset, position: int | None, y, y_control):
         self.reader, self.shard_id, self.shard_offset = reader, shard_id, shard_offset
         self.position, self.y, self.y_control = position, y, y_control
 
@@ -39,7 +41,8 @@ class _CachedRows(Dataset):
         return len(self.y)
 
     def __getitem__(self, i: int) -> dict:
-        x = self.reader.row(int(self.shard_id[i]), int(self.shard_offset[i]))[self.position]
+        x = self.reader.row(int(self.shard_id[i]), int(self.shard_offset[i]))
+        x = x if self.position is None else x[self.position]
         return {"x": x, "y": self.y[i], "y_control": self.y_control[i]}
 
 
@@ -50,7 +53,7 @@ class CachedActivationDataModule(L.LightningDataModule):
         backbone: BackboneSpec | None = None,
         layers: list[int] | None = None,
         positions: str = "last",
-        position: int = -1,
+        position: int | None = -1,
         label: str = "reasoning",
         cache_dir: str = ".cache/activations",
         batch_size: int = 64,
@@ -63,7 +66,8 @@ class CachedActivationDataModule(L.LightningDataModule):
             backbone: the frozen model to read (its name also selects the prompts' tokenizer).
             layers: layer indices to cache and probe; None = all.
             positions: which tokens to cache: last | last_<k> | post_instruction | mean.
-            position: which cached position the probes read (-1 = the last one).
+            position: which cached position the batches hold (-1 = the last one; null = all cached positions,
+                x [batch, n_pos, n_layers, d_model], e.g. for directions per post-instruction position).
             label: what the probes predict: reasoning | dataset | subject | level.
             cache_dir: where activation caches live (one sub-directory per cache key).
             batch_size: probe-training batch size (extraction uses prompts.batch_size).
@@ -97,14 +101,14 @@ class CachedActivationDataModule(L.LightningDataModule):
 
     def manifest(self) -> dict:
         self.prompts.setup("predict")
-        post = len(self.prompts.post_instruction_ids) if hasattr(self.prompts, "post_instruction_ids") else None
+        post = len(post_instruction_ids(self.prompts.tokenizer)) if self.positions.kind == "post_instruction" else None
         return {
             "key": self.cache.directory.name,
             "spec": self.cache_spec(),
             "n_rows": len(self.prompts.rows),
             "layers": self.layers,
             "positions": str(self.positions),
-            "n_positions": self.positions.num_positions(post) if post else None,
+            "n_positions": self.positions.num_positions(post),
             "d_model": self.backbone.hidden_size(),
             "dtype": "float32",
             "label_names": self.prompts.label_names,
