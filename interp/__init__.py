@@ -1,23 +1,62 @@
-"""Plain torch + transformers measurement code (no Lightning): backbones, hooks, positions, activations."""
+"""Plain torch + transformers measurement code (no Lightning).
+
+Backbones and hooks: load_backbone, hooked, collect_activations. Directions and interventions:
+compute_contrastive_directions, InterventionHandler, apply_direction_intervention, LayerAblator, PathPatcher.
+Lenses: LogitLens. Grading: grade_answer.
+"""
 
 from interp.activations import capture_residuals, collect_activations
-from interp.backbone import BUILTIN_BACKBONES, decoder_layers, load_backbone, load_tokenizer
+from interp.backbone import BUILTIN_BACKBONES, BackboneSpec, decoder_layers, load_backbone, load_tokenizer
+from interp.directions import compute_contrastive_directions, load_directions, pca_directions, save_directions
 from interp.errors import UserError
+from interp.generation import apply_direction_intervention, generate
+from interp.grading import compression_ratio, extract_answer, grade_answer, ngram_repetition
 from interp.hooks import hooked, site_name
+from interp.interventions import InterventionHandler, LayerAblator, orthogonalize_weights
+from interp.lens import LogitLens
+from interp.metrics import first_tokens_logprob, gold_solution_nll, last_token_kl, next_token_logits
+from interp.patching import PathPatcher, attribution_patching, capture_sites, patching_sweep
 from interp.positions import PositionSpec
 from interp.prompts import format_chat_prompt, post_instruction_ids
+from interp.selection import bootstrap_ci, select_direction, zscore
 
 __all__ = [
     "BUILTIN_BACKBONES",
+    "BackboneSpec",
+    "InterventionHandler",
+    "LayerAblator",
+    "LogitLens",
+    "PathPatcher",
     "PositionSpec",
     "UserError",
+    "apply_direction_intervention",
+    "attribution_patching",
+    "bootstrap_ci",
     "capture_residuals",
+    "capture_sites",
     "collect_activations",
+    "compression_ratio",
+    "compute_contrastive_directions",
     "decoder_layers",
+    "extract_answer",
+    "first_tokens_logprob",
     "format_chat_prompt",
+    "generate",
+    "gold_solution_nll",
+    "grade_answer",
     "hooked",
+    "last_token_kl",
     "load_backbone",
+    "load_directions",
     "load_tokenizer",
+    "next_token_logits",
+    "ngram_repetition",
+    "orthogonalize_weights",
+    "patching_sweep",
+    "pca_directions",
     "post_instruction_ids",
+    "save_directions",
+    "select_direction",
     "site_name",
+    "zscore",
 ]
