@@ -97,7 +97,7 @@ def write_probe_report(report: dict, output_dir: Path) -> dict[str, Path]:
     fig.savefig(png_path)
     plt.close(fig)
     table = Table(title=f"Probe test accuracy per layer ({report['label']}, n_test={report['n_test']})")
-    for column in ("layer", "accuracy", "auroc", "control acc", "selectivity", "sklearn acc", "sklearn auroc"):
+    for column in ("layer", "acc", "auroc", "control acc", "select.", "sklearn acc", "sklearn auroc"):
         table.add_column(column, justify="right")
     for row in report["layers"]:
         table.add_row(
