@@ -18,11 +18,11 @@ install: $(VENV_STAMP)
 
 quickstart: $(VENV_STAMP)
 	$(PY) train.py --config configs/quickstart.yaml --run_name quickstart
-	$(PY) evaluate.py --ckpt checkpoints/quickstart/best.ckpt --output_dir logs/quickstart/eval
+	$(PY) evaluate.py --ckpt checkpoints/quickstart/best.ckpt
 	@echo
-	@echo "Results:     logs/quickstart/eval/probe_accuracies.json, logs/quickstart/eval/visualizations/"
+	@echo "Results:     logs/quickstart/probe_accuracies.json, logs/quickstart/visualizations/probe_accuracy.png"
 	@echo "Checkpoints: checkpoints/quickstart/ (best.ckpt, last.ckpt)"
-	@echo "TensorBoard: $(PY) -m tensorboard.main --logdir logs"
+	@echo "TensorBoard: .venv/bin/tensorboard --logdir logs"
 
 test: $(VENV_STAMP)
 	$(PY) -m pytest -q
