@@ -26,6 +26,16 @@ def test_config_runs_fast_dev_run_on_tiny(config_name, tmp_path, monkeypatch):
     assert list((tmp_path / "cache").glob("*/manifest.json"))
 
 
+def test_one_flag_switches_the_backbone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config("quickstart.yaml", tmp_path, limit=3)
+    train.main(["--config", str(config), "--backbone", "tiny-r1-distill", "--trainer.fast_dev_run", "true"])
+    (manifest,) = (tmp_path / "cache").glob("*/manifest.json")
+    spec = json.loads(manifest.read_text())["spec"]
+    assert spec["backbone"]["name_or_path"] == "tiny-r1-distill"
+    assert spec["data"]["tokenizer"]["backbone"] == "tiny-r1-distill"
+
+
 @pytest.mark.slow
 def test_train_resume_evaluate(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -38,7 +48,12 @@ def test_train_resume_evaluate(tmp_path, monkeypatch):
     # Only what was trained: two probes (weights, biases, standardization buffers) and metric states.
     assert all(key.startswith(("probe.", "control_probe.", "metrics.")) for key in first["state_dict"])
     assert not any("embed" in key or "layers." in key for key in first["state_dict"])
-    assert list((tmp_path / "logs" / "run").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "logs" / "run"))
+    events.Reload()
+    assert "val/accuracy_vs_layer" in events.Tags()["images"]
+    assert {"val/acc/L00", "val/auroc/L31", "val/selectivity/L05", "val/acc_best"} <= set(events.Tags()["scalars"])
 
     train.main(["--config", str(config), "--run_name", "run", "--trainer.max_epochs", "4", "--ckpt_path", "last"])
     resumed = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
