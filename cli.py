@@ -14,13 +14,15 @@ from pathlib import Path
 
 import lightning as L
 import yaml
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks.probe_figures import ProbeAccuracyFigure
 from interp.errors import UserError
+
+set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass field docstrings become --help
 
 CHECKPOINT_ROOT = Path("checkpoints")
 LOG_ROOT = Path("logs")

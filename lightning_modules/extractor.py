@@ -55,9 +55,6 @@ class ActivationExtractor(L.LightningModule):
             "labels": {name: value.cpu() for name, value in batch["labels"].items()},
         }
 
-    def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        return batch  # capture_residuals moves token ids to the embedding's device itself (device_map safe)
-
     def configure_optimizers(self):  # never trained
         return None
 
