@@ -1,0 +1,158 @@
+"""AblationCallback: what breaks the model's reasoning on held-out prompts, per layer and per direction.
+
+At the end of fit (or every N epochs), on up to `n_prompts` VAL problems (their reasoning prompts, each with
+its gold solution; a seeded sample, `problem_pairs`):
+    (a) per layer l: metric(layer l ablated with `interp.interventions.LayerAblator`) - metric(baseline)
+        method "zero": the layer's contribution resid_post - resid_pre is removed (the layer is skipped);
+        method "mean": replaced by its mean over every token of the sampled val prompts (reasoning and control)
+    (b) when the module has a selected direction (`selected_direction()`, e.g. ReasoningDirectionModule): the
+        same change with that direction ablated everywhere (InterventionHandler mode="ablate") and with
+        `n_random` random directions of the same norm (z-score of the selected one among them when n_random >= 2)
+METRIC (higher = the gold reasoning is less likely; `interp.direction_scoring` definitions):
+    "first_tokens" = mean NLL per token of the first k_first_tokens gold-solution tokens, "gold_nll" = of the first
+    256; default: the module's `hparams.selection_metric` / `k_first_tokens` when it has them, else first_tokens / 8.
+Logged (every logger; rank zero): ablation/baseline_metric, ablation/layer_delta/L{layer:02d},
+ablation/selected_direction_delta, ablation/random_direction_delta (mean over the random directions),
+ablation/direction_zscore; TensorBoard figure ablation/metric_change_vs_layer.
+Written: <trainer.log_dir>/ablation_results.json
+    {"epochs_completed", "global_step", "split": "val", "metric", "metric_definition", "method", "pair_indices",
+     "row_indices", "n_bootstrap", "baseline": {"mean", "per_prompt"},
+     "layers": [{"layer", "delta", "ci": [low, high], "delta_per_prompt"}],
+     "direction": null | {"position", "layer", "norm", "delta", "ci", "delta_per_prompt", "random_deltas",
+                          "random_mean", "zscore"}}
+fast_dev_run: 2 problems, the first and last layer, at most 2 random directions.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from callbacks.intervention_report import HeldOutEvaluation, problem_pairs
+from interp.activations import check_layers
+from interp.backbone import decoder_layers
+from interp.direction_scoring import check_metric, metric_definition
+from interp.directions import random_directions
+from interp.errors import UserError
+from interp.interventions import InterventionHandler, LayerAblator
+from interp.metrics import first_tokens_logprob, gold_solution_nll
+from interp.plots import plot_layer_curves
+from interp.selection import bootstrap_ci, zscore
+
+METHODS = ("zero", "mean")
+
+
+class AblationCallback(HeldOutEvaluation):
+    results_file = "ablation_results.json"
+
+    def __init__(
+        self,
+        n_prompts: int = 8,
+        every_n_epochs: int | None = None,
+        layers: list[int] | None = None,
+        method: str = "zero",
+        n_random: int = 4,
+        metric: str | None = None,
+        k_first_tokens: int | None = None,
+        batch_size: int = 8,
+        n_bootstrap: int = 1000,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            n_prompts: val problems whose reasoning prompts are scored.
+            every_n_epochs: run after every N-th epoch; null = once, at the end of fit.
+            layers: layers to ablate one at a time (null = all).
+            method: zero | mean (LayerAblator's ablation_method; "resample" needs equal shapes and is not offered).
+            n_random: random directions of the selected direction's norm (0 = none).
+            metric: first_tokens | gold_nll; null = the module's selection_metric (else first_tokens).
+            k_first_tokens: tokens scored by first_tokens; null = the module's k_first_tokens (else 8).
+            batch_size: prompts per forward.
+            n_bootstrap: bootstrap resamples of the prompts for the 95% CIs.
+            seed: seeds the sample of problems and the random directions.
+        """
+        super().__init__(every_n_epochs)
+        if method not in METHODS:
+            raise UserError(f"unknown ablation method {method!r}; expected one of {', '.join(METHODS)}")
+        if metric is not None:
+            check_metric(metric)
+        if n_prompts < 1 or batch_size < 1 or n_bootstrap < 1 or n_random < 0:
+            raise UserError("n_prompts, batch_size and n_bootstrap must be >= 1 and n_random >= 0")
+        self.n_prompts, self.layers, self.method, self.n_random = n_prompts, layers, method, n_random
+        self.metric, self.k_first_tokens, self.batch_size = metric, k_first_tokens, batch_size
+        self.n_bootstrap, self.seed = n_bootstrap, seed
+
+    def _metric_settings(self, pl_module: L.LightningModule) -> tuple[str, int]:
+        hparams = getattr(pl_module, "hparams", {})
+        metric = self.metric or hparams.get("selection_metric", "first_tokens")
+        check_metric(metric)
+        return metric, int(self.k_first_tokens or hparams.get("k_first_tokens", 8))
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, fast: bool) -> tuple[dict, dict, dict]:
+        model, tokenizer = pl_module.backbone_model, pl_module.tokenizer
+        metric, k = self._metric_settings(pl_module)
+        pairs = problem_pairs(trainer.datamodule, "val", 2 if fast else self.n_prompts, self.seed)
+        prompts = [reasoning.prompt for reasoning, _ in pairs]
+        solutions = [reasoning.gold_solution for reasoning, _ in pairs]
+
+        def score() -> torch.Tensor:  # float64 [n_prompts], higher = gold reasoning less likely
+            if metric == "first_tokens":
+                return -first_tokens_logprob(model, tokenizer, prompts, solutions, k=k, batch_size=self.batch_size)
+            return gold_solution_nll(model, tokenizer, prompts, solutions, batch_size=self.batch_size)
+
+        def summary(delta: torch.Tensor) -> dict:
+            ci = bootstrap_ci(delta, self.n_bootstrap, seed=self.seed)
+            return {"delta": float(delta.mean()), "ci": list(ci), "delta_per_prompt": delta.tolist()}
+
+        baseline = score()
+        layers = check_layers(self.layers, len(decoder_layers(model)))
+        layers = sorted({layers[0], layers[-1]}) if fast else layers
+        reference = [row.prompt for pair in pairs for row in pair] if self.method == "mean" else None
+        layer_rows = []
+        for layer in layers:
+            ablator = LayerAblator(model, layer, self.method, reference_inputs=reference, tokenizer=tokenizer,
+                                   batch_size=self.batch_size)  # fmt: skip
+            with ablator:
+                layer_rows.append({"layer": layer, **summary(score() - baseline)})
+        direction = self._direction_ablation(pl_module, model, score, baseline, summary, fast)
+        results = {
+            "split": "val", "metric": metric, "metric_definition": metric_definition(metric, k), "method": self.method,
+            "pair_indices": [r.pair_index for r, _ in pairs], "row_indices": [r.row_index for r, _ in pairs],
+            "n_bootstrap": self.n_bootstrap, "baseline": {"mean": float(baseline.mean()), "per_prompt": baseline.tolist()},
+            "layers": layer_rows, "direction": direction,
+        }  # fmt: skip
+        scalars = {"ablation/baseline_metric": float(baseline.mean())}
+        scalars.update({f"ablation/layer_delta/L{row['layer']:02d}": row["delta"] for row in layer_rows})
+        curves = {f"layer ablated ({self.method})": [row["delta"] for row in layer_rows]}
+        if direction is not None:
+            scalars["ablation/selected_direction_delta"] = direction["delta"]
+            curves["selected direction ablated"] = [direction["delta"]] * len(layers)
+            if direction["random_mean"] is not None:
+                scalars["ablation/random_direction_delta"] = direction["random_mean"]
+                curves["random direction ablated (mean)"] = [direction["random_mean"]] * len(layers)
+            if direction["zscore"] is not None:
+                scalars["ablation/direction_zscore"] = direction["zscore"]
+        fig = plot_layer_curves(layers, curves, ylabel=f"{metric} change (ablated - baseline)",
+                                title=f"Ablation on {len(pairs)} val reasoning prompts")  # fmt: skip
+        return results, scalars, {"ablation/metric_change_vs_layer": fig}
+
+    def _direction_ablation(self, pl_module, model, score, baseline, summary, fast: bool) -> dict | None:
+        """(b): the selected direction and random directions of its norm, each ablated everywhere."""
+        if not hasattr(pl_module, "selected_direction") or getattr(pl_module, "selected", None) is None:
+            return None
+        r = pl_module.selected_direction()  # [d_model], unnormalised
+        with InterventionHandler(model, r, mode="ablate"):
+            selected = summary(score() - baseline)
+        n_random = min(self.n_random, 2) if fast else self.n_random
+        random_deltas = []
+        if n_random:
+            for direction in random_directions(r, n_random, generator=self.seed):  # [n_random, d_model]
+                with InterventionHandler(model, direction, mode="ablate"):
+                    random_deltas.append(float((score() - baseline).mean()))
+        nulls = torch.tensor(random_deltas, dtype=torch.float64)
+        return {
+            "position": int(pl_module.selected["position"]), "layer": int(pl_module.selected["layer"]),
+            "norm": float(r.double().norm()), **selected, "random_deltas": random_deltas,
+            "random_mean": float(nulls.mean()) if random_deltas else None,
+            "zscore": zscore(selected["delta"], nulls) if len(random_deltas) >= 2 else None,
+        }  # fmt: skip

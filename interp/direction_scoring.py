@@ -1,0 +1,253 @@
+"""Scoring candidate reasoning directions on held-out prompts (refusal_direction-style selection, step 2).
+
+Candidates are the contrastive directions r[p, l] of one run, one per (post-instruction position p, layer l).
+Each is scored on matched held-out prompts: reasoning prompts and control prompts of the same problems, each
+with its problem's gold solution. `interp.selection.select_direction` then picks one (it owns the filters and
+the sign convention); `random_baseline` says whether the picked candidate's effects beat random directions.
+
+METRIC (per prompt; higher = the model finds the gold reasoning LESS likely):
+    "gold_nll"       mean NLL per token of the gold solution given the prompt, teacher forced, over its first
+                     `max_solution_tokens` tokens (`interp.metrics.gold_solution_nll`)
+    "first_tokens"   mean NLL per token of the first `k_first_tokens` gold-solution tokens
+                     (= -`interp.metrics.first_tokens_logprob`), the cheap variant
+SCORES of candidate (p, l), signed as in `interp.selection` (POSITIVE supports "reasoning direction"):
+    ablation_score   mean over reasoning prompts of metric(ablated) - metric(baseline), where "ablated" runs
+                     inside InterventionHandler(mode="ablate") with r_hat = r[p, l] / |r[p, l]|: the direction is
+                     projected out of the embedding output and of every attention and MLP output, at every layer
+                     and every position (prompt and solution tokens).
+    induction_score  mean over control prompts of metric(baseline) - metric(added), where "added" runs inside
+                     InterventionHandler(mode="add", layers=[l]): x <- x + add_strength * r[p, l] at
+                     blocks.{l}.resid_post (the site r was read from), unnormalised, at every position.
+    kl               mean over control prompts of last_token_kl(baseline, ablated): KL(p_base || p_ablated) of the
+                     next-token distribution after the prompt (`interp.metrics.next_token_logits`), float64.
+The baselines (metric on both prompt sets, next-token logits of the control prompts) are computed once per
+call. Cost: 3 forwards over the selection prompts per candidate (two teacher-forced, one next-token).
+
+Every row keeps its per-prompt values ("ablation_per_prompt" [n_reasoning], "induction_per_prompt"
+[n_control], "kl_per_prompt" [n_control], float64) for bootstrap confidence intervals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from interp.activations import check_layers
+from interp.backbone import decoder_layers
+from interp.directions import check_nonzero_norm, random_directions
+from interp.errors import UserError
+from interp.interventions import InterventionHandler
+from interp.metrics import first_tokens_logprob, gold_solution_nll, last_token_kl, next_token_logits
+from interp.selection import bootstrap_ci, zscore
+
+METRICS = ("first_tokens", "gold_nll")
+SCORE_KEYS = ("ablation_score", "induction_score", "kl")
+PER_PROMPT_KEYS = {"ablation_score": "ablation_per_prompt", "induction_score": "induction_per_prompt",
+                   "kl": "kl_per_prompt"}  # fmt: skip
+
+
+def metric_definition(metric: str, k_first_tokens: int = 8, max_solution_tokens: int | None = 256) -> str:
+    """One line saying what `metric` measures (for run metadata)."""
+    check_metric(metric)
+    if metric == "first_tokens":
+        return f"mean NLL per token of the first {k_first_tokens} gold-solution tokens (teacher forced)"
+    limit = "all" if max_solution_tokens is None else f"the first {max_solution_tokens}"
+    return f"mean NLL per token of the gold solution, {limit} solution tokens (teacher forced)"
+
+
+def check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise UserError(f"unknown selection metric {metric!r}; expected one of {', '.join(METRICS)}")
+
+
+@dataclass
+class _Scorer:
+    """The selection prompts and how to score them; `metric` is float64 [n] (higher = worse reasoning)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    reasoning_prompts: Sequence[str]
+    reasoning_solutions: Sequence[str]
+    control_prompts: Sequence[str]
+    control_solutions: Sequence[str]
+    metric_name: str
+    k_first_tokens: int
+    batch_size: int
+    max_solution_tokens: int | None
+
+    def __post_init__(self) -> None:
+        check_metric(self.metric_name)
+        for side, prompts, solutions in (("reasoning", self.reasoning_prompts, self.reasoning_solutions),
+                                         ("control", self.control_prompts, self.control_solutions)):  # fmt: skip
+            if len(prompts) == 0:
+                raise UserError(f"no {side} prompts to score directions on")
+            if len(prompts) != len(solutions):
+                raise UserError(f"got {len(prompts)} {side} prompts but {len(solutions)} solutions")
+        if self.k_first_tokens < 1 or self.batch_size < 1:
+            raise UserError(f"k_first_tokens and batch_size must be >= 1, got {self.k_first_tokens}, "
+                            f"{self.batch_size}")  # fmt: skip
+
+    def metric(self, prompts: Sequence[str], solutions: Sequence[str]) -> torch.Tensor:
+        if self.metric_name == "first_tokens":
+            return -first_tokens_logprob(
+                self.model, self.tokenizer, prompts, solutions, k=self.k_first_tokens, batch_size=self.batch_size
+            )
+        return gold_solution_nll(
+            self.model, self.tokenizer, prompts, solutions, self.batch_size, self.max_solution_tokens
+        )
+
+    def baselines(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(metric on reasoning [n_r], metric on control [n_c], control next-token logits [n_c, vocab])."""
+        return (
+            self.metric(self.reasoning_prompts, self.reasoning_solutions),
+            self.metric(self.control_prompts, self.control_solutions),
+            next_token_logits(self.model, self.tokenizer, self.control_prompts, self.batch_size),
+        )
+
+    def score(self, direction: torch.Tensor, layer: int, add_strength: float, baselines) -> dict:
+        """Scores of one unnormalised direction [d_model] read at blocks.{layer}.resid_post."""
+        base_reasoning, base_control, base_logits = baselines
+        with InterventionHandler(self.model, direction, mode="ablate"):
+            ablated = self.metric(self.reasoning_prompts, self.reasoning_solutions)  # [n_r]
+            ablated_logits = next_token_logits(self.model, self.tokenizer, self.control_prompts, self.batch_size)
+        with InterventionHandler(self.model, direction, add_strength, layers=[layer], mode="add"):
+            added = self.metric(self.control_prompts, self.control_solutions)  # [n_c]
+        per_prompt = {
+            "ablation_score": ablated - base_reasoning,
+            "induction_score": base_control - added,
+            "kl": last_token_kl(base_logits, ablated_logits),
+        }
+        row = {key: float(values.mean()) for key, values in per_prompt.items()}
+        row.update({PER_PROMPT_KEYS[key]: values for key, values in per_prompt.items()})
+        return row
+
+
+def _as_positions(directions: torch.Tensor) -> torch.Tensor:
+    directions = torch.as_tensor(directions).detach().cpu().to(torch.float32)
+    if directions.ndim == 2:
+        directions = directions[None]
+    if directions.ndim != 3:
+        raise UserError(f"directions must be [n_pos, n_layers, d_model] or [n_layers, d_model], "
+                        f"got {tuple(directions.shape)}")  # fmt: skip
+    return directions
+
+
+def score_candidates(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    directions: torch.Tensor,
+    reasoning_prompts: Sequence[str],
+    reasoning_solutions: Sequence[str],
+    control_prompts: Sequence[str],
+    control_solutions: Sequence[str],
+    metric: str = "first_tokens",
+    layers: Sequence[int] | None = None,
+    k_first_tokens: int = 8,
+    batch_size: int = 8,
+    add_strength: float = 1.0,
+    max_solution_tokens: int | None = 256,
+) -> list[dict]:
+    """Score every candidate direction (position p, layer l) as defined in the module docstring.
+
+    Args:
+        directions: [n_pos, n_model_layers, d_model] (or [n_model_layers, d_model] = one position); row l of
+            the layer axis is the direction read at blocks.{l}.resid_post of `model`.
+        reasoning_prompts / control_prompts: chat-formatted prompts (tokenized as given); the solutions are
+            their gold solutions (matched pairs: the same problems on both sides).
+        metric: "first_tokens" | "gold_nll"; k_first_tokens: tokens scored by "first_tokens";
+            max_solution_tokens: tokens scored by "gold_nll" (None: all).
+        layers: candidate layers (model indices; default all). Their directions must have nonzero norm.
+        add_strength: the multiplier c of the induction intervention x + c r.
+    Returns:
+        one dict per candidate, position-major then in `layers` order: "position" (index into the position
+        axis), "layer", "norm" (|r|), "ablation_score", "induction_score", "kl" (floats) and the per-prompt
+        float64 tensors "ablation_per_prompt", "induction_per_prompt", "kl_per_prompt".
+    """
+    directions = _as_positions(directions)
+    n_layers = len(decoder_layers(model))
+    if directions.shape[1] != n_layers:
+        raise UserError(f"directions cover {directions.shape[1]} layers but the model has {n_layers} "
+                        "(put zeros in the rows of layers that are not candidates)")  # fmt: skip
+    layers = check_layers(layers, n_layers)
+    check_nonzero_norm(directions[:, layers], layers)
+    scorer = _Scorer(model, tokenizer, reasoning_prompts, reasoning_solutions, control_prompts,
+                     control_solutions, metric, k_first_tokens, batch_size, max_solution_tokens)  # fmt: skip
+    baselines = scorer.baselines()
+    rows = []
+    for position in range(directions.shape[0]):
+        for layer in layers:
+            direction = directions[position, layer]  # [d_model]
+            scores = scorer.score(direction, layer, add_strength, baselines)
+            norm = float(direction.to(torch.float64).norm())
+            rows.append({"position": position, "layer": layer, "norm": norm, **scores})
+    return rows
+
+
+def random_baseline(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    selected: dict,
+    direction: torch.Tensor,
+    reasoning_prompts: Sequence[str],
+    reasoning_solutions: Sequence[str],
+    control_prompts: Sequence[str],
+    control_solutions: Sequence[str],
+    metric: str = "first_tokens",
+    n_random: int = 8,
+    seed: int = 0,
+    n_bootstrap: int = 1000,
+    alpha: float = 0.05,
+    k_first_tokens: int = 8,
+    batch_size: int = 8,
+    add_strength: float = 1.0,
+    max_solution_tokens: int | None = 256,
+    null_directions: torch.Tensor | None = None,
+) -> dict:
+    """Is the selected candidate better than random directions of the same norm at the same layer?
+
+    Args:
+        selected: the selected row of `score_candidates` (same prompts and settings as here): its "layer",
+            its three scores and its per-prompt values.
+        direction: the selected direction r [d_model], unnormalised.
+        null_directions: [n, d_model] to use instead of `n_random` isotropic random directions with |r|
+            (`interp.directions.random_directions`, seeded by `seed`).
+    Returns:
+        {"n_random", "null": [{"ablation_score", "induction_score", "kl"} per null direction],
+         "zscores": {score: zscore(selected score, null scores)} (`interp.selection.zscore`, ddof 1),
+         "ci": {score: [low, high]} percentile bootstrap CI (1 - alpha) of the selected candidate's mean over
+             prompts (`interp.selection.bootstrap_ci` of its per-prompt values, seed `seed`),
+         "null_directions": float32 [n, d_model]}
+    """
+    direction = torch.as_tensor(direction).detach().cpu().to(torch.float32)
+    if direction.ndim != 1:
+        raise UserError(f"random_baseline takes one [d_model] direction, got {tuple(direction.shape)}")
+    if null_directions is None:
+        if n_random < 2:
+            raise UserError(f"random_baseline needs n_random >= 2 for a z-score, got {n_random}")
+        null_directions = random_directions(direction, n_random, generator=seed)
+    null_directions = torch.as_tensor(null_directions).detach().cpu().to(torch.float32)
+    if null_directions.ndim != 2 or null_directions.shape[1] != direction.shape[0] or len(null_directions) < 2:
+        raise UserError(f"null_directions must be [n >= 2, {direction.shape[0]}], got {tuple(null_directions.shape)}")
+    layer = int(selected["layer"])
+    n_layers = len(decoder_layers(model))
+    # The null directions become the "positions" of a one-layer candidate set: scored exactly like candidates.
+    stacked = torch.zeros(len(null_directions), n_layers, direction.shape[0])  # [n, n_model_layers, d_model]
+    stacked[:, layer] = null_directions
+    null_rows = score_candidates(
+        model, tokenizer, stacked, reasoning_prompts, reasoning_solutions, control_prompts, control_solutions,
+        metric=metric, layers=[layer], k_first_tokens=k_first_tokens, batch_size=batch_size,
+        add_strength=add_strength, max_solution_tokens=max_solution_tokens,
+    )  # fmt: skip
+    null = [{key: row[key] for key in SCORE_KEYS} for row in null_rows]
+    zscores = {
+        key: zscore(float(selected[key]), torch.tensor([row[key] for row in null], dtype=torch.float64))
+        for key in SCORE_KEYS
+    }
+    ci = {
+        key: list(bootstrap_ci(selected[PER_PROMPT_KEYS[key]], n_boot=n_bootstrap, alpha=alpha, seed=seed))
+        for key in SCORE_KEYS
+    }
+    return {"n_random": len(null), "null": null, "zscores": zscores, "ci": ci, "null_directions": null_directions}

@@ -1,0 +1,423 @@
+"""The directions run: localize a reasoning direction per (cached position, layer) and select one.
+
+Data: `CachedActivationDataModule` with `label: reasoning` and `position: null`, so batches hold
+x [batch, n_pos, n_layers, d_model] (every cached position, e.g. the post-instruction template tokens) and
+y [batch] (1 reasoning prompt, 0 control prompt).
+
+Fit = one pass over the cached TRAIN rows; there is no optimizer (automatic_optimization False,
+configure_optimizers returns None). Each step adds its rows to one float64 `RunningMoments` per class; at the
+end of the epoch (on validation start, and again on train-epoch end)
+    directions = mean(reasoning) - mean(control)    [n_pos, n_layers, d_model] float32, unnormalised
+(the semantics of `interp.directions.compute_contrastive_directions`), a registered buffer, so checkpoints hold
+it. Under DDP the per-rank sums (count * mean, float64) and counts are all-reduced before dividing; note that
+Lightning's DistributedSampler may repeat up to world_size - 1 rows to even out the shards. Two Lightning
+accommodations: each training batch counts as one global step (ModelCheckpoint saves only after steps), and an
+empty placeholder parameter (dropped from checkpoints) lets DDP wrap a module with nothing to train.
+
+Validation (once per epoch, not in the sanity check) selects one candidate refusal_direction-style on
+held-out prompts: up to `n_selection_prompts` VAL problems (seeded sample of pairs), each giving its reasoning
+prompt and its control prompt, scored with their gold solution (`interp.direction_scoring.score_candidates`:
+ablation_score, induction_score, kl, definitions there), selected with `interp.selection.select_direction`
+(kl_threshold, max_layer_fraction), and tested against `n_random` random directions of the same norm at the
+selected layer (z-scores) with bootstrap CIs over prompts (`random_baseline`). The validation batches are not
+used. Every rank scores the same prompts (deterministic, identical logs); rank zero writes the files.
+Candidate layers: `candidate_layers`, or by default every cached layer below max_layer_fraction * n_layers
+(later ones would be discarded by select_direction anyway). Cost: 3 forwards over the selection prompts per
+candidate (n_pos x n_candidate_layers candidates) + 3 per random direction.
+fast_dev_run only checks the wiring: 2 prompt pairs, the first and last candidate layer, at most 2 random
+directions and 20 bootstrap resamples.
+
+Logged (validation): for each scored layer, the position with the highest ablation_score at that layer
+(filters ignored): val/ablation_score/L{layer:02d}, val/induction_score/L.., val/kl/L.., val/best_position/L..;
+and val/selected_layer, val/selected_position (-1 when nothing passed the filters), val/selected_ablation_score
+(ModelCheckpoint monitors it; NaN when nothing was selected), val/selected_induction_score, val/selected_kl,
+val/z_ablation_score, val/z_induction_score, val/z_kl, val/n_kept.
+Written to trainer.log_dir: reasoning_directions.safetensors + .json (`interp.directions.save_directions`),
+with the per-prompt scores of every candidate as extra tensors (rows in selection-table order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from interp.activations import check_layers
+from interp.backbone import BackboneSpec, input_device
+from interp.direction_scoring import (
+    PER_PROMPT_KEYS,
+    SCORE_KEYS,
+    check_metric,
+    metric_definition,
+    random_baseline,
+    score_candidates,
+)
+from interp.directions import save_directions
+from interp.errors import UserError
+from interp.positions import PositionSpec
+from interp.prompts import post_instruction_ids
+from interp.selection import select_direction
+from interp.stats import RunningMoments
+
+CLASSES = {"reasoning": 1, "control": 0}  # the datamodule's "reasoning" label encoding
+
+
+def position_labels(spec: str, tokenizer, n_pos: int) -> list[str]:
+    """A name per cached position: the template token strings for post_instruction, else last[-k] / mean."""
+    spec = PositionSpec.parse(spec)
+    if spec.kind == "post_instruction":
+        return [tokenizer.decode([token]) for token in post_instruction_ids(tokenizer)]
+    if spec.kind == "mean":
+        return ["mean"]
+    return [f"last[{j - n_pos}]" for j in range(n_pos)]
+
+
+class ReasoningDirectionModule(L.LightningModule):
+    checkpoint_monitor = ("val/selected_ablation_score", "max")
+
+    def __init__(
+        self,
+        selection_metric: str = "first_tokens",
+        n_selection_prompts: int = 32,
+        kl_threshold: float = 0.1,
+        max_layer_fraction: float = 0.8,
+        n_random: int = 8,
+        n_bootstrap: int = 1000,
+        batch_size: int = 8,
+        seed: int = 0,
+        k_first_tokens: int = 8,
+        add_strength: float = 1.0,
+        candidate_layers: list[int] | None = None,
+    ):
+        """
+        Args:
+            selection_metric: first_tokens (NLL of the first k_first_tokens gold-solution tokens) | gold_nll
+                (NLL of the gold solution, first 256 tokens).
+            n_selection_prompts: held-out val problems scored (each gives a reasoning and a control prompt).
+            kl_threshold: discard candidates whose ablation moves the control prompts' next-token distribution
+                by more than this KL.
+            max_layer_fraction: discard candidates at layers >= this fraction of the model's depth.
+            n_random: random directions (same norm, selected layer) for the z-scores; 0 = skip, else >= 2.
+            n_bootstrap: bootstrap resamples of the selection prompts for the 95% CIs.
+            batch_size: prompts per scoring forward.
+            seed: seeds the sample of selection problems, the random directions and the bootstrap.
+            k_first_tokens: solution tokens scored by first_tokens.
+            add_strength: multiplier c of the induction intervention x + c r.
+            candidate_layers: model layers to score (must be cached); null = cached layers below
+                max_layer_fraction of the depth.
+        """
+        super().__init__()
+        check_metric(selection_metric)
+        if n_selection_prompts < 1 or batch_size < 1 or k_first_tokens < 1 or n_bootstrap < 1:
+            raise UserError("n_selection_prompts, batch_size, k_first_tokens and n_bootstrap must be >= 1")
+        if n_random == 1 or n_random < 0:
+            raise UserError(f"n_random must be 0 (no random baseline) or >= 2, got {n_random}")
+        if not 0 < max_layer_fraction <= 1 or kl_threshold < 0:
+            raise UserError(f"need 0 < max_layer_fraction <= 1 and kl_threshold >= 0, got {max_layer_fraction}, "
+                            f"{kl_threshold}")  # fmt: skip
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.strict_loading = False
+        self.register_buffer("directions", None)  # [n_pos, n_layers, d_model] after _build
+        # DistributedDataParallel refuses a module without trainable parameters: an empty one (never used, dropped
+        # from checkpoints) lets the same trainer run DDP extraction and then this fit.
+        self._ddp_placeholder = torch.nn.Parameter(torch.empty(0))
+        self.layers: list[int] = []  # model layer index of each cached layer (the layer axis)
+        self.n_model_layers: int | None = None
+        self.positions: str | None = None  # the position spec, e.g. "post_instruction"
+        self.position_labels: list[str] = []
+        self.post_instruction_tokens: list[str] | None = None
+        self.backbone_spec: BackboneSpec | None = None
+        self._backbone: tuple | None = None  # (model, tokenizer): a tuple, so the model is never a submodule
+        self._move_backbone = False
+        self._moments: dict[int, RunningMoments] | None = None
+        self.n_train: dict[str, int] = {}
+        self.selected: dict | None = None  # {"position", "layer", "slot"}
+        self.selection_table: list[dict] = []  # annotated select_direction rows, without per-prompt values
+        self.selection_stats: dict = {}  # random baseline (z-scores, CIs), prompts used, settings
+        self.per_prompt_scores: dict[str, torch.Tensor] = {}  # "ablation_per_prompt" -> [n_candidates, n]
+        self._null_directions: torch.Tensor | None = None  # [n_random, d_model] of the last random baseline
+        self.last_metrics: dict[str, dict] = {}
+
+    # ---- building (from the datamodule when fitting, from the checkpoint when loading) -------------------------
+    def _build(self, layout: dict) -> None:
+        self.layers, self.n_model_layers = list(layout["layers"]), int(layout["n_model_layers"])
+        self.positions, self.position_labels = layout["positions"], list(layout["position_labels"])
+        self.post_instruction_tokens = self.position_labels if self.positions == "post_instruction" else None
+        self.directions = torch.zeros(len(self.position_labels), len(self.layers), layout["d_model"],
+                                      device=self.device)  # fmt: skip
+        if layout.get("backbone") and self.backbone_spec is None:
+            self.backbone_spec = BackboneSpec(**layout["backbone"])
+
+    def layout(self) -> dict:
+        return {
+            "layers": self.layers, "n_model_layers": self.n_model_layers, "positions": self.positions,
+            "position_labels": self.position_labels, "d_model": int(self.directions.shape[-1]),
+            "backbone": dataclasses.asdict(self.backbone_spec) if self.backbone_spec else None,
+        }  # fmt: skip
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if getattr(dm, "label", None) != "reasoning" or getattr(dm, "position", -1) is not None:
+            raise UserError("the directions run needs data.label: reasoning and data.position: null "
+                            "(batches with every cached position)")  # fmt: skip
+        dm.prompts.setup()
+        n_pos = int(dm.cache.manifest["n_positions"])
+        layout = {
+            "layers": list(dm.layers), "n_model_layers": dm.backbone.num_layers(), "positions": str(dm.positions),
+            "position_labels": position_labels(str(dm.positions), dm.prompts.tokenizer, n_pos),
+            "d_model": dm.d_model, "backbone": dataclasses.asdict(dm.backbone),
+        }  # fmt: skip
+        if self.directions is None:
+            self._build(layout)
+        elif list(dm.layers) != self.layers or len(layout["position_labels"]) != len(self.position_labels):
+            raise UserError(f"data.layers / positions differ from the checkpoint's ({self.layers}, {self.positions})")
+        self.backbone_spec = dm.backbone
+        if self._backbone is None:
+            self.attach_backbone(dm.backbone)
+
+    def attach_backbone(self, backbone, tokenizer=None) -> None:
+        """Use `backbone` (a BackboneSpec, loaded here, or a loaded causal LM + its tokenizer) for scoring."""
+        if isinstance(backbone, BackboneSpec):
+            self.backbone_spec = backbone
+            model, tokenizer = backbone.load()
+            self._move_backbone = backbone.device_map is None
+        else:
+            model, self._move_backbone = backbone, False
+        self._backbone = (model, tokenizer)
+
+    @property
+    def backbone_model(self):
+        """The frozen backbone (loaded from the stored spec on first use after load_from_checkpoint)."""
+        if self._backbone is None:
+            if self.backbone_spec is None:
+                raise UserError("the directions module has no backbone: call attach_backbone() or fit it first")
+            self.attach_backbone(self.backbone_spec)
+        model = self._backbone[0]
+        if self._move_backbone and input_device(model) != self.device:
+            model.to(self.device)
+        return model
+
+    @property
+    def tokenizer(self):
+        self.backbone_model  # noqa: B018 (loads it if needed)
+        return self._backbone[1]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["direction_layout"] = self.layout()
+        checkpoint["direction_selection"] = {
+            "selected": self.selected, "table": self.selection_table, "stats": self.selection_stats,
+            "n_train": self.n_train,
+        }  # fmt: skip
+        checkpoint["state_dict"].pop("_ddp_placeholder", None)
+        assert set(checkpoint["state_dict"]) == {"directions"}, "backbone keys leaked into the checkpoint"
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        layout = checkpoint["direction_layout"]
+        if self.directions is None:
+            self._build(layout)
+        elif list(layout["layers"]) != self.layers:
+            raise UserError(f"the checkpoint's layers {layout['layers']} differ from the run's {self.layers}")
+        selection = checkpoint.get("direction_selection", {})
+        self.selected, self.selection_table = selection.get("selected"), selection.get("table", [])
+        self.selection_stats, self.n_train = selection.get("stats", {}), selection.get("n_train", {})
+
+    # ---- the directions -------------------------------------------------------------------------------------
+    def directions_by_layer(self, position: int) -> torch.Tensor:
+        """[n_model_layers, d_model] float32 CPU: the directions at one position, zeros for uncached layers
+        (the layout `InterventionHandler` takes)."""
+        out = torch.zeros(self.n_model_layers, self.directions.shape[-1])
+        out[self.layers] = self.directions[position].detach().cpu().float()
+        return out
+
+    def selected_direction(self) -> torch.Tensor:
+        """The selected candidate's unnormalised direction [d_model] float32 (CPU)."""
+        if self.selected is None:
+            raise UserError("no direction was selected (every candidate was discarded, or selection has not run)")
+        return self.directions[self.selected["position"], self.selected["slot"]].detach().cpu().float()
+
+    # ---- fit: accumulate the class means --------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        self._moments = {label: RunningMoments() for label in CLASSES.values()}
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        x, y = batch["x"], batch["y"]  # [batch, n_pos, n_layers, d_model], [batch]
+        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.directions.shape):
+            raise UserError(f"expected batches x [batch, {', '.join(map(str, self.directions.shape))}], "
+                            f"got {tuple(x.shape)}")  # fmt: skip
+        for label, moments in self._moments.items():
+            moments.update(x[y == label])
+        # No optimizer steps, but ModelCheckpoint saves only once the global step has moved (and resuming counts
+        # on it): each accumulated batch counts as one step of the manual-optimization progress.
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        progress.increment_completed()
+        return None
+
+    def _finalize_directions(self) -> None:
+        """directions = mean(reasoning) - mean(control), from float64 sums and counts reduced over ranks."""
+        means = {}
+        for name, label in CLASSES.items():
+            moments = self._moments[label]
+            total = torch.zeros(self.directions.shape, dtype=torch.float64, device=self.device)
+            if moments.count:
+                total = moments.mean.to(self.device) * moments.count  # [n_pos, n_layers, d_model]
+            count = torch.tensor(float(moments.count), dtype=torch.float64, device=self.device)
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+            count = self.trainer.strategy.reduce(count, reduce_op="sum")
+            if float(count) == 0:
+                raise UserError(f"the training split holds no {name} rows")
+            means[name], self.n_train[name] = total / count, int(count)
+        self.directions = (means["reasoning"] - means["control"]).to(torch.float32)
+
+    def on_train_epoch_end(self) -> None:
+        self._finalize_directions()
+
+    def configure_optimizers(self):
+        return None
+
+    # ---- validation: select one candidate on held-out prompts -----------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        return None  # the selection needs the backbone, not the cached batches: see on_validation_epoch_end
+
+    def on_validation_epoch_start(self) -> None:
+        if not self.trainer.sanity_checking and self._moments is not None:  # same decision on every rank
+            self._finalize_directions()
+
+    def selection_pairs(self, datamodule, n: int, split: str = "val") -> list[tuple]:
+        """Up to n (reasoning PromptRow, control PromptRow) pairs of `split`, a seeded sample by problem."""
+        by_pair: dict[int, dict] = {}
+        for row_index in datamodule.row_index[split].tolist():
+            row = datamodule.prompts.rows[row_index]
+            by_pair.setdefault(row.pair_index, {})[row.kind] = row
+        pairs = sorted(p for p, kinds in by_pair.items() if set(kinds) == set(CLASSES))
+        if not pairs:
+            raise UserError(f"no {split} problems to select a direction on: set prompts.val_fraction > 0")
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        chosen = sorted(torch.randperm(len(pairs), generator=generator)[:n].tolist())
+        return [(by_pair[pairs[i]]["reasoning"], by_pair[pairs[i]]["control"]) for i in chosen]
+
+    def default_candidate_layers(self) -> list[int]:
+        if self.hparams.candidate_layers is not None:
+            layers = check_layers(self.hparams.candidate_layers, self.n_model_layers)
+            missing = [layer for layer in layers if layer not in self.layers]
+            if missing:
+                raise UserError(f"candidate_layers {missing} are not cached (data.layers: {self.layers})")
+            return layers
+        limit = self.hparams.max_layer_fraction * self.n_model_layers
+        layers = [layer for layer in self.layers if layer < limit]
+        if not layers:
+            raise UserError(f"no cached layer is below max_layer_fraction * n_layers = {limit:g}")
+        return layers
+
+    def run_selection(self, datamodule, fast: bool = False) -> dict | None:
+        """Score, select and test the candidates on the val split (see the module docstring); returns
+        `selected`. fast=True: the fast_dev_run wiring check (2 pairs, 2 layers, <= 2 random, 20 bootstraps)."""
+        hp = self.hparams
+        layers = self.default_candidate_layers()
+        n_prompts, n_random, n_boot = hp.n_selection_prompts, hp.n_random, hp.n_bootstrap
+        if fast:
+            layers = sorted({layers[0], layers[-1]})
+            n_prompts, n_random, n_boot = min(n_prompts, 2), min(n_random, 2), min(n_boot, 20)
+        pairs = self.selection_pairs(datamodule, n_prompts)
+        prompts = {kind: [pair[k].prompt for pair in pairs] for k, kind in enumerate(("reasoning", "control"))}
+        solutions = {kind: [pair[k].gold_solution for pair in pairs] for k, kind in enumerate(("reasoning", "control"))}
+        common = dict(metric=hp.selection_metric, k_first_tokens=hp.k_first_tokens, batch_size=hp.batch_size,
+                      add_strength=hp.add_strength)  # fmt: skip
+        args = (prompts["reasoning"], solutions["reasoning"], prompts["control"], solutions["control"])
+        model, tokenizer = self.backbone_model, self.tokenizer
+        full = torch.stack([self.directions_by_layer(p) for p in range(len(self.position_labels))])
+        rows = score_candidates(model, tokenizer, full, *args, layers=layers, **common)
+        for i, row in enumerate(rows):
+            row.update(candidate=i, slot=self.layers.index(row["layer"]),
+                       position_label=self.position_labels[row["position"]])  # fmt: skip
+        best, annotated = select_direction(
+            rows, n_layers=self.n_model_layers, max_layer_fraction=hp.max_layer_fraction, kl_threshold=hp.kl_threshold
+        )
+        self.per_prompt_scores = {key: torch.stack([r[key] for r in rows]) for key in PER_PROMPT_KEYS.values()}
+        self.selection_table = [{k: v for k, v in r.items() if k not in PER_PROMPT_KEYS.values()} for r in annotated]
+        self.selected = None if best is None else {k: best[k] for k in ("position", "layer", "slot")}
+        baseline = None
+        if best is not None and n_random:
+            baseline = random_baseline(
+                model, tokenizer, best, self.selected_direction(), *args, n_random=n_random, seed=hp.seed,
+                n_bootstrap=n_boot, **common,
+            )  # fmt: skip
+        self.selection_stats = {
+            "split": "val", "pair_indices": [pair[0].pair_index for pair in pairs],
+            "reasoning_rows": [pair[0].row_index for pair in pairs], "control_rows": [pair[1].row_index for pair in pairs],
+            "candidate_layers": layers, "metric": hp.selection_metric,
+            "metric_definition": metric_definition(hp.selection_metric, hp.k_first_tokens),
+            "kl_threshold": hp.kl_threshold, "max_layer_fraction": hp.max_layer_fraction,
+            "add_strength": hp.add_strength, "n_bootstrap": n_boot, "alpha": 0.05, "seed": hp.seed,
+            "random_baseline": None if baseline is None else {k: v for k, v in baseline.items() if k != "null_directions"},
+        }  # fmt: skip
+        self._null_directions = None if baseline is None else baseline["null_directions"]
+        return self.selected
+
+    def _log_selection(self) -> None:
+        logged: dict[str, float] = {}
+        layers = sorted({row["layer"] for row in self.selection_table})
+        for layer in layers:
+            rows = [row for row in self.selection_table if row["layer"] == layer]
+            top = max(rows, key=lambda r: -math.inf if math.isnan(r["ablation_score"]) else r["ablation_score"])
+            for key in SCORE_KEYS:
+                logged[f"val/{key}/L{layer:02d}"] = float(top[key])
+            logged[f"val/best_position/L{layer:02d}"] = float(top["position"])
+        best = next((row for row in self.selection_table if row["selected"]), None)
+        logged["val/selected_layer"] = float(best["layer"]) if best else -1.0
+        logged["val/selected_position"] = float(best["position"]) if best else -1.0
+        for key in SCORE_KEYS:
+            logged[f"val/selected_{key}"] = float(best[key]) if best else math.nan
+        baseline = self.selection_stats.get("random_baseline")
+        for key in SCORE_KEYS:
+            logged[f"val/z_{key}"] = float(baseline["zscores"][key]) if baseline else math.nan
+        logged["val/n_kept"] = float(sum(row["filtered"] is None for row in self.selection_table))
+        for name, value in logged.items():
+            self.log(name, value, prog_bar=name == "val/selected_ablation_score")
+        self.last_metrics["val"] = logged
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self.run_selection(self.trainer.datamodule, fast=bool(self.trainer.fast_dev_run))
+        self._log_selection()
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank calls it
+        if log_dir is not None and self.trainer.is_global_zero:
+            path = self.save_directions_file(log_dir)
+            rank_zero_info(f"Wrote {path} (selected: {self.selected})")
+
+    def metadata(self) -> dict:
+        """What reasoning_directions.json records (see the module docstring)."""
+        spec = self.backbone_spec
+        return {
+            "model": spec.name_or_path if spec else None,
+            "backbone": spec.fingerprint() if spec else None,
+            "layers": self.layers,
+            "n_model_layers": self.n_model_layers,
+            "positions": self.positions,
+            "position_tokens": self.position_labels,
+            "method": "contrastive: mean(reasoning) - mean(control) over the train split, float64 means",
+            "n_train": self.n_train,
+            "site": "blocks.{layer}.resid_post",
+            "score_definitions": {
+                "ablation_score": "mean over reasoning prompts of metric(direction ablated everywhere) - "
+                "metric(baseline); > 0: ablation hurts reasoning",
+                "induction_score": "mean over control prompts of metric(baseline) - metric(add_strength * r at "
+                "blocks.{layer}.resid_post); > 0: adding moves control prompts toward reasoning",
+                "kl": "mean over control prompts of KL(baseline || ablated) of the next-token distribution",
+            },
+            "selection": self.selection_stats,
+            "selection_table": self.selection_table,
+            "selected": self.selected,
+        }
+
+    def save_directions_file(self, directory) -> str:
+        """Write reasoning_directions.safetensors + .json into `directory`; returns the tensor file's path."""
+        extra = dict(self.per_prompt_scores)
+        if self._null_directions is not None:
+            extra["null_directions"] = self._null_directions
+        return str(save_directions(directory, self.directions, self.metadata(), extra=extra))

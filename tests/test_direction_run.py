@@ -1,0 +1,348 @@
+"""The directions run: class means, candidate scores, random baseline, selection, files, checkpoints, configs.
+
+Independent references: `compute_contrastive_directions` (float64) on the same rows and a planted shift;
+the metrics of `interp.metrics` run by hand inside hand-built `InterventionHandler`s; `interp.selection`
+applied by hand to the saved table; the files read back with `load_directions`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from pipeline_utils import REPO, build_datamodule, tiny_config
+
+import train
+from callbacks.cache_writer import extract_activations
+from interp.direction_scoring import random_baseline, score_candidates
+from interp.directions import compute_contrastive_directions, load_directions, load_extra_tensors
+from interp.errors import UserError
+from interp.interventions import InterventionHandler
+from interp.metrics import first_tokens_logprob, gold_solution_nll, last_token_kl, next_token_logits
+from interp.prompts import format_chat_prompt
+from interp.selection import bootstrap_ci, zscore
+from lightning_modules.directions import ReasoningDirectionModule
+
+CACHED_LAYERS = [1, 4, 9, 28]
+QWQ_POST_TOKENS = ["<|im_end|>", "\n", "<|im_start|>", "assistant", "\n", "<think>", "\n"]
+
+
+def _trainer(**kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, max_epochs=1,
+                    num_sanity_val_steps=0)  # fmt: skip
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def dm(tmp_path_factory):
+    """Tiny-backbone cache: post-instruction positions (7), layers 1, 4, 9, 28; 10 + 10 problems."""
+    datamodule = build_datamodule(tmp_path_factory.mktemp("dir_cache"), limit=10, layers=CACHED_LAYERS,
+                                  positions="post_instruction", batch_size=8)  # fmt: skip
+    datamodule.position = None
+    extract_activations(_trainer(), datamodule)
+    datamodule.batch_size = 5
+    datamodule.setup()
+    return datamodule
+
+
+def _split(dm, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    batches = list(dm._loader(split, shuffle=False))
+    return torch.cat([b["x"] for b in batches]), torch.cat([b["y"] for b in batches])
+
+
+@pytest.fixture(scope="module")
+def fitted(dm, tmp_path_factory):
+    """One directions run on the tiny cache: 3 val pairs, candidates at layers 4, 9 (and 28: too late)."""
+    L.seed_everything(0, verbose=False)
+    module = ReasoningDirectionModule(n_selection_prompts=3, kl_threshold=10.0, n_random=2, n_bootstrap=200,
+                                      batch_size=4, candidate_layers=[4, 9, 28])  # fmt: skip
+    root = tmp_path_factory.mktemp("dir_run")
+    trainer = _trainer(default_root_dir=str(root))  # logger=False: trainer.log_dir is the root dir
+    trainer.fit(module, datamodule=dm)
+    assert (root / "reasoning_directions.safetensors").is_file()
+    return module, trainer
+
+
+# ---- fit: the class means ---------------------------------------------------------------------------------------
+def test_directions_equal_the_contrastive_reference(fitted, dm):
+    module, _ = fitted
+    x, y = _split(dm, "train")  # [n, 7, 4, 64]
+    reference = compute_contrastive_directions(x[y == 1].double(), x[y == 0].double())
+    assert module.directions.shape == (7, len(CACHED_LAYERS), 64)
+    torch.testing.assert_close(module.directions, reference, rtol=1e-6, atol=1e-7)
+    assert module.n_train == {"reasoning": int((y == 1).sum()), "control": int((y == 0).sum())}
+    assert module.post_instruction_tokens == QWQ_POST_TOKENS and module.layers == CACHED_LAYERS
+
+
+def test_planted_shift_is_recovered(dm, tmp_path):
+    """Rows x = noise + y * planted: the module's directions equal the float64 reference on those rows (and
+    lie near the planted shift)."""
+    generator = torch.Generator().manual_seed(1)
+    shape = (7, len(CACHED_LAYERS), 64)
+    planted = torch.randn(shape, generator=generator) * 3
+    y = torch.arange(40) % 2
+    x = torch.randn((40, *shape), generator=generator) + y[:, None, None, None] * planted
+    rows = [{"x": x[i], "y": y[i], "y_control": y[i]} for i in range(40)]
+    original = dm.datasets["train"]
+    dm.datasets["train"] = rows
+    try:
+        module = ReasoningDirectionModule()
+        _trainer(limit_val_batches=0, default_root_dir=str(tmp_path)).fit(module, datamodule=dm)
+    finally:
+        dm.datasets["train"] = original
+    reference = compute_contrastive_directions(x[y == 1].double(), x[y == 0].double())
+    torch.testing.assert_close(module.directions, reference, rtol=1e-6, atol=1e-6)
+    assert float((module.directions - planted).abs().max()) < 2.0  # 20 + 20 rows of unit noise
+    assert module.n_train == {"reasoning": 20, "control": 20}
+
+
+# ---- scoring ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def selection_prompts(tiny):
+    _, tokenizer = tiny
+    questions = ["What is 2+2?", "Compute 17 * 3.", "If x + 1 = 4, what is x?"]
+    reasoning = [format_chat_prompt(tokenizer, q + " Please reason step by step.") for q in questions]
+    control = [format_chat_prompt(tokenizer, q + " Restate the problem. Do not solve it.") for q in questions]
+    solutions = ["2 + 2 = 4, so the answer is 4.", "17 * 3 = 51.", "x = 4 - 1 = 3, so x is 3."]
+    return reasoning, solutions, control, solutions
+
+
+def _candidates(scale: float = 5.0) -> torch.Tensor:
+    directions = torch.zeros(2, 32, 64)
+    directions[:, [3, 7]] = torch.randn(2, 2, 64, generator=torch.Generator().manual_seed(2)) * scale
+    return directions
+
+
+def _manual_scores(model, tokenizer, r, layer, prompts, metric, strength=1.0):
+    """The three scores of direction r at `layer` from hand-built interventions (per prompt, float64).
+    `metric` and next_token_logits run with the batch size of the code under test (2), so the padded batches
+    and hence the float32 rounding are the same."""
+    reasoning, r_sol, control, c_sol = prompts
+    base_r, base_c = metric(model, tokenizer, reasoning, r_sol), metric(model, tokenizer, control, c_sol)
+    base_logits = next_token_logits(model, tokenizer, control, batch_size=2)
+    with InterventionHandler(model, r, mode="ablate"):  # the handler ablates r / |r|
+        abl_r = metric(model, tokenizer, reasoning, r_sol)
+        abl_logits = next_token_logits(model, tokenizer, control, batch_size=2)
+    with InterventionHandler(model, strength * r, 1.0, layers=[layer], mode="add"):
+        add_c = metric(model, tokenizer, control, c_sol)
+    return abl_r - base_r, base_c - add_c, last_token_kl(base_logits, abl_logits)
+
+
+def test_scores_equal_hand_computed_interventions(tiny, selection_prompts):
+    model, tokenizer = tiny
+    directions = _candidates()
+    rows = score_candidates(model, tokenizer, directions, *selection_prompts, metric="first_tokens", layers=[3, 7],
+                            k_first_tokens=4, batch_size=2, add_strength=2.0)  # fmt: skip
+    assert [(r["position"], r["layer"]) for r in rows] == [(0, 3), (0, 7), (1, 3), (1, 7)]
+    nll = lambda m, t, p, s: -first_tokens_logprob(m, t, p, s, k=4, batch_size=2)  # noqa: E731
+    for row in rows[1:3]:
+        r = directions[row["position"], row["layer"]]
+        ablation, induction, kl = _manual_scores(model, tokenizer, r, row["layer"], selection_prompts, nll, 2.0)
+        torch.testing.assert_close(row["ablation_per_prompt"], ablation, rtol=0, atol=1e-9)
+        torch.testing.assert_close(row["induction_per_prompt"], induction, rtol=0, atol=1e-9)
+        torch.testing.assert_close(row["kl_per_prompt"], kl, rtol=0, atol=1e-9)
+        assert row["ablation_score"] == pytest.approx(float(ablation.mean()), abs=1e-9)
+        assert row["induction_score"] == pytest.approx(float(induction.mean()), abs=1e-9)
+        assert row["kl"] == pytest.approx(float(kl.mean()), abs=1e-9)
+        assert row["norm"] == pytest.approx(float(r.double().norm()), rel=1e-6)
+        assert abs(row["induction_score"]) > 1e-6 and row["kl"] > 0  # the interventions did something
+
+
+def test_gold_nll_metric(tiny, selection_prompts):
+    model, tokenizer = tiny
+    directions = _candidates()[:1]
+    (row,) = score_candidates(model, tokenizer, directions, *selection_prompts, metric="gold_nll", layers=[7],
+                              batch_size=2)  # fmt: skip
+    nll = lambda m, t, p, s: gold_solution_nll(m, t, p, s, batch_size=2)  # noqa: E731
+    ablation, induction, _ = _manual_scores(model, tokenizer, directions[0, 7], 7, selection_prompts, nll)
+    torch.testing.assert_close(row["ablation_per_prompt"], ablation, rtol=0, atol=1e-9)
+    torch.testing.assert_close(row["induction_per_prompt"], induction, rtol=0, atol=1e-9)
+
+
+def test_random_baseline_wiring(tiny, selection_prompts):
+    """Null = [r, r]: every z is exactly 0. Null = [r, -r]: ablation (sign-blind) z 0, induction z equal to the
+    z of hand-scored +r and -r. CIs are the bootstrap of the selected per-prompt values."""
+    model, tokenizer = tiny
+    directions = _candidates()[:1]
+    (selected,) = score_candidates(model, tokenizer, directions, *selection_prompts, layers=[7], batch_size=2,
+                                   k_first_tokens=4)  # fmt: skip
+    r = directions[0, 7]
+    kwargs = dict(k_first_tokens=4, batch_size=2, n_bootstrap=300, seed=3)
+    same = random_baseline(model, tokenizer, selected, r, *selection_prompts, null_directions=torch.stack([r, r]),
+                           **kwargs)  # fmt: skip
+    assert same["zscores"] == {"ablation_score": 0.0, "induction_score": 0.0, "kl": 0.0}
+    flipped = random_baseline(model, tokenizer, selected, r, *selection_prompts,
+                              null_directions=torch.stack([r, -r]), **kwargs)  # fmt: skip
+    nll = lambda m, t, p, s: -first_tokens_logprob(m, t, p, s, k=4, batch_size=2)  # noqa: E731
+    _, induction_neg, _ = _manual_scores(model, tokenizer, -r, 7, selection_prompts, nll)
+    null = torch.tensor([selected["induction_score"], float(induction_neg.mean())], dtype=torch.float64)
+    expected = float((selected["induction_score"] - null.mean()) / null.std())
+    assert flipped["zscores"]["induction_score"] == pytest.approx(expected, rel=1e-6)
+    assert abs(expected) > 0.1
+    assert flipped["zscores"]["ablation_score"] == 0.0
+    for key, values in (("ablation_score", "ablation_per_prompt"), ("kl", "kl_per_prompt")):
+        assert flipped["ci"][key] == list(bootstrap_ci(selected[values], n_boot=300, seed=3))
+        low, high = flipped["ci"][key]
+        assert low <= selected[key] <= high
+    drawn = random_baseline(model, tokenizer, selected, r, *selection_prompts, n_random=3, **kwargs)
+    assert drawn["null_directions"].shape == (3, 64)
+    torch.testing.assert_close(drawn["null_directions"].norm(dim=-1), r.norm().expand(3), rtol=1e-5, atol=0)
+    nulls = [row["ablation_score"] for row in drawn["null"]]
+    assert drawn["zscores"]["ablation_score"] == zscore(selected["ablation_score"], torch.tensor(nulls, dtype=torch.float64))
+
+
+def test_scoring_rejects_bad_input(tiny, selection_prompts):
+    model, tokenizer = tiny
+    with pytest.raises(UserError, match="zero-norm direction at layer 5"):
+        score_candidates(model, tokenizer, _candidates(), *selection_prompts, layers=[3, 5])
+    with pytest.raises(UserError, match="unknown selection metric"):
+        score_candidates(model, tokenizer, _candidates(), *selection_prompts, metric="nll", layers=[3])
+    with pytest.raises(UserError, match="cover 31 layers"):
+        score_candidates(model, tokenizer, _candidates()[:, :31], *selection_prompts)
+
+
+# ---- selection, files, checkpoints ------------------------------------------------------------------------------
+def test_selection_follows_the_table(fitted):
+    module, _ = fitted
+    table = module.selection_table
+    assert len(table) == 7 * 3 and {row["layer"] for row in table} == {4, 9, 28}
+    late = [row for row in table if row["layer"] == 28]
+    assert all("layer 28 >= 25.6" in row["filtered"] for row in late)
+    kept = [row for row in table if row["filtered"] is None]
+    assert kept and all(row["induction_score"] >= 0 and row["kl"] <= 10.0 for row in kept)
+    best = max(kept, key=lambda row: row["ablation_score"])
+    assert module.selected == {"position": best["position"], "layer": best["layer"],
+                               "slot": CACHED_LAYERS.index(best["layer"])}  # fmt: skip
+    torch.testing.assert_close(module.selected_direction(), module.directions[best["position"], module.selected["slot"]])
+    by_layer = module.directions_by_layer(best["position"])  # [32, 64]
+    assert by_layer.shape == (32, 64) and torch.equal(by_layer[CACHED_LAYERS], module.directions[best["position"]])
+    assert not by_layer[[layer for layer in range(32) if layer not in CACHED_LAYERS]].any()
+    logged = module.last_metrics["val"]
+    assert logged["val/selected_ablation_score"] == best["ablation_score"]
+    assert logged["val/selected_layer"] == best["layer"] and logged["val/n_kept"] == len(kept)
+    top9 = max((row for row in table if row["layer"] == 9), key=lambda row: row["ablation_score"])
+    assert logged["val/ablation_score/L09"] == top9["ablation_score"]
+    assert logged["val/best_position/L09"] == top9["position"]
+    pairs = module.selection_stats["pair_indices"]
+    assert len(pairs) == 3 and all(module.trainer.datamodule.prompts.rows[i].split == "val"
+                                   for i in module.selection_stats["reasoning_rows"])  # fmt: skip
+
+
+def test_files_round_trip(fitted, tmp_path):
+    module, _ = fitted
+    path = module.save_directions_file(tmp_path)
+    directions, meta = load_directions(path)
+    assert torch.equal(directions, module.directions)
+    assert meta["layers"] == CACHED_LAYERS and meta["positions"] == "post_instruction"
+    assert meta["position_tokens"] == QWQ_POST_TOKENS and meta["model"] == "tiny"
+    assert meta["backbone"]["name_or_path"] == "tiny" and meta["n_model_layers"] == 32
+    assert meta["selected"] == module.selected
+    assert meta["selection_table"] == json.loads(json.dumps(module.selection_table))
+    baseline = meta["selection"]["random_baseline"]
+    assert baseline["n_random"] == 2 and set(baseline["zscores"]) == {"ablation_score", "induction_score", "kl"}
+    assert "first 8 gold-solution tokens" in meta["selection"]["metric_definition"]
+    torch.testing.assert_close(torch.tensor(meta["norms"]), module.directions.double().norm(dim=-1).float(),
+                               rtol=1e-6, atol=1e-6, check_dtype=False)  # fmt: skip
+    extra = load_extra_tensors(path)
+    assert extra["ablation_per_prompt"].shape == (21, 3) and extra["null_directions"].shape == (2, 64)
+    row = meta["selection_table"][5]
+    assert float(extra["kl_per_prompt"][row["candidate"]].mean()) == pytest.approx(row["kl"], abs=1e-12)
+    # an independent re-selection from the saved table agrees
+    kept = [r for r in meta["selection_table"] if r["filtered"] is None]
+    best = max(kept, key=lambda r: r["ablation_score"])
+    assert (best["position"], best["layer"]) == (meta["selected"]["position"], meta["selected"]["layer"])
+    low, high = baseline["ci"]["ablation_score"]
+    assert low <= best["ablation_score"] <= high
+
+
+def test_checkpoint_holds_no_backbone_and_reloads(fitted, tmp_path):
+    module, trainer = fitted
+    path = tmp_path / "directions.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    assert set(checkpoint["state_dict"]) == {"directions"}
+    reloaded = ReasoningDirectionModule.load_from_checkpoint(path, map_location="cpu")
+    assert torch.equal(reloaded.directions, module.directions)
+    assert reloaded.layers == CACHED_LAYERS and reloaded.selected == module.selected
+    assert reloaded.selection_table == module.selection_table
+    assert reloaded.post_instruction_tokens == QWQ_POST_TOKENS
+    torch.testing.assert_close(reloaded.selected_direction(), module.selected_direction())
+    assert reloaded._backbone is None and reloaded.backbone_spec.name_or_path == "tiny"
+
+
+def test_bad_settings():
+    with pytest.raises(UserError, match="n_random"):
+        ReasoningDirectionModule(n_random=1)
+    with pytest.raises(UserError, match="unknown selection metric"):
+        ReasoningDirectionModule(selection_metric="accuracy")
+
+
+def test_needs_all_positions(dm, tmp_path):
+    dm.position = -1
+    try:
+        with pytest.raises(UserError, match="position: null"):
+            _trainer(limit_val_batches=0, default_root_dir=str(tmp_path)).fit(ReasoningDirectionModule(), datamodule=dm)
+    finally:
+        dm.position = None
+
+
+# ---- configs through train.py -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("config_name", ["directions_tiny.yaml", "directions_qwq.yaml"])
+def test_config_runs_fast_dev_run(config_name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(config_name, tmp_path, limit=3, layers=[0, 2, 4, 30])
+    train.main(["--config", str(config), "--trainer.fast_dev_run", "true", "--run_name", "dev"])
+    assert list((tmp_path / "cache").glob("*/manifest.json"))
+
+
+def test_one_epoch_writes_the_directions_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config("directions_tiny.yaml", tmp_path, limit=5)
+    train.main(["--config", str(config), "--run_name", "run", "--model.init_args.candidate_layers", "[2, 10, 27]",
+                "--model.init_args.n_selection_prompts", "2", "--model.init_args.kl_threshold", "100"])
+    log_dir = tmp_path / "logs" / "run"
+    directions, meta = load_directions(log_dir / "reasoning_directions.safetensors")
+    assert directions.shape == (7, 32, 64) and meta["layers"] == list(range(32))
+    assert {row["layer"] for row in meta["selection_table"]} == {2, 10, 27}
+    checkpoint = torch.load(tmp_path / "checkpoints" / "run" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert (tmp_path / "checkpoints" / "run" / "last.ckpt").is_file() and checkpoint["global_step"] >= 1
+    assert set(checkpoint["state_dict"]) == {"directions"}
+    assert torch.equal(checkpoint["state_dict"]["directions"], directions)
+    assert checkpoint["direction_selection"]["selected"] == meta["selected"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"val/ablation_score/L02", "val/kl/L27", "val/selected_ablation_score", "val/selected_layer"} <= tags
+    assert meta["selected"] is not None  # kl_threshold 100: only the induction filter (and layer 27) discard
+    expected = next(r for r in meta["selection_table"] if r["selected"])["ablation_score"]
+    assert events.Scalars("val/selected_ablation_score")[-1].value == pytest.approx(expected, rel=1e-6)
+    assert all("layer 27 >= 25.6" in r["filtered"] for r in meta["selection_table"] if r["layer"] == 27)
+
+
+@pytest.mark.slow
+def test_ddp_class_means_equal_the_single_process_reference(tmp_path):
+    """2 CPU ranks (strategy ddp, a subprocess): the all-reduced means equal compute_contrastive_directions
+    over every train row, each counted once (12 train rows: no DistributedSampler padding)."""
+    config = tiny_config("directions_tiny.yaml", tmp_path, limit=5, layers=[2, 10])
+    args = ["--config", str(config), "--run_name", "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+            "--model.init_args.n_selection_prompts", "1", "--model.init_args.n_random", "0",
+            "--model.init_args.candidate_layers", "[2]"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env, check=True, timeout=600)
+    directions, meta = load_directions(tmp_path / "logs" / "ddp")
+    from cli import datamodule_from_run_config
+
+    checkpoint = torch.load(tmp_path / "checkpoints" / "ddp" / "last.ckpt", map_location="cpu", weights_only=False)
+    datamodule = datamodule_from_run_config(checkpoint["run_config"])
+    datamodule.cache_dir = tmp_path / "cache"
+    datamodule.setup()
+    x, y = _split(datamodule, "train")
+    assert len(y) == 12 and meta["n_train"] == {"reasoning": 6, "control": 6}
+    reference = compute_contrastive_directions(x[y == 1].double(), x[y == 0].double())
+    torch.testing.assert_close(directions, reference, rtol=1e-6, atol=1e-7)

@@ -1,0 +1,463 @@
+"""Intervention evaluation: the answer-graded report, the ablation / patching callbacks, evaluate.py on directions.
+
+Independent references: every number of the report is recomputed with the interp functions called directly
+inside hand-built InterventionHandlers (generate, grade_answer, gold_solution_nll, last_token_kl on
+next_token_logits, bootstrap_ci, ngram_repetition, compression_ratio); planted generations give known
+accuracies; the callbacks' numbers are recomputed with LayerAblator / InterventionHandler / patching_sweep /
+attribution_patching on the rows they name, and their TensorBoard events are read back.
+"""
+
+import json
+import os
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.loggers import TensorBoardLogger
+from pipeline_utils import tiny_config
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader, TensorDataset
+
+import callbacks.intervention_report as report_module
+import evaluate
+import train
+from callbacks.ablation import AblationCallback
+from callbacks.intervention_report import intervention_report, problem_pairs, write_intervention_report
+from callbacks.patching import PatchingCallback
+from datamodules.problems import DatasetSource
+from datamodules.prompts import ReasoningPromptsDataModule
+from interp.directions import random_directions
+from interp.errors import UserError
+from interp.generation import generate
+from interp.grading import compression_ratio, extract_answer, grade_answer, ngram_repetition
+from interp.interventions import InterventionHandler, LayerAblator
+from interp.metrics import first_tokens_logprob, gold_solution_nll, last_token_kl, next_token_logits
+from interp.patching import attribution_patching, patching_sweep, target_log_prob
+from interp.selection import bootstrap_ci, zscore
+
+LAYER = 5
+SOLUTION_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def prompts_dm():
+    """10 embedded problems (5 GSM8K + 5 MATH) on the tiny tokenizer: 2 val and 2 test problems."""
+    dm = ReasoningPromptsDataModule(backbone="tiny", sources=[DatasetSource("gsm8k", limit=5),
+                                                              DatasetSource("math", limit=5)])  # fmt: skip
+    dm.setup()
+    return dm
+
+
+@pytest.fixture(scope="module")
+def direction_by_layer():
+    return torch.randn(32, 64, generator=torch.Generator().manual_seed(7)) * 3.0  # [n_layers, d_model]
+
+
+@pytest.fixture(scope="module")
+def test_rows(prompts_dm):
+    return [row for pair in problem_pairs(prompts_dm, "test") for row in pair]
+
+
+@pytest.fixture(scope="module")
+def greedy_report(tiny, test_rows, direction_by_layer):
+    model, tokenizer = tiny
+    return intervention_report(model, tokenizer, test_rows, direction_by_layer, LAYER, strengths=(0.0, 2.0),
+                               n_random=1, max_new_tokens=6, do_sample=False, n_samples=None, n_bootstrap=200,
+                               max_solution_tokens=SOLUTION_TOKENS, batch_size=2)  # fmt: skip
+
+
+def test_problem_pairs(prompts_dm):
+    pairs = problem_pairs(prompts_dm, "test")
+    rows = prompts_dm.rows
+    expected = sorted({r.pair_index for r in rows if r.split == "test"})
+    assert [r.pair_index for r, _ in pairs] == expected and len(expected) == 2
+    assert all(r.kind == "reasoning" and c.kind == "control" and r.pair_index == c.pair_index for r, c in pairs)
+    assert all(r.split == c.split == "test" for r, c in pairs)
+    (one,) = problem_pairs(prompts_dm, "val", n=1, seed=3)
+    assert one[0].split == "val"
+    with pytest.raises(UserError, match="no nope problems"):
+        problem_pairs(prompts_dm, "nope")
+
+
+def test_report_numbers_equal_direct_calls(tiny, test_rows, direction_by_layer, greedy_report):
+    model, tokenizer = tiny
+    report = greedy_report
+    names = [c["name"] for c in report["conditions"]]
+    assert names == ["baseline", "ablated", "added@0", "added@2", "random0_added@2", "random0_ablated"]
+    reasoning = [r for r in test_rows if r.kind == "reasoning"]
+    control = [r for r in test_rows if r.kind == "control"]
+    assert report["reasoning_rows"] == [r.row_index for r in reasoning]
+    assert report["control_rows"] == [r.row_index for r in control]
+    prompts, solutions = [r.prompt for r in reasoning], [r.gold_solution for r in reasoning]
+    r = direction_by_layer[LAYER]
+    (random_r,) = random_directions(r, 1, generator=0)
+    assert report["direction_norm"] == pytest.approx(float(r.double().norm()), rel=1e-9)
+    handlers = {
+        "baseline": None,
+        "ablated": lambda: InterventionHandler(model, r, mode="ablate"),
+        "added@2": lambda: InterventionHandler(model, r, 2.0, layers=[LAYER], mode="add"),
+        "random0_added@2": lambda: InterventionHandler(model, random_r, 2.0, layers=[LAYER], mode="add"),
+        "random0_ablated": lambda: InterventionHandler(model, random_r, mode="ablate"),
+    }
+    base_logits = next_token_logits(model, tokenizer, [c.prompt for c in control], batch_size=2)
+    by_name = {c["name"]: c for c in report["conditions"]}
+    for name, make in handlers.items():
+        condition = by_name[name]
+        handler = make() if make else None
+        if handler:
+            handler.__enter__()
+        try:
+            texts = generate(model, tokenizer, prompts, max_new_tokens=6, do_sample=False, batch_size=2)
+            nll = gold_solution_nll(model, tokenizer, prompts, solutions, 2, SOLUTION_TOKENS)
+            logits = next_token_logits(model, tokenizer, [c.prompt for c in control], batch_size=2)
+        finally:
+            if handler:
+                handler.__exit__(None, None, None)
+        assert [s["generation"] for s in condition["samples"]] == texts, name
+        graded = [grade_answer(t, row.gold_answer, row.dataset) for t, row in zip(texts, reasoning)]
+        assert condition["correct"] == graded and condition["accuracy"] == sum(graded) / len(graded)
+        assert [s["correct"] for s in condition["samples"]] == graded
+        assert condition["extracted_answers"] == [extract_answer(t, row.dataset) for t, row in zip(texts, reasoning)]
+        torch.testing.assert_close(torch.tensor(condition["gold_nll"]["per_prompt"], dtype=torch.float64), nll,
+                                   rtol=0, atol=1e-12)  # fmt: skip
+        assert condition["gold_nll"]["mean"] == pytest.approx(float(nll.mean()), abs=1e-12)
+        assert condition["gold_nll"]["ci"] == list(bootstrap_ci(nll, 200, seed=0))
+        kl = last_token_kl(base_logits, logits)
+        torch.testing.assert_close(torch.tensor(condition["control_kl"]["per_prompt"], dtype=torch.float64), kl,
+                                   rtol=0, atol=1e-12)  # fmt: skip
+        assert condition["ngram_repetition"] == pytest.approx(sum(map(ngram_repetition, texts)) / len(texts))
+        assert condition["compression_ratio"] == pytest.approx(sum(map(compression_ratio, texts)) / len(texts))
+    base = by_name["baseline"]
+    change = torch.tensor(by_name["added@2"]["gold_nll"]["per_prompt"], dtype=torch.float64) - torch.tensor(
+        base["gold_nll"]["per_prompt"], dtype=torch.float64)  # fmt: skip
+    assert by_name["added@2"]["gold_nll_change"]["mean"] == pytest.approx(float(change.mean()), abs=1e-12)
+    # the interventions do something: they move the gold NLL and the control prompts' next-token distribution
+    for name in ("ablated", "added@2", "random0_added@2"):
+        assert abs(by_name[name]["gold_nll_change"]["mean"]) > 1e-4 and by_name[name]["control_kl"]["mean"] > 1e-6
+
+
+def test_strength_zero_equals_baseline_exactly(greedy_report):
+    base, zero = greedy_report["conditions"][0], greedy_report["conditions"][2]
+    assert zero["name"] == "added@0" and zero["strength"] == 0.0
+    for key in ("samples", "correct", "extracted_answers", "gold_nll", "ngram_repetition", "compression_ratio"):
+        assert zero[key] == base[key], key
+    assert zero["control_kl"]["per_prompt"] == [0.0] * len(zero["control_kl"]["per_prompt"])
+    assert base["control_kl"]["max"] == 0.0 and base["gold_nll_change"]["mean"] == 0.0
+
+
+def test_sampling_uses_the_same_seed_in_every_condition(tiny, test_rows, direction_by_layer):
+    model, tokenizer = tiny
+    kwargs = dict(strengths=(0.0,), n_random=0, max_new_tokens=4, n_bootstrap=10, max_solution_tokens=4, seed=5)
+    report = intervention_report(model, tokenizer, test_rows, direction_by_layer, LAYER, **kwargs)
+    base, zero = report["conditions"][0], report["conditions"][2]
+    assert report["generation"]["do_sample"] and [c["name"] for c in report["conditions"]] == [
+        "baseline", "ablated", "added@0"]  # fmt: skip
+    assert zero["samples"] == base["samples"]
+    prompts = [r.prompt for r in test_rows if r.kind == "reasoning"]
+    assert [s["generation"] for s in base["samples"]] == generate(model, tokenizer, prompts, max_new_tokens=4, seed=5)
+
+
+def test_accuracy_and_degeneration_of_planted_generations(tiny, test_rows, direction_by_layer, monkeypatch):
+    """generate replaced by known texts: prompt 0 answered right (boxed gold answer), prompt 1 wrong and looping."""
+    model, tokenizer = tiny
+    reasoning = [r for r in test_rows if r.kind == "reasoning"]
+    loop = "Wait, hold on. " * 20
+    planted = [f"<think>so</think> The answer is $\\boxed{{{reasoning[0].gold_answer}}}$.", loop + "\\boxed{-12345}"]
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        calls.append(kwargs)
+        assert prompts == [r.prompt for r in reasoning]
+        return list(planted)
+
+    monkeypatch.setattr(report_module, "generate", fake_generate)
+    report = intervention_report(model, tokenizer, test_rows, direction_by_layer, LAYER, strengths=(1.0,), n_random=0,
+                                 max_new_tokens=3, temperature=0.7, top_p=0.9, n_bootstrap=10,
+                                 max_solution_tokens=4, n_samples=1)  # fmt: skip
+    assert len(calls) == 3 and calls[0] == {"batch_size": 8, "max_new_tokens": 3, "do_sample": True,
+                                            "temperature": 0.7, "top_p": 0.9, "seed": 0}  # fmt: skip
+    for condition in report["conditions"]:
+        assert condition["correct"] == [True, False] and condition["accuracy"] == 0.5 and condition["n_correct"] == 1
+        assert condition["extracted_answers"][1] == "-12345"
+        assert condition["ngram_repetition"] == pytest.approx(sum(map(ngram_repetition, planted)) / 2)
+        assert condition["compression_ratio"] == pytest.approx(sum(map(compression_ratio, planted)) / 2)
+        assert len(condition["samples"]) == 1 and condition["samples"][0]["generation"] == planted[0]
+
+
+def test_write_report(greedy_report, tmp_path, capsys):
+    report = json.loads(json.dumps(greedy_report))
+    report["conditions"][1]["control_kl"]["max"] = float("nan")
+    paths = write_intervention_report(report, tmp_path)
+    saved = json.loads(paths["json"].read_text())
+    assert paths["json"] == tmp_path / "intervention_results.json"
+    assert saved["conditions"][1]["control_kl"]["max"] is None
+    assert saved["conditions"][3] == greedy_report["conditions"][3]
+    assert paths["figure"].is_file() and paths["figure"].stat().st_size > 10_000
+    out = capsys.readouterr().out
+    assert "random0_added@2" in out and "baseline" in out
+
+
+def test_report_rejects_bad_input(tiny, test_rows, direction_by_layer):
+    model, tokenizer = tiny
+    reasoning_only = [r for r in test_rows if r.kind == "reasoning"]
+    with pytest.raises(UserError, match="reasoning and control prompts"):
+        intervention_report(model, tokenizer, reasoning_only, direction_by_layer, LAYER)
+    with pytest.raises(UserError, match="zero norm"):
+        intervention_report(model, tokenizer, test_rows, torch.zeros(32, 64), LAYER)
+    with pytest.raises(UserError, match="out of range"):
+        intervention_report(model, tokenizer, test_rows, direction_by_layer, 32)
+    with pytest.raises(UserError, match="d_model"):
+        intervention_report(model, tokenizer, test_rows, direction_by_layer[:, :10], LAYER)
+
+
+# ---- the callbacks on a stand-in module inside a real Trainer ----------------------------------------------------
+class StandInDirections(L.LightningModule):
+    """What the callbacks use of a ReasoningDirectionModule, with planted directions on the tiny backbone."""
+
+    def __init__(self, backbone, directions: torch.Tensor, layers: list[int], selected: dict | None):
+        super().__init__()
+        self._backbone = backbone  # a tuple: never a submodule
+        self.register_buffer("directions", directions)  # [n_pos, n_layers_cached, d_model]
+        self.layers, self.selected, self.n_model_layers = layers, selected, 32
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    @property
+    def backbone_model(self):
+        return self._backbone[0]
+
+    @property
+    def tokenizer(self):
+        return self._backbone[1]
+
+    def directions_by_layer(self, position: int) -> torch.Tensor:
+        out = torch.zeros(self.n_model_layers, self.directions.shape[-1])
+        out[self.layers] = self.directions[position]
+        return out
+
+    def selected_direction(self) -> torch.Tensor:
+        return self.directions[self.selected["position"], self.selected["slot"]].detach().cpu()
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight - 1).pow(2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class PromptsOnly(L.LightningDataModule):
+    def __init__(self, prompts):
+        super().__init__()
+        self.prompts = prompts
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.zeros(2, 1)), batch_size=1)
+
+
+@pytest.fixture(scope="module")
+def stand_in(tiny):
+    directions = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(11)) * 4.0
+    return StandInDirections(tiny, directions, [2, 5, 9], {"position": 1, "layer": 5, "slot": 1})
+
+
+def _fit(module, dm, callbacks, log_dir, max_epochs=1):
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, callbacks=callbacks,
+                        logger=TensorBoardLogger(str(log_dir), name="run", version=""), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    events = EventAccumulator(str(log_dir / "run"))
+    events.Reload()
+    return trainer, events
+
+
+def _val_reasoning(prompts_dm, row_indices):
+    rows = [prompts_dm.rows[i] for i in row_indices]
+    assert all(r.split == "val" and r.kind == "reasoning" for r in rows)
+    return [r.prompt for r in rows], [r.gold_solution for r in rows]
+
+
+def test_callbacks_in_a_trainer(tiny, stand_in, prompts_dm, tmp_path):
+    model, tokenizer = tiny
+    ablation = AblationCallback(n_prompts=2, layers=[0, 5, 31], n_random=2, metric="first_tokens", k_first_tokens=4,
+                                n_bootstrap=50)  # fmt: skip
+    patching = PatchingCallback(n_pairs=2, layers=[0, 3, 31])
+    trainer, events = _fit(stand_in, PromptsOnly(prompts_dm), [ablation, patching], tmp_path)
+    log_dir = tmp_path / "run"
+    saved = json.loads((log_dir / "ablation_results.json").read_text())
+    assert saved == json.loads(json.dumps(ablation.last_results)) and saved["global_step"] == trainer.global_step
+    assert saved["epochs_completed"] == 1
+
+    # ablation: recomputed with LayerAblator / InterventionHandler on the rows it names
+    prompts, solutions = _val_reasoning(prompts_dm, saved["row_indices"])
+    assert len(prompts) == 2
+
+    def metric():
+        return -first_tokens_logprob(model, tokenizer, prompts, solutions, k=4, batch_size=8)
+
+    baseline = metric()
+    assert saved["baseline"]["per_prompt"] == pytest.approx(baseline.tolist(), abs=1e-12)
+    for row in saved["layers"]:
+        with LayerAblator(model, row["layer"], "zero"):
+            delta = metric() - baseline
+        assert row["delta_per_prompt"] == pytest.approx(delta.tolist(), abs=1e-12)
+        assert row["ci"] == list(bootstrap_ci(delta, 50, seed=0))
+    assert [row["layer"] for row in saved["layers"]] == [0, 5, 31]
+    assert abs(saved["layers"][0]["delta"]) > 1e-3  # skipping layer 0 changes the metric
+    r = stand_in.selected_direction()
+    with InterventionHandler(model, r, mode="ablate"):
+        selected = metric() - baseline
+    nulls = []
+    for direction in random_directions(r, 2, generator=0):
+        with InterventionHandler(model, direction, mode="ablate"):
+            nulls.append(float((metric() - baseline).mean()))
+    direction = saved["direction"]
+    assert direction["delta"] == pytest.approx(float(selected.mean()), abs=1e-12)
+    assert direction["random_deltas"] == pytest.approx(nulls, abs=1e-12)
+    assert direction["zscore"] == pytest.approx(zscore(float(selected.mean()), torch.tensor(nulls)), rel=1e-9)
+    assert (direction["layer"], direction["position"]) == (5, 1)
+
+    # patching: patching_sweep on the same pairs with the first gold-solution token as target
+    result = json.loads((log_dir / "patching_results.json").read_text())
+    reasoning = [prompts_dm.rows[i] for i in result["reasoning_rows"]]
+    control = [prompts_dm.rows[i] for i in result["control_rows"]]
+    assert [c.pair_index for c in control] == [r.pair_index for r in reasoning] == result["pair_indices"]
+    targets = [tokenizer(r.gold_solution, add_special_tokens=False)["input_ids"][0] for r in reasoning]
+    assert result["target_tokens"] == targets
+    reference = patching_sweep(model, tokenizer, [r.prompt for r in reasoning], [c.prompt for c in control],
+                               target_log_prob(targets), layers=[0, 3, 31])  # fmt: skip
+    assert result["method"] == "exact" and result["layers"] == [0, 3, 31]
+    assert torch.tensor(result["recovered"], dtype=torch.float64).shape == (3, 7)
+    torch.testing.assert_close(torch.tensor(result["recovered"], dtype=torch.float64), reference.recovered,
+                               rtol=0, atol=1e-9)  # fmt: skip
+
+    # TensorBoard: figures and scalars
+    assert {"ablation/metric_change_vs_layer", "patching/recovered_heatmap"} <= set(events.Tags()["images"])
+    scalars = set(events.Tags()["scalars"])
+    assert {"ablation/layer_delta/L05", "ablation/selected_direction_delta", "ablation/direction_zscore",
+            "patching/recovered/L03", "patching/recovered_max", "patching/n_usable_pairs"} <= scalars  # fmt: skip
+    logged = events.Scalars("ablation/layer_delta/L31")[-1].value
+    assert logged == pytest.approx(saved["layers"][2]["delta"], rel=1e-5)
+    max_l3 = max(v for v in result["recovered"][1] if v is not None)
+    assert events.Scalars("patching/recovered/L03")[-1].value == pytest.approx(max_l3, rel=1e-5)
+
+
+def test_callbacks_every_epoch_attribution_and_mean(tiny, stand_in, prompts_dm, tmp_path):
+    model, tokenizer = tiny
+    ablation = AblationCallback(n_prompts=1, layers=[4], method="mean", n_random=0, metric="gold_nll",
+                                every_n_epochs=1, n_bootstrap=10)  # fmt: skip
+    patching = PatchingCallback(n_pairs=2, layers=[1, 30], method="attribution", every_n_epochs=2)
+    _, events = _fit(stand_in, PromptsOnly(prompts_dm), [ablation, patching], tmp_path, max_epochs=2)
+    assert len(events.Scalars("ablation/layer_delta/L04")) == 2  # after both epochs
+    assert len(events.Scalars("patching/recovered/L30")) == 1  # after the second only
+    saved = json.loads((tmp_path / "run" / "ablation_results.json").read_text())
+    assert saved["epochs_completed"] == 2 and saved["method"] == "mean" and saved["direction"]["random_deltas"] == []
+    prompts, solutions = _val_reasoning(prompts_dm, saved["row_indices"])
+    reference = [row.prompt for row in prompts_dm.rows if row.pair_index in saved["pair_indices"]]
+    baseline = gold_solution_nll(model, tokenizer, prompts, solutions)
+    with LayerAblator(model, 4, "mean", reference_inputs=reference, tokenizer=tokenizer):
+        delta = gold_solution_nll(model, tokenizer, prompts, solutions) - baseline
+    assert saved["layers"][0]["delta_per_prompt"] == pytest.approx(delta.tolist(), abs=1e-12)
+    result = json.loads((tmp_path / "run" / "patching_results.json").read_text())
+    reasoning = [prompts_dm.rows[i].prompt for i in result["reasoning_rows"]]
+    control = [prompts_dm.rows[i].prompt for i in result["control_rows"]]
+    expected = attribution_patching(model, tokenizer, reasoning, control, target_log_prob(result["target_tokens"]),
+                                    layers=[1, 30])  # fmt: skip
+    assert result["method"] == "attribution"
+    torch.testing.assert_close(torch.tensor(result["recovered"], dtype=torch.float64), expected.recovered,
+                               rtol=0, atol=1e-9)  # fmt: skip
+
+
+def test_callbacks_under_fast_dev_run(stand_in, prompts_dm, tmp_path):
+    """fast_dev_run checks the wiring only (2 problems, first and last layer) and writes nothing."""
+    ablation = AblationCallback(layers=[0, 3, 7], n_random=3, n_bootstrap=5)
+    patching = PatchingCallback(layers=[1, 2, 30])
+    trainer = L.Trainer(accelerator="cpu", fast_dev_run=True, callbacks=[ablation, patching], enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path))  # fmt: skip
+    trainer.fit(stand_in, datamodule=PromptsOnly(prompts_dm))
+    assert [row["layer"] for row in ablation.last_results["layers"]] == [0, 7]
+    assert len(ablation.last_results["direction"]["random_deltas"]) == 2
+    assert patching.last_results["layers"] == [1, 30] and patching.last_results["n_pairs"] == 2
+    assert not list(tmp_path.rglob("*.json"))
+
+
+def test_callback_settings_are_checked():
+    with pytest.raises(UserError, match="unknown ablation method"):
+        AblationCallback(method="resample")
+    with pytest.raises(UserError, match="unknown selection metric"):
+        AblationCallback(metric="accuracy")
+    with pytest.raises(UserError, match="unknown patching method"):
+        PatchingCallback(method="approx")
+    with pytest.raises(UserError, match="every_n_epochs"):
+        PatchingCallback(every_n_epochs=0)
+
+
+# ---- a real directions run: callbacks during fit, then evaluate.py on its checkpoint ----------------------------
+@pytest.fixture(scope="module")
+def directions_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("directions_run")
+    config_path = tiny_config("directions_tiny.yaml", tmp_path, limit=5)
+    config = yaml.safe_load(config_path.read_text())
+    config["trainer"]["callbacks"] = [
+        {"class_path": "callbacks.ablation.AblationCallback",
+         "init_args": {"n_prompts": 2, "layers": [0, 2], "n_random": 2, "n_bootstrap": 20}},
+        {"class_path": "callbacks.patching.PatchingCallback", "init_args": {"n_pairs": 2, "layers": [2, 10]}},
+    ]  # fmt: skip
+    config_path.write_text(yaml.safe_dump(config))
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        train.main(["--config", str(config_path), "--run_name", "run", "--model.init_args.candidate_layers", "[2, 10]",
+                    "--model.init_args.n_selection_prompts", "2", "--model.init_args.kl_threshold", "100",
+                    "--model.init_args.n_random", "0"])  # fmt: skip
+    finally:
+        os.chdir(cwd)
+    return tmp_path
+
+
+def test_callbacks_run_with_the_directions_module(directions_run):
+    log_dir = directions_run / "logs" / "run"
+    meta = json.loads((log_dir / "reasoning_directions.json").read_text())
+    ablation = json.loads((log_dir / "ablation_results.json").read_text())
+    patching = json.loads((log_dir / "patching_results.json").read_text())
+    assert meta["selected"] is not None and ablation["metric"] == "first_tokens"  # the module's selection metric
+    assert ablation["direction"]["layer"] == meta["selected"]["layer"]
+    assert len(ablation["direction"]["random_deltas"]) == 2 and [r["layer"] for r in ablation["layers"]] == [0, 2]
+    assert patching["layers"] == [2, 10] and len(patching["recovered"][0]) == 7
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    assert {"ablation/metric_change_vs_layer", "patching/recovered_heatmap"} <= set(events.Tags()["images"])
+
+
+@pytest.mark.slow
+def test_evaluate_a_directions_checkpoint(directions_run, tiny):
+    model, tokenizer = tiny
+    out = directions_run / "eval"
+    ckpt = directions_run / "checkpoints" / "run" / "best.ckpt"
+    evaluate.main(["--ckpt", str(ckpt), "--output_dir", str(out), "--max_new_tokens", "4", "--greedy",
+                   "--n_prompts", "2", "--strengths", "0", "1.5", "--n_random", "1"])  # fmt: skip
+    report = json.loads((out / "intervention_results.json").read_text())
+    assert (out / "visualizations" / "interventions.png").is_file()
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    selected = checkpoint["direction_selection"]["selected"]
+    assert (report["layer"], report["position"]) == (selected["layer"], selected["position"])
+    assert report["selected_layer"] == selected["layer"] and report["split"] == "test"
+    assert report["checkpoint"] == str(ckpt) and report["backbone"] == "tiny"
+    assert [c["name"] for c in report["conditions"]] == ["baseline", "ablated", "added@0", "added@1.5",
+                                                         "random0_added@1.5", "random0_ablated"]  # fmt: skip
+    # the report's rows are the run's test problems, rebuilt from its config
+    from cli import datamodule_from_run_config
+
+    dm = datamodule_from_run_config(checkpoint["run_config"])
+    dm.prompts.setup()
+    rows = [dm.prompts.rows[i] for i in report["reasoning_rows"]]
+    assert len(rows) == 2 and all(r.split == "test" and r.kind == "reasoning" for r in rows)
+    direction = checkpoint["state_dict"]["directions"][selected["position"], selected["slot"]]
+    assert report["direction_norm"] == pytest.approx(float(direction.double().norm()), rel=1e-9)
+    prompts, solutions = [r.prompt for r in rows], [r.gold_solution for r in rows]
+    with InterventionHandler(model, direction, mode="ablate"):
+        ablated = gold_solution_nll(model, tokenizer, prompts, solutions)
+    assert report["conditions"][1]["gold_nll"]["per_prompt"] == pytest.approx(ablated.tolist(), abs=1e-9)
+    base = report["conditions"][0]
+    assert report["conditions"][2]["samples"] == base["samples"] and report["generation"]["do_sample"] is False
+    texts = generate(model, tokenizer, prompts, max_new_tokens=4, do_sample=False)
+    assert [s["generation"] for s in base["samples"]] == texts
