@@ -80,7 +80,7 @@ def test_fingerprint_changes_with_the_weights(tmp_path):
 
 
 def test_builtin_backbones_have_the_real_shapes_tokens_and_templates(tiny, tiny_r1):
-    for (model, tokenizer), name in ((tiny, "tiny"), (tiny_r1, "tiny-r1-distill")):
+    for (model, _tokenizer), name in ((tiny, "tiny"), (tiny_r1, "tiny-r1-distill")):
         spec = BUILTIN_BACKBONES[name]
         assert model.config.num_hidden_layers == spec.num_hidden_layers == len(decoder_layers(model))
         assert model.config.hidden_size == spec.hidden_size and model.config.vocab_size == 152064
