@@ -25,6 +25,29 @@ def check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
     return layers
 
 
+def run_hooked_decoder(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    hooks: Sequence,
+    deepest_layer: int,
+) -> None:
+    """One forward of the decoder stack (no LM head) with `hooks`, stopping after `deepest_layer`.
+
+    input_ids / attention_mask: [batch, seq], left or right padded (position_ids follow the mask).
+    """
+    stop = deepest_layer if deepest_layer < len(decoder_layers(model)) - 1 else None
+    with hooked(model, hooks, stop_after_layer=stop):
+        run_until(
+            lambda: base_decoder(model)(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=padded_position_ids(attention_mask),
+                use_cache=False,
+            )
+        )
+
+
 @torch.inference_mode()
 def capture_residuals(
     model: PreTrainedModel,
@@ -69,17 +92,7 @@ def capture_residuals(
         return fn
 
     hooks = [(site_name(layer), capture(layer)) for layer in layers]
-    deepest = max(layers)
-    stop = deepest if deepest < len(decoder_layers(model)) - 1 else None
-    with hooked(model, hooks, stop_after_layer=stop):
-        run_until(
-            lambda: base_decoder(model)(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=padded_position_ids(attention_mask),
-                use_cache=False,
-            )
-        )
+    run_hooked_decoder(model, input_ids, attention_mask, hooks, max(layers))
     return torch.stack([captured[layer].cpu() for layer in layers], dim=2)
 
 

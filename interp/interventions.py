@@ -25,11 +25,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from interp.activations import check_layers
-from interp.backbone import base_decoder, decoder_layers, input_device
+from interp.activations import check_layers, run_hooked_decoder
+from interp.backbone import decoder_layers, input_device
 from interp.errors import UserError
-from interp.hooks import HookFn, block_part, hooked, run_until, site_name
-from interp.positions import padded_position_ids
+from interp.hooks import HookFn, block_part, hooked, site_name
 from interp.prompts import tokenize_prompts
 
 MODES = ("add", "ablate")
@@ -368,17 +367,7 @@ def layer_contributions(
 
     hooks = [(site_name(layer, "resid_pre"), store(layer)) for layer in layers]
     hooks += [(site_name(layer), difference(layer)) for layer in layers]
-    deepest = max(layers)
-    stop = deepest if deepest < len(decoder_layers(model)) - 1 else None
-    with hooked(model, hooks, stop_after_layer=stop):
-        run_until(
-            lambda: base_decoder(model)(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=padded_position_ids(attention_mask),
-                use_cache=False,
-            )
-        )
+    run_hooked_decoder(model, input_ids, attention_mask, hooks, max(layers))
     return out
 
 

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from interp.activations import capture_residuals, check_layers
-from interp.backbone import base_decoder, decoder_layers, input_device
+from interp.activations import capture_residuals, check_layers, run_hooked_decoder
+from interp.backbone import decoder_layers, input_device
 from interp.errors import UserError
-from interp.hooks import hooked, run_until, site_name
+from interp.hooks import hooked, site_name
 from interp.positions import PositionSpec, padded_position_ids, position_index, select_positions
 from interp.prompts import post_instruction_ids, tokenize_prompts
 
@@ -91,17 +91,7 @@ def _capture_every_position(model, input_ids, attention_mask, layers: list[int])
     def keep(layer: int):
         return lambda hidden: captured.__setitem__(layer, hidden.to(torch.float32).cpu())
 
-    deepest = max(layers)
-    stop = deepest if deepest < len(decoder_layers(model)) - 1 else None
-    with hooked(model, [(site_name(layer), keep(layer)) for layer in layers], stop_after_layer=stop):
-        run_until(
-            lambda: base_decoder(model)(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=padded_position_ids(attention_mask),
-                use_cache=False,
-            )
-        )
+    run_hooked_decoder(model, input_ids, attention_mask, [(site_name(layer), keep(layer)) for layer in layers], max(layers))
     return captured
 
 
