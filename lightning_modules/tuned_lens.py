@@ -27,7 +27,8 @@ Memory (real backbones, d_model = 5120, 64 layers, vocab 152064):
   modules: the host must hold the backbone once (about 64 GB in bfloat16 for a 32B model).
 
 Metric keys: {split}/kl_tuned/L{layer:02d}, {split}/kl_logit/L{layer:02d} (the logit lens, untrained) and
-{split}/kl_tuned_mean, {split}/kl_logit_mean (means over layers); ModelCheckpoint monitors val/kl_tuned_mean.
+{split}/kl_tuned_mean, {split}/kl_logit_mean (means over the lensed layers, i.e. every cached layer but the last,
+whose KL is 0 by construction); ModelCheckpoint monitors val/kl_tuned_mean.
 """
 
 from __future__ import annotations
@@ -267,7 +268,8 @@ class TunedLensModule(L.LightningModule):
         for name, per_layer in values.items():
             for layer, value in zip(self.layers, per_layer):
                 self.log(f"{split}/{name}/L{layer:02d}", value, sync_dist=True)
-            self.log(f"{split}/{name}_mean", per_layer.mean(), prog_bar=name == "kl_tuned", sync_dist=True)
+            lensed = per_layer[self.trained_slots]  # the last layer's KL is 0 by construction: not averaged in
+            self.log(f"{split}/{name}_mean", lensed.mean(), prog_bar=name == "kl_tuned", sync_dist=True)
         self.last_metrics[split] = {name: v.detach().cpu() for name, v in values.items()}
 
     def on_validation_epoch_end(self) -> None:
