@@ -98,8 +98,18 @@ def test_translators_closed_form():
             A = translators.up @ translators.down.transpose(1, 2)  # [n_layers, d, r] @ [n_layers, r, d]
             assert translators.up.shape == (3, 8, 2)
         torch.testing.assert_close(translators.matrices(), A)
-        expected = torch.stack([x[:, i] + x[:, i] @ A[i].T + translators.bias[i] for i in range(3)], dim=1)
-        torch.testing.assert_close(translators(x), expected, atol=1e-5, rtol=1e-5)
+        # float64 closed form; the float32 error of h + A h + b is at most gamma_(d + 2) * (|h| + |A| |h| + |b|),
+        # and gamma_(d + r + 2) * (|h| + |U| |V|^T |h| + |b|) when A h is computed as U (V^T h)
+        b, h = translators.bias.detach().double(), x.double()
+        expected = h + torch.einsum("nld,led->nle", h, A.detach().double()) + b
+        if rank is None:
+            product, n_terms = A.detach().double().abs(), 8 + 2
+        else:
+            up, down = translators.up.detach().double().abs(), translators.down.detach().double().abs()
+            product, n_terms = torch.einsum("ler,ldr->led", up, down), 8 + 2 + 2
+        magnitude = h.abs() + torch.einsum("nld,led->nle", h.abs(), product) + b.abs()
+        bound = gamma(n_terms) * magnitude
+        assert bool(((translators(x).detach().double() - expected).abs() <= bound).all())
 
 
 @pytest.mark.parametrize("rank", [None, 4])
