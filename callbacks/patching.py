@@ -6,14 +6,20 @@ each a (reasoning prompt, control prompt) pair: `interp.patching.patching_sweep`
 `blocks.{l}.resid_post` at one post-instruction token into the control run, for every (layer, token).
 METRIC: log-probability of the first token of the problem's gold solution at the last prompt position
 (`target_log_prob`), the same target for both prompts of a pair. The heatmap is the fraction of the
-reasoning-minus-control gap recovered (1 = the patch makes the control run score like the reasoning run).
-Logged (every logger; rank zero): patching/recovered_max, patching/recovered/L{layer:02d} (max over tokens),
-patching/n_usable_pairs, patching/metric_gap (mean reasoning - control); TensorBoard figure
-patching/recovered_heatmap (layer x post-instruction token).
+reasoning-minus-control gap recovered, a RATIO OF MEANS over the pairs (1 = the patch makes the control runs
+score like the reasoning runs on average), with a percentile bootstrap CI over pairs; its exact definition,
+the relative cutoff (`rel_tol`) and the CI are in `interp.patching_stats` (copied into the JSON as "definition").
+Logged (every logger; rank zero): patching/recovered_max, patching/recovered/L{layer:02d} (max over tokens;
+NaN when every cell is cut), patching/n_usable_pairs (pairs behind the heatmap: all of them, 0 when the mean
+gap is cut), patching/metric_gap (mean reasoning - control); TensorBoard figure patching/recovered_heatmap
+(layer x post-instruction token; cut cells blank).
 Written: <trainer.log_dir>/patching_results.json
-    {"epochs_completed", "global_step", "split": "val", "metric", "method", "layers", "post_tokens",
-     "recovered": [[float | null per token] per layer], "n_pairs", "n_usable_pairs", "pair_indices",
-     "reasoning_rows", "control_rows", "target_tokens", "metric_reasoning", "metric_control", "usable"}
+    {"epochs_completed", "global_step", "split": "val", "metric", "definition", "method", "layers", "post_tokens",
+     "recovered", "recovered_ci_low", "recovered_ci_high": [[float | null per token] per layer],
+     "ci_level", "n_bootstrap", "bootstrap_seed", "ci_reason", "mean_gap", "gap_scale", "rel_tol", "cutoff",
+     "cut": [[bool per token] per layer], "cut_reason", "n_pairs", "metric_reasoning", "metric_control": [per pair],
+     "metric_patched": [pair][layer][token], "per_pair_ratio" (diagnostic only, never averaged),
+     "pair_indices", "reasoning_rows", "control_rows", "target_tokens"}
 fast_dev_run: 2 pairs, the first and last layer.
 """
 
@@ -26,6 +32,7 @@ from interp.activations import check_layers
 from interp.backbone import decoder_layers
 from interp.errors import UserError
 from interp.patching import attribution_patching, patching_sweep, target_log_prob
+from interp.patching_stats import check_summary_settings
 from interp.plots import plot_heatmap
 
 METHODS = {"exact": patching_sweep, "attribution": attribution_patching}
@@ -47,6 +54,8 @@ class PatchingCallback(HeldOutEvaluation):
         every_n_epochs: int | None = None,
         batch_size: int = 8,
         seed: int = 0,
+        n_bootstrap: int = 1000,
+        rel_tol: float = 0.1,
     ):
         """
         Args:
@@ -55,7 +64,9 @@ class PatchingCallback(HeldOutEvaluation):
             method: exact (one forward per layer x token) | attribution (gradient estimate, one backward per batch).
             every_n_epochs: run after every N-th epoch; null = once, at the end of fit.
             batch_size: pairs per forward.
-            seed: seeds the sample of problems.
+            seed: seeds the sample of problems and the bootstrap.
+            n_bootstrap: resamples of the pairs for the heatmap's percentile CI (95%).
+            rel_tol: cut (NaN) the heatmap when |mean gap| <= rel_tol * mean |per-pair gap|, in [0, 1).
         """
         super().__init__(every_n_epochs)
         if method not in METHODS:
@@ -63,7 +74,8 @@ class PatchingCallback(HeldOutEvaluation):
         if n_pairs < 1 or batch_size < 1:
             raise UserError(f"n_pairs and batch_size must be >= 1, got {n_pairs}, {batch_size}")
         self.n_pairs, self.layers, self.method = n_pairs, layers, method
-        self.batch_size, self.seed = batch_size, seed
+        check_summary_settings(rel_tol, n_bootstrap)
+        self.batch_size, self.seed, self.n_bootstrap, self.rel_tol = batch_size, seed, n_bootstrap, rel_tol
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, fast: bool) -> tuple[dict, dict, dict]:
         model, tokenizer = pl_module.backbone_model, pl_module.tokenizer
@@ -78,26 +90,25 @@ class PatchingCallback(HeldOutEvaluation):
         layers = sorted({layers[0], layers[-1]}) if fast else layers
         result = METHODS[self.method](
             model, tokenizer, [r.prompt for r, _ in pairs], [c.prompt for _, c in pairs], target_log_prob(targets),
-            layers=layers, batch_size=self.batch_size,
+            layers=layers, batch_size=self.batch_size, rel_tol=self.rel_tol, n_boot=self.n_bootstrap, seed=self.seed,
         )  # fmt: skip
         results = {
             "split": "val", "metric": METRIC, **result.to_dict(),
             "pair_indices": [r.pair_index for r, _ in pairs], "reasoning_rows": [r.row_index for r, _ in pairs],
             "control_rows": [c.row_index for _, c in pairs], "target_tokens": targets,
-            "metric_reasoning": result.metric_reasoning.tolist(), "metric_control": result.metric_control.tolist(),
-            "usable": result.usable.tolist(),
         }  # fmt: skip
-        per_layer = result.recovered.nan_to_num(nan=float("-inf")).max(-1).values  # [n_layers]
-        gap = result.metric_reasoning - result.metric_control
+        per_layer = result.recovered.max(-1).values  # [n_layers] max over tokens; NaN when cut (NaN propagates)
+        all_cut = bool(result.cut.all())  # one denominator: every cell is cut or none is
         scalars = {
             "patching/recovered_max": float(per_layer.max()),
-            "patching/n_usable_pairs": float(result.usable.sum()),
-            "patching/metric_gap": float(gap.mean()),
+            "patching/n_usable_pairs": 0.0 if all_cut else float(len(pairs)),
+            "patching/metric_gap": result.mean_gap,
         }
         scalars.update({f"patching/recovered/L{layer:02d}": float(v) for layer, v in zip(layers, per_layer)})
         fig = plot_heatmap(
             result.recovered.tolist(), layers, [_printable(t) for t in result.post_tokens], xlabel="post-instruction token",
-            ylabel="layer", title=f"Fraction recovered ({self.method} patching, {len(pairs)} val pairs)",
+            ylabel="layer", title=f"Fraction recovered, ratio of means ({self.method} patching, {len(pairs)} val pairs)"
+            + (" - cut: mean gap under the cutoff" if all_cut else ""),
             colorbar_label="recovered", center=0.0,
         )  # fmt: skip
         return results, scalars, {"patching/recovered_heatmap": fig}

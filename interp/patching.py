@@ -6,7 +6,8 @@
   `interp.hooks.hooked`) that replaces `blocks.{l}.resid_post` at the given positions with the source values.
 - `patching_sweep(...)`: for matched (reasoning, control) prompt pairs, patch the reasoning run's value at ONE
   layer and ONE post-instruction position into the control run, for every (layer, position): the fraction of
-  a metric recovered, a [n_layers, n_post] heatmap.
+  a metric's reasoning-control gap recovered, a [n_layers, n_post] heatmap (a ratio of means over pairs with
+  a bootstrap CI; defined in `interp.patching_stats`, which also holds the metric factories).
 - `attribution_patching(...)`: the same heatmap from a first-order (gradient) approximation, one
   forward + backward on the control prompts and one forward on the reasoning prompts per batch.
 
@@ -17,9 +18,7 @@ last token", "the k-th post-instruction token").
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -28,10 +27,18 @@ from interp.activations import capture_residuals, check_layers, run_hooked_decod
 from interp.backbone import decoder_layers, input_device
 from interp.errors import UserError
 from interp.hooks import hooked, site_name
+from interp.patching_stats import (  # noqa: F401  (the metric factories are part of this module's API)
+    MetricFn,
+    PatchingResult,
+    check_summary_settings,
+    logit_difference,
+    mean_gap_is_cut,
+    summarise,
+    target_log_prob,
+)
 from interp.positions import PositionSpec, padded_position_ids, position_index, select_positions
 from interp.prompts import post_instruction_ids, tokenize_prompts
 
-MetricFn = Callable[[torch.Tensor, dict], torch.Tensor]  # (logits_last [batch, vocab], batch_info) -> [batch]
 _POST = PositionSpec("post_instruction")
 
 
@@ -231,69 +238,6 @@ class PathPatcher:
 # --------------------------------------------------------------------------------------------- sweeps
 
 
-@dataclass
-class PatchingResult:
-    """A layer x post-instruction-position heatmap of the fraction of a metric recovered by patching.
-
-    recovered[i, k] = mean over usable pairs of (patched - control) / (reasoning - control) when the reasoning
-    run's `blocks.{layers[i]}.resid_post` at post-instruction token k replaces the control run's.
-    A pair is usable when |reasoning - control| > min_gap; other pairs are NaN in `per_pair` and left out of
-    the mean (a tiny denominator would turn noise into huge fractions).
-    """
-
-    recovered: torch.Tensor  # [n_layers, n_post] float64
-    per_pair: torch.Tensor  # [n_pairs, n_layers, n_post] float64, NaN for unusable pairs
-    metric_patched: torch.Tensor  # [n_pairs, n_layers, n_post] float64 (attribution: the linear estimate)
-    metric_reasoning: torch.Tensor  # [n_pairs] float64
-    metric_control: torch.Tensor  # [n_pairs] float64
-    usable: torch.Tensor  # [n_pairs] bool
-    layers: list[int]
-    post_tokens: list[str]  # the template's post-instruction tokens, the heatmap's columns
-    method: str  # "exact" | "attribution"
-
-    def to_dict(self) -> dict:
-        """JSON-ready summary (NaN -> None)."""
-
-        def clean(values):
-            return (
-                [clean(v) for v in values]
-                if isinstance(values, list)
-                else (None if math.isnan(values) else values)
-            )
-
-        return {
-            "method": self.method,
-            "layers": self.layers,
-            "post_tokens": self.post_tokens,
-            "recovered": clean(self.recovered.tolist()),
-            "n_pairs": int(self.usable.numel()),
-            "n_usable_pairs": int(self.usable.sum()),
-        }
-
-
-def _summarise(method, metric_r, metric_c, metric_patched, min_gap, layers, post_tokens) -> PatchingResult:
-    gap = metric_r - metric_c  # [n_pairs]
-    usable = gap.abs() > min_gap
-    if not bool(usable.any()):
-        raise UserError(
-            f"the metric differs by at most {min_gap} between every reasoning prompt and its control; "
-            "nothing to recover (check metric_fn or the pairs)"
-        )
-    fraction = (metric_patched - metric_c[:, None, None]) / gap[:, None, None]
-    per_pair = torch.where(usable[:, None, None], fraction, torch.full_like(fraction, float("nan")))
-    return PatchingResult(
-        per_pair[usable].mean(0),
-        per_pair,
-        metric_patched,
-        metric_r,
-        metric_c,
-        usable,
-        layers,
-        post_tokens,
-        method,
-    )
-
-
 def _check_ends_with_template(batch: dict, post: list[int], which: str) -> None:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     n = len(post)
@@ -306,7 +250,7 @@ def _check_ends_with_template(batch: dict, post: list[int], which: str) -> None:
         )
 
 
-def _pair_batches(model, tokenizer, reasoning, control, batch_size, post, pairs=None) -> Iterator[tuple]:
+def _pair_batches(model, tokenizer, reasoning, control, batch_size, post) -> Iterator[tuple]:
     """(pair_index [b] long CPU, reasoning batch, control batch); pairs sorted by control length."""
     if len(reasoning) != len(control) or len(reasoning) == 0:
         raise UserError(
@@ -314,11 +258,8 @@ def _pair_batches(model, tokenizer, reasoning, control, batch_size, post, pairs=
         )
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
-    pairs = list(range(len(control))) if pairs is None else pairs
-    lengths = [
-        len(ids) for ids in tokenizer([control[i] for i in pairs], add_special_tokens=False)["input_ids"]
-    ]
-    order = [pairs[j] for j in sorted(range(len(pairs)), key=lambda j: lengths[j])]
+    lengths = [len(ids) for ids in tokenizer(list(control), add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(control)), key=lambda i: lengths[i])
     device = input_device(model)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
@@ -387,7 +328,9 @@ def patching_sweep(
     metric_fn: MetricFn,
     layers: Sequence[int] | None = None,
     batch_size: int = 8,
-    min_gap: float = 1e-4,
+    rel_tol: float = 0.1,
+    n_boot: int = 1000,
+    seed: int = 0,
 ) -> PatchingResult:
     """Exact activation patching, reasoning -> control, at every (layer, post-instruction position).
 
@@ -397,9 +340,15 @@ def patching_sweep(
     (indices into the prompt lists), "run" ("reasoning" | "control" | "patched"), "layer", "position" (k)
     and the batch's "input_ids" / "attention_mask".
 
-    Cost: 2 forwards per batch for the unpatched metrics, then for the usable pairs only, 1 reasoning forward
-    + n_layers x n_post patched forwards per batch (full forwards, LM head at the last position only).
+    The result (`interp.patching_stats.PatchingResult`): recovered[l, k] = (mean_i patched - mean_i control) /
+    (mean_i reasoning - mean_i control) over all pairs, NaN with a `cut_reason` when |mean gap| <= rel_tol *
+    mean_i |reasoning_i - control_i|; a percentile bootstrap CI over pairs (n_boot resamples, seeded by seed).
+
+    Cost: 2 forwards per batch for the unpatched metrics, then (unless the mean gap is cut, which leaves
+    metric_patched NaN) 1 reasoning forward + n_layers x n_post patched forwards per batch (full forwards,
+    LM head at the last position only).
     """
+    check_summary_settings(rel_tol, n_boot)
     layers, post, post_tokens = _setup(model, tokenizer, layers)
     n_post, n_pairs = len(post), len(control_prompts)
     metric_r = torch.zeros(n_pairs, dtype=torch.float64)
@@ -415,12 +364,12 @@ def patching_sweep(
         metric_c[pair_index] = (
             _metric(metric_fn, logits, _info(pair_index, c_batch, "control")).double().cpu()
         )
-    usable = ((metric_r - metric_c).abs() > min_gap).nonzero()[:, 0].tolist()
     metric_patched = torch.full((n_pairs, len(layers), n_post), float("nan"), dtype=torch.float64)
-    if not usable:  # _summarise raises: no pair has a gap to recover
-        return _summarise("exact", metric_r, metric_c, metric_patched, min_gap, layers, post_tokens)
+    summary = dict(layers=layers, post_tokens=post_tokens, rel_tol=rel_tol, n_boot=n_boot, seed=seed)
+    if mean_gap_is_cut(metric_r, metric_c, rel_tol):  # every cell would be NaN: skip the patched forwards
+        return summarise("exact", metric_r, metric_c, metric_patched, **summary)
     for pair_index, r_batch, c_batch in _pair_batches(
-        model, tokenizer, reasoning_prompts, control_prompts, batch_size, post, usable
+        model, tokenizer, reasoning_prompts, control_prompts, batch_size, post
     ):
         # [batch, n_post, n_layers, d_model]: the reasoning run at its post-instruction tokens (early exit)
         acts = capture_residuals(model, r_batch["input_ids"], r_batch["attention_mask"], layers, _POST, post)
@@ -433,7 +382,7 @@ def patching_sweep(
                     logits = _last_logits(model, c_batch)
                 info = _info(pair_index, c_batch, "patched", layer, k)
                 metric_patched[pair_index, i, k] = _metric(metric_fn, logits, info).double().cpu()
-    return _summarise("exact", metric_r, metric_c, metric_patched, min_gap, layers, post_tokens)
+    return summarise("exact", metric_r, metric_c, metric_patched, **summary)
 
 
 def attribution_patching(
@@ -444,7 +393,9 @@ def attribution_patching(
     metric_fn: MetricFn,
     layers: Sequence[int] | None = None,
     batch_size: int = 8,
-    min_gap: float = 1e-4,
+    rel_tol: float = 0.1,
+    n_boot: int = 1000,
+    seed: int = 0,
 ) -> PatchingResult:
     """Attribution patching: the first-order estimate of `patching_sweep`, same arguments and result.
 
@@ -456,7 +407,10 @@ def attribution_patching(
     backward keeps every layer's activations of the batch: lower batch_size for large models).
     metric_fn must be differentiable in the logits. The estimate is exact when the metric is linear in the
     patched value (e.g. the last layer without a final norm) and degrades as patches move further.
+    recovered, its cutoff and its bootstrap CI over pairs are computed from these estimates exactly as in
+    `patching_sweep` (a ratio of means normalised by the mean reasoning - control gap).
     """
+    check_summary_settings(rel_tol, n_boot)
     layers, post, post_tokens = _setup(model, tokenizer, layers)
     n_post, n_pairs = len(post), len(control_prompts)
     metric_r = torch.zeros(n_pairs, dtype=torch.float64)
@@ -495,32 +449,5 @@ def attribution_patching(
             diff = acts_r[layer].double() - acts_c[layer].double()
             metric_patched[pair_index, i] = (diff * grad).sum(-1).cpu()  # [batch, n_post]
     metric_patched = metric_patched + metric_c[:, None, None]
-    return _summarise("attribution", metric_r, metric_c, metric_patched, min_gap, layers, post_tokens)
-
-
-# --------------------------------------------------------------------------------------------- metrics
-
-
-def logit_difference(token_a: int | Sequence[int], token_b: int | Sequence[int]) -> MetricFn:
-    """metric_fn: logit[token_a] - logit[token_b] at the last position (ids per pair or one for all)."""
-    a, b = torch.as_tensor(token_a).long(), torch.as_tensor(token_b).long()
-
-    def metric(logits: torch.Tensor, info: dict) -> torch.Tensor:
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        ia = (a[info["pair_index"]] if a.dim() else a.expand(logits.shape[0])).to(logits.device)
-        ib = (b[info["pair_index"]] if b.dim() else b.expand(logits.shape[0])).to(logits.device)
-        return logits[rows, ia] - logits[rows, ib]
-
-    return metric
-
-
-def target_log_prob(targets: int | Sequence[int]) -> MetricFn:
-    """metric_fn: log-probability of the target token at the last position (one id per pair or one for all)."""
-    t = torch.as_tensor(targets).long()
-
-    def metric(logits: torch.Tensor, info: dict) -> torch.Tensor:
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        it = (t[info["pair_index"]] if t.dim() else t.expand(logits.shape[0])).to(logits.device)
-        return logits.log_softmax(-1)[rows, it]
-
-    return metric
+    summary = dict(layers=layers, post_tokens=post_tokens, rel_tol=rel_tol, n_boot=n_boot, seed=seed)
+    return summarise("attribution", metric_r, metric_c, metric_patched, **summary)

@@ -232,8 +232,8 @@ def test_sweep_planted_values_and_alignment(tiny, pairs):
     result = patching_sweep(model, tokenizer, reasoning, control, metric, layers=[LAST, 3], batch_size=2)
     n_post = len(post_instruction_ids(tokenizer))
     assert result.layers == [3, LAST] and len(result.post_tokens) == n_post == 7
-    assert result.recovered.shape == (2, n_post) and result.per_pair.shape == (2, 2, n_post)
-    assert result.method == "exact" and bool(result.usable.all())
+    assert result.recovered.shape == (2, n_post) and result.per_pair_ratio.shape == (2, 2, n_post)
+    assert result.method == "exact" and not bool(result.cut.any()) and result.cut_reason is None
     # Independent metrics: each prompt alone, unpadded.
     a_id, b_id = tokenizer.encode("1")[0], tokenizer.encode("The")[0]
     for i in range(2):
@@ -252,11 +252,16 @@ def test_sweep_planted_values_and_alignment(tiny, pairs):
     expected = float(c_logits[0, -1, a_id] - c_logits[0, -1, b_id])
     assert float(result.metric_patched[1, 0, k]) == pytest.approx(expected, abs=1e-5)
     control_value, gap = float(result.metric_control[1]), float(result.metric_reasoning[1] - result.metric_control[1])
-    assert float(result.per_pair[1, 0, k]) == pytest.approx((expected - control_value) / gap, rel=1e-3)
-    torch.testing.assert_close(result.recovered, result.per_pair.mean(0))
+    assert float(result.per_pair_ratio[1, 0, k]) == pytest.approx((expected - control_value) / gap, rel=1e-3)
+    # The headline is the ratio of means over pairs (tests/test_patching_stats.py pins it independently).
+    mean_c = result.metric_control.mean()
+    ratio = (result.metric_patched.mean(0) - mean_c) / (result.metric_reasoning.mean() - mean_c)
+    torch.testing.assert_close(result.recovered, ratio, rtol=1e-12, atol=0)
 
 
-def test_sweep_leaves_out_pairs_with_no_gap(tiny, pairs):
+def test_sweep_keeps_pairs_with_no_gap_in_the_means(tiny, pairs):
+    """A pair without a gap still counts in the ratio of means (its patched - control is 0 too); only its
+    diagnostic per-pair ratio is NaN. A metric without any gap gives NaN with a reason, never an error or inf."""
     model, tokenizer = tiny
     reasoning, control = pairs
     base = target_log_prob(tokenizer.encode("1")[0])
@@ -265,13 +270,15 @@ def test_sweep_leaves_out_pairs_with_no_gap(tiny, pairs):
         return torch.where(info["pair_index"] == 0, torch.zeros(()), base(logits, info))
 
     result = patching_sweep(model, tokenizer, reasoning, control, metric, layers=[LAST], batch_size=1)
-    assert result.usable.tolist() == [False, True]
-    assert bool(result.per_pair[0].isnan().all()) and not bool(result.per_pair[1].isnan().any())
-    torch.testing.assert_close(result.recovered, result.per_pair[1])
+    assert bool(result.per_pair_ratio[0].isnan().all()) and not bool(result.per_pair_ratio[1].isnan().any())
+    assert bool((result.metric_patched[0] == 0).all()) and not bool(result.cut.any())
+    # pair 0 adds 0 to both sums, so the ratio of means equals pair 1's ratio
+    torch.testing.assert_close(result.recovered, result.per_pair_ratio[1], rtol=1e-12, atol=0)
     summary = result.to_dict()
-    assert summary["n_usable_pairs"] == 1 and summary["recovered"][0][-1] == pytest.approx(1.0, abs=1e-5)
-    with pytest.raises(UserError, match="nothing to recover"):
-        patching_sweep(model, tokenizer, reasoning, control, lambda logits, info: logits[:, 0] * 0, layers=[0])
+    assert summary["n_pairs"] == 2 and summary["recovered"][0][-1] == pytest.approx(1.0, abs=1e-5)
+    flat = patching_sweep(model, tokenizer, reasoning, control, lambda logits, info: logits[:, 0] * 0, layers=[0])
+    assert bool(flat.cut.all()) and bool(flat.recovered.isnan().all()) and "cancel" in flat.cut_reason
+    assert flat.mean_gap == 0.0 and not bool(flat.recovered.isinf().any())
 
 
 def test_sweep_rejects_bad_inputs(tiny, pairs):

@@ -1,0 +1,256 @@
+"""The patching heatmap's statistics: ratio of means over pairs, relative cutoff, per-pair values, bootstrap CI.
+
+Independent references: the audit's planted case computed by hand; the sweep recomputed from single-prompt HF
+forwards and a hand-written patch hook; numpy bootstraps drawn with the same seeded indices; a planted
+population whose true ratio is known. Metric rounding: the sweep's metrics come from float32 forwards of
+left-padded batches, equal to unpadded single-prompt forwards to ~1e-5 (tests/test_patching.py).
+"""
+
+import json
+from types import SimpleNamespace
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+
+from callbacks.patching import PatchingCallback
+from datamodules.problems import DatasetSource
+from datamodules.prompts import ReasoningPromptsDataModule
+from interp.errors import UserError
+from interp.hooks import hooked, site_name
+from interp.patching import attribution_patching, logit_difference, patching_sweep, target_log_prob
+from interp.patching_stats import DEFINITION, summarise
+from interp.positions import padded_position_ids
+from interp.prompts import format_chat_prompt, post_instruction_ids, tokenize_prompts
+
+LAST = 31
+METRIC_ATOL = 1e-5  # float32 forward, padded batch vs single prompt
+
+
+def _numpy_ratio(r, c, p):
+    """Ratio of means over the last axis: (mean p - mean c) / (mean r - mean c), numpy float64."""
+    return (p.mean(-1) - c.mean(-1)) / (r.mean(-1) - c.mean(-1))
+
+
+def _numpy_ci(r, c, p, n_boot, seed, alpha=0.05):
+    """Percentile CI of the ratio of means over pair resamples drawn exactly as bootstrap_ci draws them."""
+    index = torch.randint(0, len(r), (n_boot, len(r)), generator=torch.Generator().manual_seed(seed)).numpy()
+    stats = _numpy_ratio(r[index], c[index], p[index])  # [n_boot]
+    return np.percentile(stats, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+
+
+def _planted(table: dict):
+    """metric_fn returning table[run][pair] whatever the logits: a planted truth for the sweep's bookkeeping."""
+
+    def metric(logits, info):
+        return torch.tensor(table[info["run"]], dtype=torch.float32)[info["pair_index"]] + 0 * logits[:, 0]
+
+    return metric
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny):
+    _, tokenizer = tiny
+    reasoning = ["Solve step by step: 17*23 = ?", "Prove that the square root of 2 is irrational.", "What is 9*9?"]
+    control = ["What colour is the sky?", "Say hello to my cat please, and then to the dog.", "Name a fruit."]
+    return [format_chat_prompt(tokenizer, q) for q in reasoning], [format_chat_prompt(tokenizer, q) for q in control]
+
+
+# ----------------------------------------------------------------------------------------- sweeps
+
+
+def test_audit_case_reports_the_ratio_of_means(tiny, pairs):
+    """A pair recovering 0.5 next to a pair with a tiny gap: the mean of ratios was (0.5 + 48) / 2 = 24.25."""
+    model, tokenizer = tiny
+    reasoning, control = (p[:2] for p in pairs)
+    tiny_gap = 2.0**-10  # exact in float32, so the hand computation below sees the sweep's values
+    metric = _planted({"reasoning": [1.0, tiny_gap], "control": [0.0, 0.0], "patched": [0.5, 48 * tiny_gap]})
+    result = patching_sweep(model, tokenizer, reasoning, control, metric, layers=[2, LAST], batch_size=1)
+    by_hand = ((0.5 + 48 * tiny_gap) / 2 - 0.0) / ((1.0 + tiny_gap) / 2 - 0.0)  # = 0.5464...
+    torch.testing.assert_close(result.recovered, torch.full((2, 7), by_hand, dtype=torch.float64), rtol=1e-15, atol=0)
+    assert not bool(result.cut.any()) and result.cut_reason is None
+    # per-pair ratios are a diagnostic only: pair 1's gap is under rel_tol x mean |gap|, so its ratio is NaN
+    assert bool((result.per_pair_ratio[0] == 0.5).all()) and bool(result.per_pair_ratio[1].isnan().all())
+    assert result.gap_scale == pytest.approx((1.0 + tiny_gap) / 2, rel=1e-15)
+    assert result.cutoff == pytest.approx(0.1 * result.gap_scale, rel=1e-15)
+
+
+def test_sweep_equals_a_direct_computation(tiny, pairs):
+    """recovered = (mean patched - mean control) / (mean reasoning - mean control) from metrics computed one
+    prompt at a time (unpadded HF forwards; the patch written by a plain hook from output_hidden_states)."""
+    model, tokenizer = tiny
+    reasoning, control = pairs
+    a_id, b_id = tokenizer.encode("1")[0], tokenizer.encode("The")[0]
+    layers, n_post = [3, 17], len(post_instruction_ids(tokenizer))
+    result = patching_sweep(model, tokenizer, reasoning, control, logit_difference(a_id, b_id), layers=layers,
+                            batch_size=3, n_boot=300, seed=5)  # fmt: skip
+
+    def run(prompt, hooks=()):  # -> (metric at the last position, hidden_states of the run, its length)
+        batch = tokenize_prompts(tokenizer, [prompt])
+        with torch.no_grad(), hooked(model, hooks):
+            out = model(**batch, position_ids=padded_position_ids(batch["attention_mask"]), output_hidden_states=True)
+        return float(out.logits[0, -1, a_id] - out.logits[0, -1, b_id]), out.hidden_states, batch["input_ids"].shape[1]
+
+    def write(pos, value):
+        def fn(hidden):
+            new = hidden.clone()
+            new[0, pos] = value
+            return new
+
+        return fn
+
+    r, c, p = np.zeros(3), np.zeros(3), np.zeros((3, 2, n_post))
+    for i in range(3):
+        r[i], hidden_r, seq_r = run(reasoning[i])
+        c[i], _, seq_c = run(control[i])
+        for j, layer in enumerate(layers):
+            for k in range(n_post):
+                value = hidden_r[layer + 1][0, seq_r - n_post + k]  # blocks.{layer}.resid_post
+                p[i, j, k], _, _ = run(control[i], [(site_name(layer), write(seq_c - n_post + k, value))])
+    for got, expected in ((result.metric_reasoning, r), (result.metric_control, c), (result.metric_patched, p)):
+        np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=METRIC_ATOL)
+    direct = _numpy_ratio(r, c, np.moveaxis(p, 0, -1))  # [2, n_post]
+    # first-order error of a ratio whose three means each carry <= METRIC_ATOL
+    tol = 2 * METRIC_ATOL * (1 + np.abs(direct)) / abs(r.mean() - c.mean())
+    np.testing.assert_array_less(np.abs(result.recovered.numpy() - direct), tol)
+    mean_of_ratios = ((p - c[:, None, None]) / (r - c)[:, None, None]).mean(0)  # the old headline
+    assert np.abs(mean_of_ratios - direct).max() > 100 * tol.max()  # the two definitions differ here
+    # the CI: numpy's bootstrap over the same pair resamples of the sweep's own metrics
+    mr, mc, mp = (t.numpy() for t in (result.metric_reasoning, result.metric_control, result.metric_patched))
+    for j in range(2):
+        for k in range(n_post):
+            low, high = _numpy_ci(mr, mc, mp[:, j, k], 300, 5)
+            assert float(result.ci_low[j, k]) == pytest.approx(low, rel=1e-12, abs=1e-12)
+            assert float(result.ci_high[j, k]) == pytest.approx(high, rel=1e-12, abs=1e-12)
+
+
+def test_zero_mean_gap_gives_nan_with_a_reason(tiny, pairs):
+    """Gaps +1 and -1 cancel: no inf, no error; every cell cut, with its reason, and no patched forward run."""
+    model, tokenizer = tiny
+    reasoning, control = (p[:2] for p in pairs)
+    metric = _planted({"reasoning": [1.0, -1.0], "control": [0.0, 0.0], "patched": [0.5, 0.5]})
+    result = patching_sweep(model, tokenizer, reasoning, control, metric, layers=[0, LAST])
+    assert result.mean_gap == 0.0 and result.gap_scale == 1.0
+    assert bool(result.cut.all()) and bool(result.recovered.isnan().all()) and not bool(result.recovered.isinf().any())
+    assert bool(result.ci_low.isnan().all()) and bool(result.ci_high.isnan().all())
+    assert "<= rel_tol 0.1" in result.cut_reason and bool(result.metric_patched.isnan().all())
+    summary = result.to_dict()
+    json.dumps(summary, allow_nan=False)  # JSON-ready: NaN became null
+    assert summary["cut"] == [[True] * 7] * 2 and summary["recovered"] == [[None] * 7] * 2
+
+
+def test_attribution_is_normalised_by_the_mean_gap(tiny, pairs):
+    model, tokenizer = tiny
+    reasoning, control = pairs
+    metric = logit_difference(tokenizer.encode("1")[0], tokenizer.encode("The")[0])
+    result = attribution_patching(model, tokenizer, reasoning, control, metric, layers=[0, 20], n_boot=200, seed=2)
+    r, c, p = (t.numpy() for t in (result.metric_reasoning, result.metric_control, result.metric_patched))
+    direct = _numpy_ratio(r, c, np.moveaxis(p, 0, -1))
+    np.testing.assert_allclose(result.recovered.numpy(), direct, rtol=1e-12, atol=0)
+    assert np.abs(((p - c[:, None, None]) / (r - c)[:, None, None]).mean(0) - direct).max() > 1e-3
+    low, high = _numpy_ci(r, c, p[:, 1, 3], 200, 2)
+    assert (float(result.ci_low[1, 3]), float(result.ci_high[1, 3])) == pytest.approx((low, high), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------- summary alone
+
+
+def _summary(r, c, p, **kwargs):
+    """summarise on numpy metrics: r, c [n_pairs], p [n_pairs, n_layers, n_post]."""
+    p = np.asarray(p, dtype=float)
+    args = [torch.tensor(np.asarray(x, dtype=float)) for x in (r, c, p)]
+    return summarise("exact", *args, list(range(p.shape[1])), [str(k) for k in range(p.shape[2])], **kwargs)
+
+
+def test_relative_cutoff_and_per_pair_diagnostics():
+    r, c = np.array([1.0, -0.85]), np.array([0.0, 0.0])  # mean gap 0.075, mean |gap| 0.925: ratio 0.081
+    p = np.array([[[0.4]], [[0.1]]])
+    cut = _summary(r, c, p)  # rel_tol 0.1
+    assert bool(cut.cut.all()) and bool(cut.recovered.isnan().all()) and cut.cutoff == pytest.approx(0.0925, rel=1e-14)
+    kept = _summary(r, c, p, rel_tol=0.05)
+    assert not bool(kept.cut.any()) and kept.cut_reason is None
+    assert float(kept.recovered[0, 0]) == pytest.approx((0.25 - 0.0) / (0.075 - 0.0), rel=1e-13)
+    torch.testing.assert_close(kept.per_pair_ratio[:, 0, 0], torch.tensor([0.4, 0.1 / -0.85], dtype=torch.float64))
+    # rel_tol = 0 cuts exact zeros only: an all-zero gap is cut, whatever the patched values
+    assert bool(_summary([2.0, 3.0], [2.0, 3.0], [[[1.0]], [[5.0]]], rel_tol=0.0).cut.all())
+    assert not bool(_summary([2.0, 3.0 + 1e-9], [2.0, 3.0], [[[1.0]], [[5.0]]], rel_tol=0.0).cut.any())
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(UserError, match="rel_tol must be in"):
+            _summary(r, c, p, rel_tol=bad)
+    with pytest.raises(UserError, match="n_boot >= 1"):
+        _summary(r, c, p, n_boot=0)
+
+
+def test_ci_matches_numpy_and_is_nan_when_a_resample_is_cut():
+    rng = np.random.default_rng(0)
+    r, c = rng.normal(2.0, 0.5, 7), rng.normal(0.0, 0.5, 7)  # every gap clearly positive: no resample is cut
+    p = c[:, None, None] + rng.uniform(0, 1, (7, 2, 3)) * (r - c)[:, None, None]
+    result = _summary(r, c, p, n_boot=500, seed=3, alpha=0.1)
+    for j in range(2):
+        for k in range(3):
+            low, high = _numpy_ci(r, c, p[:, j, k], 500, 3, alpha=0.1)
+            assert (float(result.ci_low[j, k]), float(result.ci_high[j, k])) == pytest.approx((low, high), rel=1e-12)
+    assert result.ci_reason is None and result.to_dict()["ci_level"] == pytest.approx(0.9)
+    # two pairs, one without a gap: the resample (0, 0) has no gap, so the CI is undefined (and said so)
+    unstable = _summary([0.0, 1.0], [0.0, 0.0], [[[0.0]], [[0.5]]], n_boot=200)
+    assert float(unstable.recovered[0, 0]) == 0.5 and not bool(unstable.cut.any())
+    assert bool(unstable.ci_low.isnan().all()) and "resamples" in unstable.ci_reason
+
+
+def test_ci_covers_a_planted_ratio_and_shrinks_with_more_pairs():
+    rng = np.random.default_rng(1)
+
+    def draw(n):  # true ratio of means 0.4: E[p - c] = 0.4 E[r - c]
+        r, c = rng.normal(1.0, 0.3, n), rng.normal(0.0, 0.3, n)
+        return r, c, (c + 0.4 * (r - c) + rng.normal(0.0, 0.1, n))[:, None, None]
+
+    few, many = _summary(*draw(20), n_boot=1000), _summary(*draw(2000), n_boot=1000)
+    widths = []
+    for result in (few, many):
+        low, point, high = float(result.ci_low[0, 0]), float(result.recovered[0, 0]), float(result.ci_high[0, 0])
+        assert low < point < high and low < 0.4 < high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 4  # ~ 1 / sqrt(100) = 1/10 expected
+
+
+def test_result_to_dict_holds_every_reported_number():
+    r, c, p = [1.0, 2.0], [0.0, 0.5], [[[0.5, 0.2]], [[1.0, 0.5]]]
+    summary = _summary(r, c, p, n_boot=50, seed=4).to_dict()
+    json.dumps(summary, allow_nan=False)
+    assert summary["definition"] == DEFINITION and "ratio of means" in DEFINITION
+    assert summary["recovered"][0] == pytest.approx([(0.75 - 0.25) / (1.5 - 0.25), (0.35 - 0.25) / 1.25], rel=1e-14)
+    assert summary["metric_reasoning"] == r and summary["metric_control"] == c and summary["metric_patched"] == p
+    assert summary["cut"] == [[False, False]] and summary["n_bootstrap"] == 50 and summary["bootstrap_seed"] == 4
+    assert summary["per_pair_ratio"][1][0] == pytest.approx([(1.0 - 0.5) / 1.5, 0.0])
+
+
+# ----------------------------------------------------------------------------------------- callback
+
+
+def test_callback_writes_the_ratio_of_means_and_its_inputs(tiny):
+    """PatchingCallback.evaluate (no Trainer needed): its JSON equals a direct patching_sweep on the rows it
+    names, and its heatmap is the ratio of means of the per-pair metrics it writes."""
+    model, tokenizer = tiny
+    dm = ReasoningPromptsDataModule(backbone="tiny", sources=[DatasetSource("gsm8k", limit=5),
+                                                              DatasetSource("math", limit=5)])  # fmt: skip
+    callback = PatchingCallback(n_pairs=2, layers=[2, LAST], n_bootstrap=100, seed=1)
+    trainer, module = SimpleNamespace(datamodule=dm), SimpleNamespace(backbone_model=model, tokenizer=tokenizer)
+    results, scalars, figures = callback.evaluate(trainer, module, fast=False)
+    rows = {row.row_index: row for row in dm.rows}
+    reasoning = [rows[i].prompt for i in results["reasoning_rows"]]
+    control = [rows[i].prompt for i in results["control_rows"]]
+    reference = patching_sweep(model, tokenizer, reasoning, control, target_log_prob(results["target_tokens"]),
+                               layers=[2, LAST], n_boot=100, seed=1)  # fmt: skip
+    json.dumps(results, allow_nan=False)
+    assert results["definition"] == DEFINITION and results["rel_tol"] == 0.1 and results["cut"] == [[False] * 7] * 2
+    r, c, p = (np.array(results[key]) for key in ("metric_reasoning", "metric_control", "metric_patched"))
+    np.testing.assert_allclose(np.array(results["recovered"]), _numpy_ratio(r, c, np.moveaxis(p, 0, -1)), rtol=1e-12)
+    for key, expected in (("recovered", reference.recovered), ("recovered_ci_low", reference.ci_low),
+                          ("recovered_ci_high", reference.ci_high), ("metric_patched", reference.metric_patched)):  # fmt: skip
+        torch.testing.assert_close(torch.tensor(results[key], dtype=torch.float64), expected, rtol=0, atol=1e-9)
+    assert results["cutoff"] == pytest.approx(0.1 * np.abs(r - c).mean(), rel=1e-12)
+    assert scalars["patching/recovered/L31"] == pytest.approx(max(results["recovered"][1]), rel=1e-12)
+    assert results["n_pairs"] == 2 and scalars["patching/n_usable_pairs"] == 2.0 and scalars["patching/metric_gap"] == pytest.approx((r - c).mean())
+    assert list(figures) == ["patching/recovered_heatmap"]
+    plt.close(figures["patching/recovered_heatmap"])
