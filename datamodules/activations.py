@@ -4,7 +4,11 @@ It exposes the small protocol the probe module relies on:
     n_layers, d_model, num_classes, class_names, layers, train_moments() -> RunningMoments over train features
 and yield batches {"x": [batch, n_layers, d_model] float32, "y": [batch], "y_control": [batch]}.
 
-Control-task labels for selectivity: see datamodules/tensors.py.
+Control task for selectivity (datamodules/tensors.py): a row's type is its problem's `question_type`, the first
+word of the question, lower-cased, punctuation stripped (both prompts of a problem share it); each type gets one
+seeded label drawn from the train split's label distribution. After setup: `train_class_counts` ([num_classes]
+int64, label counts of the train rows) and `control_type_coverage` (split -> (rows whose type occurs among the
+train rows, rows)).
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.prompts import LABELS, ReasoningPromptsDataModule
-from datamodules.tensors import control_task_labels
+from datamodules.tensors import control_task_labels, control_type_seen, question_type
 from interp.activations import check_layers
 from interp.backbone import BackboneSpec
 from interp.cache import SPLITS, ActivationCache, ShardReader, cache_key
@@ -71,7 +76,7 @@ class CachedActivationDataModule(L.LightningDataModule):
             label: what the probes predict: reasoning | dataset | subject | level.
             cache_dir: where activation caches live (one sub-directory per cache key).
             batch_size: probe-training batch size (extraction uses prompts.batch_size).
-            control_seed: seed of the control-task labels (selectivity).
+            control_seed: seed of the control-task labels (type -> label hash; selectivity).
         """
         super().__init__()
         self.backbone = backbone or BackboneSpec()
@@ -142,7 +147,13 @@ class CachedActivationDataModule(L.LightningDataModule):
         train = valid & (meta["split"] == 0)
         if int(train.sum()) == 0:
             raise UserError(f"no training rows have a {self.label!r} label")
-        y_control = control_task_labels(y.clamp(min=0), meta["label.problem"], train, self.control_seed)
+        self.prompts.setup("predict")  # the rows' questions give the control types
+        types = [question_type(self.prompts.rows[i].question) for i in meta["row_index"].tolist()]
+        y_control = control_task_labels(y.clamp(min=0), types, train, self.control_seed)
+        seen = control_type_seen(types, train)
+        self.train_class_counts = torch.bincount(y[train], minlength=self.num_classes)
+        in_split = {split: valid & (meta["split"] == k) for k, split in enumerate(SPLITS)}
+        self.control_type_coverage = {split: (int(seen[m].sum()), int(m.sum())) for split, m in in_split.items()}
         reader = ShardReader(self.cache.shards())
         self.row_index: dict[str, torch.Tensor] = {}
         for split_id, split in enumerate(SPLITS):
@@ -168,6 +179,28 @@ class CachedActivationDataModule(L.LightningDataModule):
             xs.append(batch["x"][:, layer_slot])
             ys.append(batch["y"])
         return torch.cat(xs), torch.cat(ys)
+
+    def split_slice(self, split: str, position: int, layer_slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x [n, d_model] float32, y [n]) of one split's labelled rows at one cached position (index into the
+        cached positions) and layer slot (index into `layers`), in row order. Reads one [rows, d_model] slice
+        per memory-mapped shard: never whole rows, never the whole cache."""
+        if not self.cache.complete:
+            raise UserError(f"activation cache {self.cache.directory} is incomplete: run extraction first")
+        n_pos = int(self.cache.manifest["n_positions"])
+        if not (0 <= position < n_pos and 0 <= layer_slot < self.n_layers):
+            raise UserError(f"cached slice ({position}, {layer_slot}) out of range "
+                            f"({n_pos} positions, {self.n_layers} layers)")  # fmt: skip
+        meta = self.cache.metadata()
+        y = meta[f"label.{self.label}"]
+        keep = (y >= 0) & (meta["split"] == SPLITS.index(split))
+        shard_id, offset = meta["shard_id"][keep], meta["shard_offset"][keep]
+        shards, x = self.cache.shards(), torch.empty(int(keep.sum()), self.d_model)
+        for sid in shard_id.unique().tolist():
+            rows = shard_id == sid
+            with safe_open(str(shards[sid]), framework="pt") as f:
+                block = f.get_slice("activations")[:, position, layer_slot]  # [shard rows, d_model]
+            x[rows] = block[offset[rows]].float()
+        return x, y[keep]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(

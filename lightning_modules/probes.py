@@ -2,11 +2,21 @@
 
 One batched weight [n_layers, d_model, n_classes] gives each layer its own multinomial logistic regression
 on standardized inputs (train-split mean/std, float64, stored as buffers so checkpoints are self-contained).
-A second, identical probe learns the control task (random per-problem labels, see datamodules/activations.py);
-selectivity = task accuracy - control accuracy, per layer.
+A second, identical probe learns the control task (labels a fixed seeded function of a type that recurs across
+splits, see datamodules/tensors.py). Scores of an evaluated split, per layer, from all of its rows (float64):
+    acc            share of rows whose argmax class is the label
+    balanced_acc   mean over the classes present in the split of their recall (scikit-learn's definition)
+    auroc          macro one-vs-rest AUROC over the classes present in the split (>= 1 positive and >= 1
+                   negative row), scores = softmax over those classes' logits; absent classes are not averaged
+                   in (they are listed in last_metrics[split]["absent_classes"]); NaN with < 2 present classes
+    control_acc    acc of the control probe on the control labels
+    selectivity    acc - control_acc (both on the same split)
+    majority_baseline  (one number) share of the split's rows in the TRAIN split's most frequent class (ties:
+                   lowest index), i.e. the accuracy of a constant predictor fitted on train
 
-Metric keys: {split}/acc/L{layer:02d}, {split}/auroc/L.., {split}/control_acc/L.., {split}/selectivity/L..,
-plus {split}/acc_best (max over layers) which ModelCheckpoint monitors. Layer numbers are the backbone's.
+Metric keys: {split}/acc/L{layer:02d}, {split}/balanced_acc/L.., {split}/auroc/L.., {split}/control_acc/L..,
+{split}/selectivity/L.., {split}/majority_baseline, plus {split}/acc_best (max over layers) which
+ModelCheckpoint monitors. Layer numbers are the backbone's.
 """
 
 from __future__ import annotations
@@ -17,8 +27,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC
-from torchmetrics.wrappers import MultioutputWrapper
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 
 class LinearProbe(nn.Module):
@@ -40,8 +50,69 @@ class LinearProbe(nn.Module):
         return torch.einsum("bld,ldc->blc", z, self.weight) + self.bias
 
 
-def _per_layer(metric, n_layers: int) -> MultioutputWrapper:
-    return MultioutputWrapper(metric, num_outputs=n_layers, output_dim=1)
+def layer_accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Share of rows whose argmax class is y, per layer: logits [n, n_layers, C], y [n] -> [n_layers] float64."""
+    return (logits.argmax(-1) == y[:, None]).double().mean(0)
+
+
+def layer_balanced_accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean over the classes present in y of the recall (share of that class's rows predicted as it), per layer:
+    logits [n, n_layers, C], y [n] -> [n_layers] float64. Classes absent from y are left out (as scikit-learn's
+    balanced_accuracy_score does), also when the probe predicts them."""
+    pred = logits.argmax(-1)  # [n, n_layers]
+    recalls = [(pred[y == k] == k).double().mean(0) for k in torch.unique(y).tolist()]  # each [n_layers]
+    return torch.stack(recalls).mean(0)
+
+
+def present_classes(y: torch.Tensor, num_classes: int) -> list[int]:
+    """Classes with at least one positive and one negative row in y [n]."""
+    counts = torch.bincount(y, minlength=num_classes)
+    return [k for k in range(num_classes) if 0 < int(counts[k]) < len(y)]
+
+
+def binary_auroc(score: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """AUROC = P(score of a positive > score of a negative) + P(tie) / 2, from average ranks (Mann-Whitney U).
+    score [n] float64, positive [n] bool with both values present -> 0-dim float64."""
+    _, inverse, counts = torch.unique(score, return_inverse=True, return_counts=True)
+    average_rank = (counts.cumsum(0) - (counts - 1) / 2).double()  # 1-based mean rank of each distinct score
+    n_pos = int(positive.sum())
+    n_neg = len(score) - n_pos
+    return (average_rank[inverse][positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def layer_macro_auroc(logits: torch.Tensor, y: torch.Tensor, present: list[int]) -> torch.Tensor:
+    """Macro one-vs-rest AUROC over the `present` classes, per layer: logits [n, n_layers, C], y [n] ->
+    [n_layers] float64 (NaN with fewer than 2 present classes). Scores are the softmax over the present
+    classes' logits (the probe's probabilities restricted to them and renormalised), as scikit-learn's
+    roc_auc_score(y, p, multi_class="ovr", labels=present) needs; each class's AUROC is that of its score."""
+    if len(present) < 2:
+        return torch.full((logits.shape[1],), float("nan"), dtype=torch.float64)
+    probs = logits[..., present].double().softmax(-1)  # [n, n_layers, P]
+    per_class = [
+        torch.stack([binary_auroc(probs[:, layer, j], y == k) for layer in range(logits.shape[1])])
+        for j, k in enumerate(present)
+    ]  # fmt: skip
+    return torch.stack(per_class).mean(0)
+
+
+class _EvalOutputs(Metric):
+    """Every evaluated row's logits of both probes and both labels, concatenated over batches (and ranks)."""
+
+    full_state_update = False
+    _names = ("logits", "control_logits", "y", "y_control")
+
+    def __init__(self):
+        super().__init__()
+        for name in self._names:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, logits: torch.Tensor, control_logits: torch.Tensor, y: torch.Tensor, y_control: torch.Tensor):
+        """logits, control_logits: [batch, n_layers, C]; y, y_control: [batch]."""
+        for name, value in zip(self._names, (logits, control_logits, y, y_control)):
+            getattr(self, name).append(value.detach())
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {name: dim_zero_cat(getattr(self, name)) for name in self._names}
 
 
 class LayerProbeModule(L.LightningModule):
@@ -58,7 +129,10 @@ class LayerProbeModule(L.LightningModule):
         self.control_probe: LinearProbe | None = None
         self.layers: list[int] = []
         self.class_names: list[str] = []
-        self.last_metrics: dict[str, dict[str, torch.Tensor]] = {}  # split -> name -> [n_layers], for callbacks
+        self.train_class_counts: torch.Tensor | None = None  # [num_classes] from the datamodule: majority baseline
+        # split -> name -> [n_layers] float64 per-layer scores, plus "majority_baseline" (0-dim, when the train
+        # class counts are known) and "absent_classes" (list[int]); read by callbacks and the report.
+        self.last_metrics: dict[str, dict] = {}
 
     # ---- building (from the datamodule when fitting, from the checkpoint when loading) -------------------------
     def _build(self, layers: Sequence[int], d_model: int, class_names: Sequence[str]) -> None:
@@ -66,19 +140,14 @@ class LayerProbeModule(L.LightningModule):
         n_layers, num_classes = len(self.layers), len(self.class_names)
         self.probe = LinearProbe(n_layers, d_model, num_classes)
         self.control_probe = LinearProbe(n_layers, d_model, num_classes)
-        self.metrics = nn.ModuleDict()
-        for split in ("val", "test"):
-            self.metrics[split] = nn.ModuleDict({
-                "acc": _per_layer(MulticlassAccuracy(num_classes, average="micro"), n_layers),
-                "auroc": _per_layer(MulticlassAUROC(num_classes, average="macro"), n_layers),
-                "control_acc": _per_layer(MulticlassAccuracy(num_classes, average="micro"), n_layers),
-            })  # fmt: skip
+        self.outputs = nn.ModuleDict({split: _EvalOutputs() for split in ("val", "test")})
         self.to(self.device)
 
     def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        self.train_class_counts = getattr(dm, "train_class_counts", None)
         if self.probe is not None:
             return
-        dm = self.trainer.datamodule
         self._build(dm.layers, dm.d_model, dm.class_names)
         if stage == "fit":
             moments = dm.train_moments()
@@ -117,12 +186,8 @@ class LayerProbeModule(L.LightningModule):
         return loss + control_loss
 
     def _eval_step(self, batch: dict, split: str) -> None:
-        loss, control_loss, logits, control_logits = self._losses(batch)
-        n_layers = logits.shape[1]
-        metrics = self.metrics[split]
-        metrics["acc"].update(logits, batch["y"][:, None].expand(-1, n_layers))
-        metrics["auroc"].update(logits.softmax(-1), batch["y"][:, None].expand(-1, n_layers))
-        metrics["control_acc"].update(control_logits, batch["y_control"][:, None].expand(-1, n_layers))
+        loss, _, logits, control_logits = self._losses(batch)
+        self.outputs[split].update(logits, control_logits, batch["y"], batch["y_control"])
         self.log(f"{split}/loss", loss, batch_size=len(batch["y"]), sync_dist=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -132,15 +197,30 @@ class LayerProbeModule(L.LightningModule):
         self._eval_step(batch, "test")
 
     def _log_epoch(self, split: str) -> None:
-        values = {name: torch.stack(list(metric.compute())).float() for name, metric in self.metrics[split].items()}
+        if self.outputs[split].update_count == 0:  # no batch ran (e.g. limit_val_batches=0)
+            return
+        out = self.outputs[split].compute()  # every row of the split (all ranks)
+        self.outputs[split].reset()
+        y, y_control = out["y"].long(), out["y_control"].long()
+        present = present_classes(y, len(self.class_names))
+        values = {
+            "acc": layer_accuracy(out["logits"], y),
+            "balanced_acc": layer_balanced_accuracy(out["logits"], y),
+            "auroc": layer_macro_auroc(out["logits"], y, present),
+            "control_acc": layer_accuracy(out["control_logits"], y_control),
+        }
         values["selectivity"] = values["acc"] - values["control_acc"]
-        for metric in self.metrics[split].values():
-            metric.reset()
         for name, per_layer in values.items():
             for layer, value in zip(self.layers, per_layer):
                 self.log(f"{split}/{name}/L{layer:02d}", value, sync_dist=True)
         self.log(f"{split}/acc_best", values["acc"].max(), prog_bar=True, sync_dist=True)
-        self.last_metrics[split] = {name: v.detach().cpu() for name, v in values.items()}
+        values = {name: v.detach().cpu() for name, v in values.items()}
+        if self.train_class_counts is not None:
+            majority = int(self.train_class_counts.argmax())  # ties: the lowest class index
+            values["majority_baseline"] = (y == majority).double().mean().cpu()
+            self.log(f"{split}/majority_baseline", values["majority_baseline"], sync_dist=True)
+        values["absent_classes"] = [k for k in range(len(self.class_names)) if k not in present]
+        self.last_metrics[split] = values
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
@@ -162,18 +242,23 @@ def train_layer_probes(
     weight_decay: float = 1e-3,
     batch_size: int = 64,
     seed: int = 0,
+    groups: torch.Tensor | None = None,
+    control_types: Sequence | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Train one probe per layer on in-memory activations [n, n_layers, d_model] and labels [n].
 
-    Runs the same LightningModule as train.py on a seeded random split; returns the held-out accuracy
-    per layer, [n_layers] float32.
+    Runs the same LightningModule as train.py on a seeded random split and returns the held-out accuracy per
+    layer, [n_layers] float64. groups: [n] int (e.g. the problem id): whole groups go to one split, so rows of
+    one problem never sit on both sides. Without groups the split is ROW-wise, which overstates held-out
+    accuracy when rows are not independent (two prompts of a problem). control_types: see TensorProbeDataModule.
     """
     from datamodules.tensors import TensorProbeDataModule
 
     L.seed_everything(seed, verbose=False)
     datamodule = TensorProbeDataModule(
-        layer_activations, labels, num_classes, val_fraction=val_fraction, batch_size=batch_size, seed=seed
-    )
+        layer_activations, labels, num_classes, val_fraction=val_fraction, batch_size=batch_size, seed=seed,
+        groups=groups, control_types=control_types,
+    )  # fmt: skip
     module = LayerProbeModule(lr=lr, weight_decay=weight_decay)
     trainer = L.Trainer(
         max_epochs=max_epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -27,20 +27,37 @@ def test_linear_probe_is_one_standardized_affine_map_per_layer():
         torch.testing.assert_close(out[:, layer], z @ probe.weight[layer] + probe.bias[layer])
 
 
+def identity_probe_module(layers, class_names) -> LayerProbeModule:
+    """A built module whose probes return their input: x [n, n_layers, C] -> logits = x (to feed chosen logits)."""
+    module = LayerProbeModule()
+    module._build(layers=layers, d_model=len(class_names), class_names=class_names)
+    with torch.no_grad():
+        for probe in (module.probe, module.control_probe):
+            probe.weight.copy_(torch.eye(len(class_names)).expand(len(layers), -1, -1))
+    return module
+
+
+def run_validation(module: LayerProbeModule, logits: torch.Tensor, y: torch.Tensor, sizes=None) -> dict:
+    """Feed logits [n, n_layers, C] and labels [n] through validation_step in batches; the epoch's metrics."""
+    for chunk in torch.split(torch.arange(len(y)), sizes or [len(y)]):
+        module.validation_step({"x": logits[chunk], "y": y[chunk], "y_control": y[chunk]}, 0)
+    module.on_validation_epoch_end()
+    return module.last_metrics["val"]
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 def test_per_layer_metrics_equal_sklearn():
     torch.manual_seed(1)
-    module = LayerProbeModule()
-    module._build(layers=[3, 8], d_model=4, class_names=["a", "b"])
+    module = identity_probe_module(layers=[3, 8], class_names=["a", "b"])
     logits = torch.randn(50, 2, 2)
     y = torch.randint(0, 2, (50,))
-    for chunk in torch.split(torch.arange(50), [20, 30]):  # two "batches"
-        module.metrics["val"]["acc"].update(logits[chunk], y[chunk, None].expand(-1, 2))
-        module.metrics["val"]["auroc"].update(logits[chunk].softmax(-1), y[chunk, None].expand(-1, 2))
-    acc = torch.stack(list(module.metrics["val"]["acc"].compute()))
-    auroc = torch.stack(list(module.metrics["val"]["auroc"].compute()))
+    metrics = run_validation(module, logits, y, sizes=[20, 30])  # two "batches"
     for slot in range(2):
-        assert float(acc[slot]) == pytest.approx(accuracy_score(y, logits[:, slot].argmax(-1)), abs=1e-6)
-        assert float(auroc[slot]) == pytest.approx(roc_auc_score(y, logits[:, slot].softmax(-1)[:, 1]), abs=1e-6)
+        probs = logits[:, slot].double().softmax(-1).numpy()
+        # float64 scores of float32 logits: the only rounding is float64's (~1e-16 per operation)
+        assert float(metrics["acc"][slot]) == pytest.approx(accuracy_score(y, probs.argmax(-1)), abs=1e-12)
+        assert float(metrics["auroc"][slot]) == pytest.approx(roc_auc_score(y, probs[:, 1]), abs=1e-12)
+    assert metrics["absent_classes"] == []
 
 
 def _planted(n=400, d=12, seed=0):
@@ -68,15 +85,16 @@ def test_train_layer_probes_finds_planted_signal_like_sklearn():
     np.testing.assert_allclose(ours.numpy(), reference, atol=0.06)
 
 
-def test_control_task_labels_are_per_group_with_the_task_distribution():
-    labels = torch.tensor([0] * 300 + [1] * 100)
-    groups = torch.arange(400) // 2  # pairs share a group
-    train = torch.ones(400, dtype=torch.bool)
-    control = control_task_labels(labels, groups, train, seed=3)
+def test_control_task_labels_are_per_type_with_the_task_distribution():
+    labels = torch.tensor([0] * 3000 + [1] * 1000)
+    types = (torch.arange(4000) // 2).tolist()  # pairs share a type: 2000 types
+    train = torch.ones(4000, dtype=torch.bool)
+    control = control_task_labels(labels, types, train, seed=3)
     assert torch.equal(control[0::2], control[1::2])
-    assert 0.15 < control.float().mean() < 0.35  # ~25% ones, like the task
-    assert torch.equal(control, control_task_labels(labels, groups, train, seed=3))
-    assert not torch.equal(control, control_task_labels(labels, groups, train, seed=4))
+    # each type's label is a draw from the train distribution (25% ones): 4 binomial sd over 2000 types = 0.039
+    assert abs(control[0::2].float().mean() - 0.25) < 4 * (0.25 * 0.75 / 2000) ** 0.5
+    assert torch.equal(control, control_task_labels(labels, types, train, seed=3))
+    assert not torch.equal(control, control_task_labels(labels, types, train, seed=4))
 
 
 def test_tensor_datamodule_rejects_bad_shapes():
