@@ -35,9 +35,10 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from bench.extraction import bench_model  # noqa: E402
+from interp.ablation import LayerAblator  # noqa: E402
 from interp.backbone import load_tokenizer  # noqa: E402
 from interp.generation import generate_token_ids  # noqa: E402
-from interp.interventions import InterventionHandler, LayerAblator  # noqa: E402
+from interp.interventions import InterventionHandler  # noqa: E402
 from interp.patching import attribution_patching, patching_sweep, target_log_prob  # noqa: E402
 from interp.positions import padded_position_ids  # noqa: E402
 from interp.prompts import format_chat_prompt, tokenize_prompts  # noqa: E402

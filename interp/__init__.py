@@ -2,17 +2,24 @@
 
 Backbones and hooks: load_backbone, hooked, collect_activations. Directions and interventions:
 compute_contrastive_directions, InterventionHandler, apply_direction_intervention, LayerAblator, PathPatcher.
-Lenses: LogitLens. Grading: grade_answer.
+Lenses: LogitLens. Grading: grade_answer, has_final_answer.
 """
 
+from interp.ablation import LayerAblator
 from interp.activations import capture_residuals, collect_activations
 from interp.backbone import BUILTIN_BACKBONES, BackboneSpec, decoder_layers, load_backbone, load_tokenizer
 from interp.directions import compute_contrastive_directions, load_directions, pca_directions, save_directions
 from interp.errors import UserError
 from interp.generation import apply_direction_intervention, generate
-from interp.grading import compression_ratio, extract_answer, grade_answer, ngram_repetition
+from interp.grading import (
+    compression_ratio,
+    extract_answer,
+    grade_answer,
+    has_final_answer,
+    ngram_repetition,
+)
 from interp.hooks import hooked, site_name
-from interp.interventions import InterventionHandler, LayerAblator, orthogonalize_weights
+from interp.interventions import InterventionHandler, orthogonalize_weights, prompt_boundary
 from interp.lens import LogitLens
 from interp.metrics import first_tokens_logprob, gold_solution_nll, last_token_kl, next_token_logits
 from interp.patching import PathPatcher, attribution_patching, capture_sites, patching_sweep
@@ -44,6 +51,7 @@ __all__ = [
     "generate",
     "gold_solution_nll",
     "grade_answer",
+    "has_final_answer",
     "hooked",
     "last_token_kl",
     "load_backbone",
@@ -55,6 +63,7 @@ __all__ = [
     "patching_sweep",
     "pca_directions",
     "post_instruction_ids",
+    "prompt_boundary",
     "save_directions",
     "select_direction",
     "site_name",

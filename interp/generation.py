@@ -5,6 +5,9 @@ recommended temperature 0.6 / top_p 0.95 by default, greedy with `do_sample=Fals
 (top_k, repetition penalty, ...) come from the model's own `generation_config`.
 `apply_direction_intervention` is the same generation inside an `InterventionHandler`.
 Prompts are used as given: format chat prompts with `interp.format_chat_prompt` first.
+
+`DEFAULT_MAX_NEW_TOKENS` (8192) is the generation budget for answer-graded evaluation; see `generate` for why
+and what it costs.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from interp.errors import UserError
 from interp.interventions import InterventionHandler
 from interp.prompts import tokenize_prompts
 
+# Reasoning traces of QwQ-32B / R1-Distill-Qwen-32B run to thousands of tokens (see `generate`).
+DEFAULT_MAX_NEW_TOKENS = 8192
+
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     ids = model.generation_config.eos_token_id
@@ -31,7 +37,7 @@ def generate_token_ids(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
-    max_new_tokens: int = 512,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     temperature: float = 0.6,
     top_p: float = 0.95,
     do_sample: bool = True,
@@ -82,7 +88,7 @@ def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
-    max_new_tokens: int = 512,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     temperature: float = 0.6,
     top_p: float = 0.95,
     do_sample: bool = True,
@@ -91,7 +97,24 @@ def generate(
     use_cache: bool = True,
 ) -> list[str]:
     """Generated text of every prompt (new tokens only, up to the first EOS; special tokens such as
-    `</think>` are kept), in the input order. Arguments as in `generate_token_ids`."""
+    `</think>` are kept), in the input order. Arguments as in `generate_token_ids`.
+
+    max_new_tokens (default DEFAULT_MAX_NEW_TOKENS = 8192): a generation that reaches it without a final
+    answer is truncated (`interp.grading.has_final_answer` is False) and graded incorrect, so the budget must
+    let most traces finish, or accuracy measures truncation. Published lengths of these models' traces:
+    averaged over MATH500, AIME 2024, GSM8K and GPQA-Diamond with standard thinking, QwQ-32B writes 6472
+    tokens and R1-Distill-Qwen-32B 4995 (Soft Thinking, Zhang et al. 2025, arXiv:2505.15778, Fig. 1); GSM8K
+    alone is far shorter (QwQ-32B-Preview: 741 tokens, CoT-Valve, arXiv:2502.09601), AIME far longer. The
+    old default of 512 cut off nearly every trace. Report the truncation rate next to accuracy, per
+    condition: interventions change trace lengths.
+    Cost (both models: 64 layers, 8 KV heads of dim 128, bf16): the KV cache holds 2 * 64 * 8 * 128 * 2 B =
+    256 KiB per token, i.e. batch_size * (prompt + max_new_tokens) * 256 KiB at the end of a batch that runs
+    to the limit: ~2.0 GiB per sequence at 8192 new tokens (+ a 200-token prompt), ~16 GiB for batch_size 8,
+    on top of ~61 GiB of bf16 weights. Time: each decoding step reads every weight once (~65 GB), so a step
+    takes at least weights / memory bandwidth (~20 ms at 3.3 TB/s) and 8192 steps at least ~3 min per batch;
+    a batch runs until its LONGEST member stops, so one looping generation holds the whole batch to the
+    limit. Halving max_new_tokens halves both costs, at the price of more truncation on hard (MATH) problems.
+    """
     ids = generate_token_ids(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         do_sample=do_sample, seed=seed, batch_size=batch_size, use_cache=use_cache,

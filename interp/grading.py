@@ -4,9 +4,20 @@
 (numbers for GSM8K, LaTeX equivalence through math-verify for MATH), and `ngram_repetition` /
 `compression_ratio` score the "Wait, hold on" loops that late-layer steering can produce.
 
-Reasoning models write "<think> ... </think> answer": every extraction first looks only at the text after
-the LAST "</think>", and reads the whole text only when that part holds no answer (e.g. the output was cut
-off right after the thinking). Text without "</think>" is read whole.
+Only a FINAL answer counts. Reasoning models write "<think> ... </think> answer"; the project generates
+from a prompt that already ends in "<think>\n" (the chat template), so a generation usually holds "</think>"
+but not "<think>". The answer is looked for in one place, with one set of rules:
+- text with "</think>": only the text after the LAST "</think>" is read, with every rule (the explicit markers
+  below, and the dataset's unmarked fallback: GSM8K's last number, MATH's math-verify extraction). What the
+  model wrote while thinking never counts, also when nothing follows "</think>".
+- text without "</think>" (cut off while thinking, or a model that does not think): only an explicit final
+  answer counts: the last \\boxed{} / \\fbox{}, or the text after the last "The answer is" / "answer:" /
+  "####". A bare number in unfinished reasoning is not an answer.
+No answer -> `extract_answer` returns None, `has_final_answer` False and `grade_answer` False (incorrect).
+`has_final_answer(text) is False` is the definition of a truncated (unfinished) generation.
+Dashes used as a minus sign before a number (U+2212 minus, U+2013 en dash, U+2012 figure dash, U+2010 /
+U+2011 hyphens, U+FE63 small and U+FF0D full-width hyphen-minus) are read as "-" first, in predictions and gold
+answers: "The answer is <U+2212>5" reads as -5. The em dash (U+2014) is left alone: in prose it is punctuation.
 
 Grading never raises on malformed model output (it returns False); mistakes in what the caller asked for
 (unknown dataset, gold answer without an answer in it, bad timeout) raise `UserError`.
@@ -57,11 +68,16 @@ for _name in ("math_verify.parser", "math_verify.grader"):
 # Finding the answer in a text
 
 
-def _regions(text: str) -> list[str]:
-    """Where to look, in order: the text after the last </think> (when there is one), then the whole text."""
+# Dashes read as the ASCII minus / hyphen (see the module docstring): str.translate table.
+_DASHES = str.maketrans({char: "-" for char in "\u2010\u2011\u2012\u2013\u2212\ufe63\uff0d"})
+
+
+def _final_part(text: str) -> tuple[str, bool]:
+    """(where the final answer must be, whether the dataset's unmarked fallback may be used there): the text
+    after the last </think> with fallbacks when there is one, else the whole text, explicit markers only."""
     if THINK_END in text:
-        return [text.rsplit(THINK_END, 1)[1], text]
-    return [text]
+        return text.rsplit(THINK_END, 1)[1], True
+    return text, False
 
 
 _BOX_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -113,7 +129,7 @@ def _canonical(number: str) -> str:
     return number.replace(",", "")
 
 
-def _extract_gsm8k(region: str) -> str | None:
+def _extract_gsm8k(region: str, fallback: bool) -> str | None:
     text = _plain_numbers(region)
     for marker in reversed(list(_MARKER.finditer(text))):
         found = _MARKED_NUMBER.match(text, marker.end())
@@ -124,26 +140,30 @@ def _extract_gsm8k(region: str) -> str | None:
         found = _NUMBER.search(_plain_numbers(boxed))
         if found:
             return _canonical(found.group(0))
-    numbers = _NUMBER.findall(text)
+    numbers = _NUMBER.findall(text) if fallback else []
     return _canonical(numbers[-1]) if numbers else None
 
 
-def _extract_math(region: str) -> str | None:
-    boxed = last_boxed(region)
-    if boxed:
-        return boxed
-    # math-verify's own extraction: [parsed..., matched string] with its default fallback_mode="first_match"
-    found = [item for item in parse(region, parsing_timeout=None) if isinstance(item, str)]
+def _math_verify_extraction(text: str) -> str | None:
+    """math-verify's own extraction: [parsed..., matched string] with its default fallback_mode="first_match"."""
+    found = [item for item in parse(text, parsing_timeout=None) if isinstance(item, str)]
     return found[-1].strip() if found and found[-1].strip() else None
 
 
+def _extract_math(region: str, fallback: bool) -> str | None:
+    boxed = last_boxed(region)
+    if boxed:
+        return boxed
+    if fallback:
+        return _math_verify_extraction(region)
+    markers = list(_MARKER.finditer(region))
+    return _math_verify_extraction(region[markers[-1].end() :]) if markers else None
+
+
 def _extract(text: str, dataset: str) -> str | None:
-    extract = _extract_gsm8k if dataset == "gsm8k" else _extract_math
-    for region in _regions(text):
-        answer = extract(region)
-        if answer is not None:
-            return answer
-    return None
+    """The one extraction path (see the module docstring): the final answer of a model's output, or None."""
+    region, fallback = _final_part(text.translate(_DASHES))
+    return (_extract_gsm8k if dataset == "gsm8k" else _extract_math)(region, fallback)
 
 
 def _check_dataset(dataset: str) -> str:
@@ -163,21 +183,32 @@ def extract_answer(text: str, dataset: str, timeout_s: float = 5.0) -> str | Non
     """The final answer in a model's output, or None when it has none (or on timeout).
 
     gsm8k: the number after the last answer marker ("####", "The answer is", "answer:", any case) that is
-        followed by one; else the first number inside the last \\boxed{...}; else the last number in the
-        text. Returned canonical: thousands commas removed, no "$" / "\\$" / units / "%" / trailing period
+        followed by one; else the first number inside the last \\boxed{...}; else (only after "</think>")
+        the last number. Returned canonical: thousands commas removed, no "$" / "\\$" / units / "%" / trailing period
         ("$1,234." -> "1234", "10%" -> "10": a percent sign is dropped, the value is NOT divided by 100,
         as GSM8K writes percentages as bare numbers). Negative numbers, decimals and fractions ("3/4",
         \\frac{3}{4} -> "3/4") are kept as written.
     math: the content of the last brace-balanced \\boxed{...} / \\fbox{...}, else math-verify's own
-        extraction (LaTeX / plain expression), returned as the matched string.
-    Both look after the last "</think>" first (see the module docstring). `timeout_s` bounds the
-    math-verify fallback.
+        extraction (LaTeX / plain expression; without "</think>" only of the text after the last marker),
+        returned as the matched string.
+    Where: after the last "</think>" with all of the above; without "</think>" only the marked forms (a
+        marker's number / a box for gsm8k; a box, or math-verify on the text after the last marker, for math).
+        See the module docstring. `timeout_s` bounds the math-verify calls.
     """
     name = _check_dataset(dataset)
     timeout_s = _check_timeout(timeout_s)
     if not isinstance(text, str):
         return None
     return _bounded(lambda: _extract(text, name), timeout_s, None)
+
+
+def has_final_answer(text: str, dataset: str, timeout_s: float = 5.0) -> bool:
+    """True when `text` holds a final answer, i.e. `extract_answer(text, dataset, timeout_s) is not None`.
+
+    A generation without one is "truncated" (unfinished: cut off while thinking, or ended without stating an
+    answer); `grade_answer` marks it incorrect. A timeout counts as no answer.
+    """
+    return extract_answer(text, dataset, timeout_s) is not None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -209,9 +240,9 @@ def _numbers_equal(a: str, b: str) -> bool:
 
 def _gold_answer(gold: str | int | float, dataset: str) -> str:
     """The answer in a gold field: a bare answer, or a worked solution ("... #### 18", "... \\boxed{18}")."""
-    text = str(gold).strip() if isinstance(gold, (str, int, float)) else ""
-    if dataset == "gsm8k":
-        answer = _extract(text, "gsm8k") if text else None
+    text = str(gold).strip().translate(_DASHES) if isinstance(gold, (str, int, float)) else ""
+    if dataset == "gsm8k":  # a gold field is a final answer: the unmarked last-number rule applies
+        answer = _extract_gsm8k(text, fallback=True) if text else None
         if answer is None or _to_fraction(answer) is None:
             raise UserError(f"gold answer {str(gold)[:80]!r} has no number to grade against")
         return answer
@@ -239,13 +270,15 @@ def _grade_gsm8k(prediction: str, gold: str) -> bool:
 def grade_answer(prediction: str, gold: str, dataset: str, timeout_s: float = 5.0) -> bool:
     """True when `prediction` (a model's output) answers like `gold`; never raises on malformed output.
 
-    dataset "gsm8k": the numbers `extract_answer` finds in both are equal: exactly for integers and
-        decimals ("18.0" == "18", "1,000" == "1000", "-3" != "3"), within 1e-6 relative when either side is
-        a fraction ("3/4" == "0.75", "1/3" == "0.3333333"). `gold` may be the bare answer or a full GSM8K
-        solution ending in "#### <answer>".
-    dataset "math": math-verify `verify(gold, prediction)` on the last boxed answer of the prediction (or
-        math-verify's own extraction when nothing is boxed) against `gold` (bare LaTeX, or a solution whose
-        last \\boxed{} holds it). LaTeX equivalence: \\frac12 == 0.5, \\dfrac, intervals, sets, \\text{} units.
+    The prediction's answer is `extract_answer(prediction, dataset)`: no final answer (e.g. cut off while
+    thinking) grades False. The gold field is read as a final answer (its last number counts unmarked).
+    dataset "gsm8k": the numbers found in both are equal: exactly for integers and decimals
+        ("18.0" == "18", "1,000" == "1000", "-3" != "3"), within 1e-6 relative when either side is a fraction
+        ("3/4" == "0.75", "1/3" == "0.3333333"). `gold` may be the bare answer or a full GSM8K solution
+        ending in "#### <answer>".
+    dataset "math": math-verify `verify(gold, prediction)` on the prediction's answer against `gold` (bare
+        LaTeX, or a solution whose last \\boxed{} holds it). LaTeX equivalence: \\frac12 == 0.5, \\dfrac,
+        intervals, sets, \\text{} units.
     The whole call is bounded by `timeout_s` seconds in any thread; a timeout returns False.
     Raises UserError for an unknown dataset, a gold answer without an answer in it, or timeout_s <= 0.
     """

@@ -1,16 +1,17 @@
-"""Causal interventions on the residual stream: adding a direction, ablating it, ablating whole layers.
+"""Causal interventions on the residual stream: adding a direction, or ablating it everywhere.
 
 - `InterventionHandler`: a context manager that, while active, either
     "add":    adds `strength * directions[l]` at `blocks.{l}.resid_post` of the chosen layers, or
     "ablate": removes one direction r_hat everywhere the residual stream is written (the `embed` output and
               every layer's `attn_out` and `mlp_out`): x <- x - strength * (x . r_hat) r_hat, in float32.
-  `positions` limits this to the prompt's tokens ("prompt"), to the tokens produced by generation
-  ("generated": positions >= the prompt length) or applies it to both ("all").
+  `positions` limits this to the prompt's tokens ("prompt"), to the tokens after the prompt ("generated")
+  or applies it to both ("all"). Inside `generate` the prompt is what the first forward saw; a teacher-forced
+  forward (prompt + solution in one sequence, e.g. `interp.metrics.gold_solution_nll`) must declare where each
+  row's prompt ends, with `prompt_boundary(model, prompt_lengths)` or `InterventionHandler(...,
+  prompt_lengths=...)`; a forward that is neither raises UserError instead of silently changing nothing.
 - `orthogonalize_weights`: the weight-space twin of "ablate" (strength 1): projects r_hat out of the embedding
   matrix and out of the output space of every attention and MLP output projection, in place.
-- `LayerAblator`: a context manager that replaces a layer's contribution `resid_post - resid_pre`
-  [batch, pos, d_model] by zero, by its mean over reference prompts, or by what the layer wrote on reference
-  prompts ("resample").
+- Ablating whole layers: `interp.ablation.LayerAblator`.
 
 Every hook goes through `interp.hooks.hooked`, so hooks are removed on exit, also after exceptions, and
 handlers nest: the hooks of the outer `with` block run first.
@@ -18,22 +19,24 @@ handlers nest: the hooks of the outer `with` block run first.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
+import inspect
+import sys
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
+from transformers.generation.utils import GenerationMixin
 
-from interp.activations import check_layers, run_hooked_decoder
-from interp.backbone import decoder_layers, input_device
+from interp.activations import check_layers
+from interp.backbone import base_decoder, decoder_layers
 from interp.errors import UserError
 from interp.hooks import HookFn, block_part, hooked, site_name
-from interp.prompts import tokenize_prompts
 
 MODES = ("add", "ablate")
 POSITIONS = ("all", "prompt", "generated")
-ABLATION_METHODS = ("zero", "mean", "resample")
 # Names of the output projection (the Linear writing into the residual stream) of attention and MLP modules.
 _OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "down_proj", "c_proj", "dense_4h_to_h", "fc2", "dense", "wo")
 
@@ -94,28 +97,112 @@ def _past_length(cache) -> int:
     return int(cache[0][0].shape[-2]) if len(cache) else 0  # legacy tuple of (key, value) per layer
 
 
-class _PromptTracker:
-    """Where the tokens of the current forward sit relative to the prompt, for positions "prompt"/"generated".
+def _tokens_and_cache(kwargs: dict) -> tuple[torch.Tensor, object]:
+    """The forward's input_ids (or inputs_embeds) [batch, seq(, d)] and its KV cache (None without one)."""
+    tokens = kwargs.get("input_ids")
+    tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
+    return tokens, kwargs.get("cache", kwargs.get("past_key_values"))
 
-    A forward starts a new prompt when its KV cache is empty (or it has none) unless, without a cache, its
-    tokens extend the current prompt's tokens: generation without a cache re-runs prompt + generated tokens
-    at every step. So a later call on the same prompt + extra tokens without a cache counts as generated
-    tokens; every other forward starts a new prompt. With a cache, each decoding step (seq len 1) sits at
-    absolute position `past length`.
+
+def real_token_index(kwargs: dict) -> torch.Tensor:
+    """[batch, seq] long: the index of each token of a forward among its row's real (non-padding) tokens,
+    counting tokens already in the KV cache; -1 at padding.
+
+    `kwargs` are the base decoder's forward arguments (as `hooked(observe_inputs=...)` passes them); padding
+    is read from the 2D `attention_mask` (left or right padded; None: no padding), which spans the cached
+    tokens too (as in HF generate).
+    """
+    tokens, cache = _tokens_and_cache(kwargs)
+    (batch, seq), past = tokens.shape[:2], _past_length(cache)
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        return torch.arange(past, past + seq, device=tokens.device).expand(batch, seq)
+    if mask.ndim != 2 or tuple(mask.shape) != (batch, past + seq):
+        raise UserError(
+            f"cannot tell padding from real tokens: expected a 2D attention_mask of shape {(batch, past + seq)}, "
+            f"got {tuple(mask.shape)}"
+        )
+    real = mask.bool()
+    index = (real.long().cumsum(-1) - 1).masked_fill(~real, -1)
+    return index[:, past:]
+
+
+# base decoder -> [batch] prompt lengths declared by the innermost active `prompt_boundary`
+_BOUNDARIES: weakref.WeakKeyDictionary[nn.Module, torch.Tensor] = weakref.WeakKeyDictionary()
+
+
+def _check_prompt_lengths(prompt_lengths) -> torch.Tensor:
+    lengths = torch.as_tensor(prompt_lengths).detach().cpu()
+    if lengths.ndim != 1 or lengths.numel() == 0 or lengths.is_floating_point() or bool((lengths < 0).any()):
+        raise UserError(f"prompt_lengths must be a [batch] list of token counts >= 0, got {prompt_lengths!r}")
+    return lengths.long()
+
+
+@contextmanager
+def prompt_boundary(model: nn.Module, prompt_lengths) -> Iterator[None]:
+    """Declare, for the teacher-forced forwards of `model` inside the block, that row i's first
+    `prompt_lengths[i]` real (non-padding) tokens are its prompt and its later real tokens are "generated".
+
+    Read by every active `InterventionHandler` with positions "prompt" / "generated" (it overrides the
+    handler's own `prompt_lengths`) in every forward without a KV cache, which must have len(prompt_lengths)
+    rows. Forwards with a KV cache (HF generate) keep the generation rule.
+    """
+    lengths, key = _check_prompt_lengths(prompt_lengths), base_decoder(model)
+    previous = _BOUNDARIES.get(key)
+    _BOUNDARIES[key] = lengths
+    try:
+        yield
+    finally:
+        if previous is None:
+            _BOUNDARIES.pop(key, None)
+        else:
+            _BOUNDARIES[key] = previous
+
+
+_GENERATE = inspect.unwrap(GenerationMixin.generate).__code__
+
+
+def _inside_generate() -> bool:
+    """True when HF `generate` is on the call stack. Its first forward without a KV cache looks exactly like
+    a teacher-forced forward; only where it is called from tells them apart."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _GENERATE:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class _PromptTracker:
+    """Which tokens of the current forward are prompt, for positions "prompt" / "generated".
+
+    - A forward without a KV cache under a declared boundary (`prompt_lengths`): row i's first
+      prompt_lengths[i] real tokens are prompt, its later real tokens generated; padding is neither.
+    - Otherwise only forwards of HF `generate` are understood: a forward with an empty KV cache (or, without a
+      cache, one that does not extend the previous forward's tokens) starts a new prompt, its whole (padded)
+      width; with a cache each decoding step sits at absolute position `past length`; without a cache
+      (generate(use_cache=False) re-runs prompt + generated tokens at every step) a forward whose tokens extend
+      the current prompt's tokens has its tail generated.
+    - Any other forward (teacher forcing without a boundary) raises UserError: there is no prompt to tell.
     """
 
-    def __init__(self):
+    def __init__(self, model: nn.Module, positions: str, prompt_lengths: torch.Tensor | None = None):
+        self.decoder, self.positions, self.own_lengths = base_decoder(model), positions, prompt_lengths
         self.prompt_len: int | None = None
         self.prompt_tokens: torch.Tensor | None = None  # [batch, prompt_len] ids (or [.., d] embeddings)
         self.start = 0  # absolute position of the current forward's first token
+        self.declared: tuple[torch.Tensor, torch.Tensor] | None = None  # (is_prompt, is_real) [batch, seq]
 
     def observe(self, kwargs: dict) -> None:
-        tokens = kwargs.get("input_ids")
-        if tokens is None:
-            tokens = kwargs.get("inputs_embeds")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        """Called before every forward of the base decoder (`hooked(observe_inputs=...)`)."""
+        tokens, cache = _tokens_and_cache(kwargs)
         past, seq = _past_length(cache), tokens.shape[1]
-        self.start = past
+        self.start, self.declared = past, None
+        lengths = _BOUNDARIES.get(self.decoder, self.own_lengths)
+        if lengths is not None and cache is None:
+            self.prompt_len = self.prompt_tokens = None  # a later generate starts afresh
+            self._declare(kwargs, lengths)
+            return
         if past > 0:  # a decoding step (or a continued cache: then everything seen so far is prompt)
             if self.prompt_len is None:
                 self.prompt_len = past + seq
@@ -126,14 +213,34 @@ class _PromptTracker:
             and tokens.shape[0] == self.prompt_tokens.shape[0]
             and torch.equal(tokens[:, : self.prompt_len].to(self.prompt_tokens.device), self.prompt_tokens)
         )
-        if not continues:
-            self.prompt_len, self.prompt_tokens = seq, tokens.detach().clone()
+        if continues:
+            return
+        if cache is None and not _inside_generate():
+            raise UserError(
+                f"positions={self.positions!r} on a forward outside generate: say where each prompt ends with "
+                "InterventionHandler(..., prompt_lengths=...) or interp.interventions.prompt_boundary"
+            )
+        self.prompt_len, self.prompt_tokens = seq, tokens.detach().clone()
 
-    def selected(self, seq: int, positions: str, device: torch.device) -> torch.Tensor:
-        """[pos] bool: which of the current forward's `seq` tokens the intervention applies to."""
+    def _declare(self, kwargs: dict, lengths: torch.Tensor) -> None:
+        index = real_token_index(kwargs)  # [batch, seq]
+        if lengths.shape[0] != index.shape[0]:
+            raise UserError(f"prompt_lengths has {lengths.shape[0]} rows but the forward has {index.shape[0]}")
+        n_real = (index >= 0).sum(-1).cpu()
+        if bool((lengths > n_real).any()):
+            row = int((lengths > n_real).nonzero()[0, 0])
+            raise UserError(f"prompt_lengths[{row}] = {int(lengths[row])} exceeds row {row}'s {int(n_real[row])} tokens")
+        is_prompt = (index >= 0) & (index < lengths.to(index.device)[:, None])
+        self.declared = (is_prompt, index >= 0)
+
+    def selected(self, seq: int, device: torch.device) -> torch.Tensor:
+        """[batch or 1, pos] bool: which of the current forward's `seq` tokens the intervention applies to."""
+        if self.declared is not None:
+            is_prompt, real = (mask.to(device) for mask in self.declared)
+            return is_prompt if self.positions == "prompt" else real & ~is_prompt
         absolute = torch.arange(self.start, self.start + seq, device=device)
         is_prompt = absolute < (self.prompt_len if self.prompt_len is not None else seq)
-        return is_prompt if positions == "prompt" else ~is_prompt
+        return (is_prompt if self.positions == "prompt" else ~is_prompt)[None]
 
 
 class InterventionHandler:
@@ -146,14 +253,24 @@ class InterventionHandler:
             2 = reflection.
         layers: "add" only: layer indices (None = all layers). "ablate" always acts at every layer.
         mode: "add" (at `blocks.{l}.resid_post`) or "ablate" (at `embed` and every `attn_out` / `mlp_out`).
-        positions: "all"; "prompt" (only the prompt's tokens, i.e. the prefill forward); "generated" (only
-            tokens at positions >= the prompt length: with a KV cache the decoding steps, without one the
-            tail of every re-run sequence). See `_PromptTracker` for how a new prompt is recognised.
+        positions: "all"; "prompt" (only the prompt's tokens); "generated" (only the tokens after the prompt).
+            In HF `generate` the prompt is the first forward's (padded) input: "prompt" is the prefill,
+            "generated" the decoding steps (without a KV cache: the tail of every re-run sequence). Any other
+            forward needs a declared boundary (`prompt_lengths`, or `prompt_boundary` around the forward)
+            and otherwise raises UserError. See `_PromptTracker`.
         ablation_layer: "ablate" with [n_layers, d_model] directions: which layer's direction to ablate.
+        prompt_lengths: [batch] numbers of real (unpadded) prompt tokens per row, for teacher-forced forwards
+            (prompt + continuation in one sequence, left or right padded) with positions "prompt" /
+            "generated": in row i the first prompt_lengths[i] real tokens are prompt, the later real tokens
+            generated, padding neither. Applies to every forward in the block without a KV cache (they must
+            have len(prompt_lengths) rows); an active `prompt_boundary` takes precedence.
 
-    Example:
+    Examples:
         with InterventionHandler(model, directions, 4.0, layers=[20], positions="generated"):
             out = model.generate(**batch, max_new_tokens=64)
+        with InterventionHandler(model, directions, 4.0, layers=[20], positions="generated",
+                                 prompt_lengths=[12, 9]):
+            logits = model(**prompt_plus_solution_batch).logits
     """
 
     def __init__(
@@ -165,6 +282,7 @@ class InterventionHandler:
         mode: str = "add",
         positions: str = "all",
         ablation_layer: int | None = None,
+        prompt_lengths: Sequence[int] | torch.Tensor | None = None,
     ):
         if mode not in MODES:
             raise UserError(f"unknown intervention mode {mode!r}; expected one of {', '.join(MODES)}")
@@ -172,11 +290,14 @@ class InterventionHandler:
             raise UserError(
                 f"unknown intervention positions {positions!r}; expected one of {', '.join(POSITIONS)}"
             )
+        if prompt_lengths is not None and positions == "all":
+            raise UserError("prompt_lengths are only used with positions 'prompt' or 'generated'")
         directions = check_directions(model, directions)
         n_layers = len(decoder_layers(model))
         self.model, self.mode, self.positions = model, mode, positions
+        self.prompt_lengths = None if prompt_lengths is None else _check_prompt_lengths(prompt_lengths)
         self.strength = float(intervention_strength)
-        self._tracker = _PromptTracker()
+        self._tracker = _PromptTracker(model, positions, self.prompt_lengths)
         self._stack: ExitStack | None = None
         if mode == "add":
             if ablation_layer is not None:
@@ -224,11 +345,11 @@ class InterventionHandler:
         def fn(hidden: torch.Tensor) -> torch.Tensor | None:
             if self.positions == "all":
                 return self._edit(vector, hidden)
-            keep = self._tracker.selected(hidden.shape[1], self.positions, hidden.device)  # [pos]
+            keep = self._tracker.selected(hidden.shape[1], hidden.device)  # [batch or 1, pos]
             if not bool(keep.any()):
                 return None
             new = self._edit(vector, hidden)
-            return new if bool(keep.all()) else torch.where(keep[None, :, None], new, hidden)
+            return new if bool(keep.all()) else torch.where(keep[..., None], new, hidden)
 
         return fn
 
@@ -239,7 +360,7 @@ class InterventionHandler:
     def __enter__(self) -> InterventionHandler:
         if self._stack is not None:
             raise RuntimeError("this InterventionHandler is already active")
-        self._tracker = _PromptTracker()
+        self._tracker = _PromptTracker(self.model, self.positions, self.prompt_lengths)
         observe = None if self.positions == "all" else self._tracker.observe
         stack = ExitStack()
         stack.enter_context(hooked(self.model, self.hooks(), observe_inputs=observe))
@@ -316,182 +437,3 @@ def _project_rows(weight: torch.Tensor, r: torch.Tensor) -> None:
     vector = r.to(weight.device)
     rows = weight.to(torch.float32)
     weight.copy_((rows - torch.outer(rows @ vector, vector)).to(weight.dtype))
-
-
-def _reference_batches(
-    reference_inputs, tokenizer, batch_size: int | None
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(input_ids, attention_mask) batches [batch, seq] from a tokenized batch dict or a list of prompts."""
-    if isinstance(reference_inputs, Mapping):
-        ids = torch.as_tensor(reference_inputs["input_ids"])
-        ids = ids[None] if ids.ndim == 1 else ids
-        mask = reference_inputs.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(ids.shape)
-        return [(ids, mask)]
-    prompts = [reference_inputs] if isinstance(reference_inputs, str) else list(reference_inputs)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise UserError(
-            "reference_inputs must be a tokenized batch {'input_ids', 'attention_mask'} or a list of prompts"
-        )
-    if tokenizer is None:
-        raise UserError(
-            "reference prompts given as text need the tokenizer (LayerAblator(..., tokenizer=...))"
-        )
-    size = batch_size or len(prompts)
-    batches = [tokenize_prompts(tokenizer, prompts[i : i + size]) for i in range(0, len(prompts), size)]
-    return [(batch["input_ids"], batch["attention_mask"]) for batch in batches]
-
-
-@torch.no_grad()
-def layer_contributions(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int]
-) -> dict[int, torch.Tensor]:
-    """What each layer adds to the residual stream, resid_post - resid_pre: float64 [batch, seq, d_model].
-
-    One forward of the base decoder (left-padding-safe position ids, no cache, no LM head, stops after the
-    deepest layer), with whatever other hooks are active at the time. Returned on the CPU.
-    """
-    device = input_device(model)
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    inputs: dict[int, torch.Tensor] = {}
-    out: dict[int, torch.Tensor] = {}
-
-    def store(layer: int):
-        return lambda hidden: inputs.__setitem__(layer, hidden)
-
-    def difference(layer: int):
-        def fn(hidden: torch.Tensor) -> None:
-            out[layer] = (hidden.to(torch.float64) - inputs.pop(layer).to(torch.float64)).cpu()
-
-        return fn
-
-    hooks = [(site_name(layer, "resid_pre"), store(layer)) for layer in layers]
-    hooks += [(site_name(layer), difference(layer)) for layer in layers]
-    run_hooked_decoder(model, input_ids, attention_mask, hooks, max(layers))
-    return out
-
-
-class LayerAblator:
-    """Replace the contribution c_l = resid_post - resid_pre of chosen layers while the `with` block runs.
-
-    ablation_method:
-        "zero":     c_l <- 0, i.e. resid_post = resid_pre exactly (the layer is skipped; same as deleting it
-                    from the layer stack).
-        "mean":     c_l <- m_l, the mean of c_l over every real (non-padding) token of the reference prompts,
-                    accumulated in float64 ([d_model] per layer, `self.means`), at every position.
-        "resample": c_l[i, j] <- the contribution the layer wrote at row i, column j of the reference batch
-                    (`self.contributions[l]`, [n_ref, seq, d_model]). Rows are paired by index and columns by
-                    position in the left-padded batches, i.e. aligned at the last token: column j of both is
-                    the same number of tokens before the end. The ablated forward must therefore have the
-                    reference batch's shape [n_ref, seq] (single forwards, not KV-cached decoding steps), and
-                    every real token of row i must face a real token of reference row i (the reference prompt
-                    is at least as long). To resample from other prompts of the same batch, pass the batch
-                    with its rows permuted, e.g. `tokenize_prompts(tokenizer, prompts[1:] + prompts[:1])`.
-    reference_inputs: a tokenized batch {"input_ids", "attention_mask"} ([batch, seq]) or a list of prompt
-        strings (then pass `tokenizer`; "mean" tokenizes them in batches of `batch_size`, "resample" as one
-        left-padded batch). Reference contributions are computed once, here, from a run with the hooks that
-        are active at construction time (normally none: the clean model).
-    Hooks of the outer `with` block run first: put an ablator outside a handler whose edits must survive it.
-    """
-
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        layer_indices: int | Sequence[int],
-        ablation_method: str = "zero",
-        reference_inputs=None,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-        batch_size: int = 8,
-    ):
-        if ablation_method not in ABLATION_METHODS:
-            raise UserError(
-                f"unknown ablation_method {ablation_method!r}; expected one of {', '.join(ABLATION_METHODS)}"
-            )
-        layer_indices = [layer_indices] if isinstance(layer_indices, int) else layer_indices
-        self.model, self.method = model, ablation_method
-        self.layers = check_layers(layer_indices, len(decoder_layers(model)))
-        self._replacements: dict[int, _OnDevice] = {}
-        self._inputs: dict[int, torch.Tensor] = {}
-        self._stack: ExitStack | None = None
-        self.reference_mask: torch.Tensor | None = None
-        if ablation_method == "zero":
-            if reference_inputs is not None:
-                raise UserError("reference_inputs are only used by ablation_method 'mean' and 'resample'")
-            return
-        if reference_inputs is None:
-            raise UserError(
-                f"ablation_method {ablation_method!r} needs reference_inputs (prompts or a tokenized batch)"
-            )
-        if ablation_method == "mean":
-            sums = {layer: torch.zeros(_d_model(model), dtype=torch.float64) for layer in self.layers}
-            count = 0
-            for ids, mask in _reference_batches(reference_inputs, tokenizer, batch_size):
-                contributions = layer_contributions(model, ids, mask, self.layers)
-                weights = mask.to(torch.float64)[:, :, None]  # [batch, seq, 1]
-                sums = {
-                    layer: sums[layer] + (contributions[layer] * weights).sum((0, 1)) for layer in self.layers
-                }
-                count += int(mask.sum())
-            if count == 0:
-                raise UserError("reference_inputs hold no real tokens (the attention mask is all zeros)")
-            self.means = {layer: sums[layer] / count for layer in self.layers}  # float64 [d_model]
-            self._replacements = {
-                layer: _OnDevice(self.means[layer].to(torch.float32)) for layer in self.layers
-            }
-        else:
-            [(ids, mask)] = _reference_batches(reference_inputs, tokenizer, None)
-            contributions = layer_contributions(model, ids, mask, self.layers)
-            self.contributions = {layer: contributions[layer].to(torch.float32) for layer in self.layers}
-            self.reference_mask = mask.bool().cpu()  # [n_ref, seq]
-            self._replacements = {layer: _OnDevice(self.contributions[layer]) for layer in self.layers}
-
-    def _check_resample_batch(self, kwargs: dict) -> None:
-        tokens = kwargs.get("input_ids")
-        tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
-        shape, expected = tuple(tokens.shape[:2]), tuple(self.reference_mask.shape)
-        if shape != expected:
-            raise UserError(
-                f"resample ablation: the forward has {shape[0]} x {shape[1]} tokens but the reference batch "
-                f"{expected[0]} x {expected[1]}; rows and (left-padded) columns are paired: shapes must match"
-            )
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.ndim == 2:
-            uncovered = mask.bool().cpu() & ~self.reference_mask
-            if bool(uncovered.any()):
-                row = int(uncovered.any(-1).nonzero()[0, 0])
-                raise UserError(
-                    f"resample ablation: reference prompt {row} is shorter than the prompt in row {row}"
-                )
-
-    def _store(self, layer: int):
-        return lambda hidden: self._inputs.__setitem__(layer, hidden)
-
-    def _replace(self, layer: int):
-        def fn(hidden: torch.Tensor) -> torch.Tensor:
-            resid_pre = self._inputs.pop(layer)
-            if self.method == "zero":
-                return resid_pre
-            replacement = self._replacements[layer].on(hidden.device)  # [d_model] or [batch, seq, d_model]
-            return (resid_pre.to(torch.float32) + replacement).to(hidden.dtype)
-
-        return fn
-
-    def hooks(self) -> list[tuple[str, HookFn]]:
-        """The (site, fn) pairs this ablator registers: store resid_pre, then replace resid_post."""
-        hooks = [(site_name(layer, "resid_pre"), self._store(layer)) for layer in self.layers]
-        return hooks + [(site_name(layer), self._replace(layer)) for layer in self.layers]
-
-    def __enter__(self) -> LayerAblator:
-        if self._stack is not None:
-            raise RuntimeError("this LayerAblator is already active")
-        observe = self._check_resample_batch if self.method == "resample" else None
-        stack = ExitStack()
-        stack.enter_context(hooked(self.model, self.hooks(), observe_inputs=observe))
-        self._stack = stack
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        stack, self._stack = self._stack, None
-        self._inputs.clear()
-        stack.close()
-        return False

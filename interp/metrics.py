@@ -6,7 +6,9 @@ intervention's context manager (ablation, addition, patching) and the metric mea
 Prompts are tokenized as given (no tokens added), like `interp.activations.collect_activations`: format them
 with `interp.prompts.format_chat_prompt` first. Prompt and solution are tokenized SEPARATELY and their ids
 concatenated, so the boundary between them is exact (no BPE merge across it). Batches are left padded and
-get `padded_position_ids`, so a padded batch scores exactly like each prompt alone.
+get `padded_position_ids`, so a padded batch scores exactly like each prompt alone. The solution scores
+declare the prompt / solution boundary (`interp.interventions.prompt_boundary`): inside an
+`InterventionHandler(..., positions="generated")` the solution tokens count as generated, the prompt's as prompt.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from interp.backbone import input_device
 from interp.errors import UserError
+from interp.interventions import prompt_boundary
 from interp.positions import padded_position_ids
 from interp.prompts import tokenize_prompts
 
@@ -85,7 +88,10 @@ def _solution_logprobs(
         n_sol = max(len(solution_ids[i]) for i in chunk)
         # With left padding every row ends at the last column: the solution tokens are each row's last
         # len(solution) tokens, predicted by the logits one position earlier.
-        logits = _last_logits(model, ids, mask, n_sol + 1)[:, :-1]  # [batch, n_sol, vocab]
+        # The boundary lets an InterventionHandler with positions "prompt" / "generated" act on the prompt /
+        # the solution tokens (it cannot tell them apart in a single teacher-forced forward).
+        with prompt_boundary(model, [len(prompt_ids[i]) for i in chunk]):
+            logits = _last_logits(model, ids, mask, n_sol + 1)[:, :-1]  # [batch, n_sol, vocab]
         targets = ids[:, -n_sol:].to(logits.device)  # [batch, n_sol]
         logprobs = -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # [batch, n_sol]
         for row, i in enumerate(chunk):

@@ -44,8 +44,8 @@ def math500():
 
 def test_every_gsm8k_rationale_grades_true_against_its_own_answer(gsm8k):
     assert sum(grade_answer(rationale, answer, "gsm8k") for rationale, answer in gsm8k) == 1319
-    # gold given as the whole rationale too ("... #### 18")
-    assert all(grade_answer(answer, rationale, "gsm8k") for rationale, answer in gsm8k)
+    # gold given as the whole rationale too ("... #### 18"); a bare "18" prediction is no final answer
+    assert all(grade_answer(f"The answer is {answer}", rationale, "gsm8k") for rationale, answer in gsm8k)
 
 
 def test_gsm8k_wrong_number_grades_false(gsm8k):
@@ -58,9 +58,9 @@ def test_gsm8k_wrong_number_grades_false(gsm8k):
 
 
 def test_gsm8k_last_number_fallback_on_real_rationales(gsm8k):
-    """Without the '#### x' line the last number of the rationale is read: right for 1282 of 1319 (the rest
-    end on a number that is not the answer: "... 8 years old 4 years from now.")."""
-    stripped = [(rationale.rsplit("####", 1)[0], answer) for rationale, answer in gsm8k]
+    """After "</think>" and without the '#### x' line the last number of the rationale is read: right for
+    1282 of 1319 (the rest end on a number that is not the answer: "... 8 years old 4 years from now.")."""
+    stripped = [("</think>\n" + rationale.rsplit("####", 1)[0], answer) for rationale, answer in gsm8k]
     assert sum(grade_answer(text, answer, "gsm8k") for text, answer in stripped) >= 1282
 
 
@@ -88,7 +88,8 @@ def test_gsm8k_last_number_fallback_on_real_rationales(gsm8k):
     ],
 )
 def test_gsm8k_extraction(text, expected):
-    assert extract_answer(text, "gsm8k") == expected
+    """Read as a final answer (after "</think>"), where the unmarked last-number rule applies too."""
+    assert extract_answer("</think>\n" + text, "gsm8k") == expected
 
 
 @pytest.mark.parametrize(
@@ -223,10 +224,12 @@ def test_thinking_text_after_the_last_think_end_is_preferred():
     assert extract_answer(text, "gsm8k") == "2"
 
 
-def test_thinking_whole_text_when_nothing_follows():
-    assert extract_answer("<think> so it is \\boxed{4}</think>", "math") == "4"
-    assert extract_answer("<think> so it is 4</think>\n", "gsm8k") == "4"
-    assert extract_answer("<think> 3 apples, then 5 (cut off", "gsm8k") == "5"  # no </think>: whole text
+def test_nothing_after_the_last_think_end_is_no_answer():
+    """What the model wrote while thinking never counts, also when nothing follows </think>."""
+    assert extract_answer("<think> so it is \\boxed{4}</think>", "math") is None
+    assert extract_answer("<think> so the answer is 4</think>\n", "gsm8k") is None
+    assert not grade_answer("<think> so the answer is 4</think>\n", "4", "gsm8k")
+    assert extract_answer("<think> 3 apples, then 5 (cut off", "gsm8k") is None  # no </think>, no marker
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -7,12 +7,13 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
+from interp.ablation import LayerAblator
 from interp.activations import collect_activations
 from interp.backbone import decoder_layers
 from interp.errors import UserError
 from interp.generation import apply_direction_intervention, generate, generate_token_ids
 from interp.hooks import hooked, site_name
-from interp.interventions import InterventionHandler, LayerAblator, orthogonalize_weights
+from interp.interventions import InterventionHandler, orthogonalize_weights
 from interp.positions import padded_position_ids
 from interp.prompts import format_chat_prompt, tokenize_prompts
 
@@ -366,7 +367,8 @@ def test_zero_ablation_equals_deleting_the_layer(tiny, batch, layer):
     assert not torch.allclose(ablated, _logits(model, batch), atol=1e-3)
 
 
-def test_mean_ablation_uses_the_float64_mean_over_real_reference_tokens(tiny, batch, chat_prompts):
+def test_mean_ablation_uses_float64_role_means_over_real_reference_tokens(tiny, batch, chat_prompts):
+    """Means of the first real token and of the later real tokens, each prompt alone through HF hidden states."""
     model, tokenizer = tiny
     layers = [3, 10]
     ablator = LayerAblator(
@@ -374,12 +376,12 @@ def test_mean_ablation_uses_the_float64_mean_over_real_reference_tokens(tiny, ba
     )
     alone = [_hidden_states(model, tokenize_prompts(tokenizer, [prompt])) for prompt in chat_prompts]
     for layer in layers:  # independent: each prompt alone, unpadded, through HF output_hidden_states
-        total, count = torch.zeros(model.config.hidden_size, dtype=torch.float64), 0
-        for hidden in alone:
-            total = total + (hidden[layer + 1][0].double() - hidden[layer][0].double()).sum(0)
-            count += hidden[layer].shape[1]
+        written = [hidden[layer + 1][0].double() - hidden[layer][0].double() for hidden in alone]  # [seq, d]
+        first = sum(c[0] for c in written) / len(written)
+        later = sum(c[1:].sum(0) for c in written) / sum(c.shape[0] - 1 for c in written)
         assert ablator.means[layer].dtype == torch.float64
-        torch.testing.assert_close(ablator.means[layer], total / count, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ablator.means[layer], torch.stack([first, later]), atol=1e-6, rtol=1e-5)
+    assert ablator.counts == [len(chat_prompts), sum(h[0].shape[1] - 1 for h in alone)]
     # The tiny model's pad embedding is zero, so its layers write nothing at padding: put a real token under
     # the padding instead, so that counting padded positions would show.
     padded = tokenize_prompts(tokenizer, chat_prompts)
@@ -390,8 +392,11 @@ def test_mean_ablation_uses_the_float64_mean_over_real_reference_tokens(tiny, ba
     sites = [site_name(layer, kind) for layer in layers for kind in ("resid_pre", "resid_post")]
     with ablator, _Recorder(model, sites) as seen:
         _logits(model, batch)
+    mask = batch["attention_mask"].bool()
+    is_first = mask & (mask.long().cumsum(-1) == 1)  # [batch, seq]: each row's first real token (left padded)
     for layer in layers:
-        expected = seen[site_name(layer, "resid_pre")][0] + ablator.means[layer].float()
+        m = ablator.means[layer].float()
+        expected = seen[site_name(layer, "resid_pre")][0] + torch.where(is_first[..., None], m[0], m[1])
         torch.testing.assert_close(seen[site_name(layer)][0], expected, atol=1e-6, rtol=0)
 
 
@@ -459,8 +464,8 @@ def test_hooks_are_removed_after_exceptions(tiny, batch):
     clean = _logits(model, batch)
     r = _randn(model.config.hidden_size)
     contexts = [
-        lambda: InterventionHandler(model, r, 2.0, positions="generated"),
-        lambda: InterventionHandler(model, r, mode="ablate", positions="prompt"),
+        lambda: InterventionHandler(model, r, 2.0, positions="generated", prompt_lengths=[2, 2, 2]),
+        lambda: InterventionHandler(model, r, mode="ablate", positions="prompt", prompt_lengths=[2, 2, 2]),
         lambda: LayerAblator(model, [1, 2]),
     ]
     for make in contexts:
