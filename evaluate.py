@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n_prompts", type=int, default=None, help="[directions] test problems (default: all)")
     parser.add_argument("--strengths", type=float, nargs="+", default=[-1.0, 1.0, 2.0, 4.0],
                         help="[directions] multipliers of the added direction")  # fmt: skip
-    parser.add_argument("--n_random", type=int, default=1, help="[directions] random directions of the same norm")
+    parser.add_argument("--n_random", type=int, default=1, help="[directions] null directions: the run's saved ones "
+                        "(its null, e.g. placebo), isotropic of the same norm if it saved none")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="[directions] sampling, problem sample, random directions")
     args = parser.parse_args(argv)
     ckpt = Path(args.ckpt)

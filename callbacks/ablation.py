@@ -1,13 +1,16 @@
 """AblationCallback: what breaks the model's reasoning on held-out prompts, per layer and per direction.
 
-At the end of fit (or every N epochs), on up to `n_prompts` VAL problems (their reasoning prompts, each with
-its gold solution; a seeded sample, `problem_pairs`):
+At the end of fit (or every N epochs), on up to `n_prompts` VAL problems that took no part in choosing the
+module's direction (their reasoning prompts, each with its gold solution; a seeded sample, `problem_pairs`, of
+the val problems minus the module's `problem_sets["selection"]` problems, when it has them):
     (a) per layer l: metric(layer l ablated with `interp.interventions.LayerAblator`) - metric(baseline)
         method "zero": the layer's contribution resid_post - resid_pre is removed (the layer is skipped);
         method "mean": replaced by its mean over every token of the sampled val prompts (reasoning and control)
     (b) when the module has a selected direction (`selected_direction()`, e.g. ReasoningDirectionModule): the
         same change with that direction ablated everywhere (InterventionHandler mode="ablate") and with
-        `n_random` random directions of the same norm (z-score of the selected one among them when n_random >= 2)
+        `n_random` null directions (z-score of the selected one among them when n_random >= 2): the first
+        n_random of the module's `null_directions` (its hparams.null_kind, e.g. placebo) when it has them, else
+        isotropic random directions of the same norm
 METRIC (higher = the gold reasoning is less likely; `interp.direction_scoring` definitions):
     "first_tokens" = mean NLL per token of the first k_first_tokens gold-solution tokens, "gold_nll" = of the first
     256; default: the module's `hparams.selection_metric` / `k_first_tokens` when it has them, else first_tokens / 8.
@@ -16,7 +19,8 @@ ablation/selected_direction_delta, ablation/random_direction_delta (mean over th
 ablation/direction_zscore; TensorBoard figure ablation/metric_change_vs_layer.
 Written: <trainer.log_dir>/ablation_results.json
     {"epochs_completed", "global_step", "split": "val", "metric", "metric_definition", "method", "pair_indices",
-     "row_indices", "n_bootstrap", "baseline": {"mean", "per_prompt"},
+     "row_indices", "excluded_selection_pairs": [pair_index] (the module's selection problems, never used here),
+     "null": "placebo" | "covariance" | "isotropic", "n_null", "n_bootstrap", "baseline": {"mean", "per_prompt"},
      "layers": [{"layer", "delta", "ci": [low, high], "delta_per_prompt"}],
      "direction": null | {"position", "layer", "norm", "delta", "ci", "delta_per_prompt", "random_deltas",
                           "random_mean", "zscore"}}
@@ -29,12 +33,13 @@ import lightning as L
 import torch
 
 from callbacks.intervention_report import HeldOutEvaluation, problem_pairs
+from interp.ablation import LayerAblator
 from interp.activations import check_layers
 from interp.backbone import decoder_layers
 from interp.direction_scoring import check_metric, metric_definition
 from interp.directions import random_directions
 from interp.errors import UserError
-from interp.interventions import InterventionHandler, LayerAblator
+from interp.interventions import InterventionHandler
 from interp.metrics import first_tokens_logprob, gold_solution_nll
 from interp.plots import plot_layer_curves
 from interp.selection import bootstrap_ci, zscore
@@ -64,7 +69,8 @@ class AblationCallback(HeldOutEvaluation):
             every_n_epochs: run after every N-th epoch; null = once, at the end of fit.
             layers: layers to ablate one at a time (null = all).
             method: zero | mean (LayerAblator's ablation_method; "resample" needs equal shapes and is not offered).
-            n_random: random directions of the selected direction's norm (0 = none).
+            n_random: null directions of the selected direction's norm (0 = none): the module's own (its null)
+                when it saved them, else isotropic.
             metric: first_tokens | gold_nll; null = the module's selection_metric (else first_tokens).
             k_first_tokens: tokens scored by first_tokens; null = the module's k_first_tokens (else 8).
             batch_size: prompts per forward.
@@ -91,7 +97,8 @@ class AblationCallback(HeldOutEvaluation):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, fast: bool) -> tuple[dict, dict, dict]:
         model, tokenizer = pl_module.backbone_model, pl_module.tokenizer
         metric, k = self._metric_settings(pl_module)
-        pairs = problem_pairs(trainer.datamodule, "val", 2 if fast else self.n_prompts, self.seed)
+        excluded = getattr(pl_module, "problem_sets", {}).get("selection", {}).get("pair_indices", [])
+        pairs = problem_pairs(trainer.datamodule, "val", 2 if fast else self.n_prompts, self.seed, exclude=excluded)
         prompts = [reasoning.prompt for reasoning, _ in pairs]
         solutions = [reasoning.gold_solution for reasoning, _ in pairs]
 
@@ -114,10 +121,12 @@ class AblationCallback(HeldOutEvaluation):
                                    batch_size=self.batch_size)  # fmt: skip
             with ablator:
                 layer_rows.append({"layer": layer, **summary(score() - baseline)})
-        direction = self._direction_ablation(pl_module, model, score, baseline, summary, fast)
+        direction, null = self._direction_ablation(pl_module, model, score, baseline, summary, fast)
         results = {
             "split": "val", "metric": metric, "metric_definition": metric_definition(metric, k), "method": self.method,
             "pair_indices": [r.pair_index for r, _ in pairs], "row_indices": [r.row_index for r, _ in pairs],
+            "excluded_selection_pairs": list(excluded), "null": null,
+            "n_null": 0 if direction is None else len(direction["random_deltas"]),
             "n_bootstrap": self.n_bootstrap, "baseline": {"mean": float(baseline.mean()), "per_prompt": baseline.tolist()},
             "layers": layer_rows, "direction": direction,
         }  # fmt: skip
@@ -136,23 +145,30 @@ class AblationCallback(HeldOutEvaluation):
                                 title=f"Ablation on {len(pairs)} val reasoning prompts")  # fmt: skip
         return results, scalars, {"ablation/metric_change_vs_layer": fig}
 
-    def _direction_ablation(self, pl_module, model, score, baseline, summary, fast: bool) -> dict | None:
-        """(b): the selected direction and random directions of its norm, each ablated everywhere."""
+    def _nulls(self, pl_module, r: torch.Tensor, n: int) -> tuple[torch.Tensor, str]:
+        """([n, d_model], name): the module's saved null directions when it has them, else isotropic of |r|."""
+        saved = getattr(pl_module, "null_directions", None)
+        if saved is not None and len(saved):
+            return saved[:n], pl_module.hparams.null_kind
+        return random_directions(r, max(n, 1), generator=self.seed)[:n], "isotropic"
+
+    def _direction_ablation(self, pl_module, model, score, baseline, summary, fast: bool) -> tuple[dict | None, str]:
+        """(b): the selected direction and null directions of its norm, each ablated everywhere."""
         if not hasattr(pl_module, "selected_direction") or getattr(pl_module, "selected", None) is None:
-            return None
+            return None, "none"
         r = pl_module.selected_direction()  # [d_model], unnormalised
         with InterventionHandler(model, r, mode="ablate"):
             selected = summary(score() - baseline)
         n_random = min(self.n_random, 2) if fast else self.n_random
+        nulls, null = self._nulls(pl_module, r, n_random)  # [n_random, d_model]
         random_deltas = []
-        if n_random:
-            for direction in random_directions(r, n_random, generator=self.seed):  # [n_random, d_model]
-                with InterventionHandler(model, direction, mode="ablate"):
-                    random_deltas.append(float((score() - baseline).mean()))
-        nulls = torch.tensor(random_deltas, dtype=torch.float64)
+        for direction in nulls:
+            with InterventionHandler(model, direction, mode="ablate"):
+                random_deltas.append(float((score() - baseline).mean()))
+        deltas = torch.tensor(random_deltas, dtype=torch.float64)
         return {
             "position": int(pl_module.selected["position"]), "layer": int(pl_module.selected["layer"]),
             "norm": float(r.double().norm()), **selected, "random_deltas": random_deltas,
-            "random_mean": float(nulls.mean()) if random_deltas else None,
-            "zscore": zscore(selected["delta"], nulls) if len(random_deltas) >= 2 else None,
-        }  # fmt: skip
+            "random_mean": float(deltas.mean()) if random_deltas else None,
+            "zscore": zscore(selected["delta"], deltas) if len(random_deltas) >= 2 else None,
+        }, null  # fmt: skip

@@ -7,9 +7,10 @@ solutions, and the control prompts of the same problems) through the backbone un
                               embedding output and every attention / MLP output, all positions)
     added@{s}                 x <- x + s * r at blocks.{selected_layer}.resid_post, on the prompt AND the
                               generated tokens (InterventionHandler mode="add", positions="all"), per strength s
-    random{k}_added@{s_max}   the same with random direction k of the same norm as r, at the strength of
-                              largest magnitude
-    random{k}_ablated         random direction k ablated like r
+    random{k}_added@{s_max}   the same with null direction k (norm |r|) at the strength of largest magnitude:
+                              the run's own null directions when given (`directions_report` passes the
+                              directions run's, e.g. placebo), else isotropic random directions
+    random{k}_ablated         null direction k ablated like r
 Per condition:
     accuracy        on the reasoning prompts: share of generations that `grade_answer` marks correct against the
                     row's gold_answer (its dataset's rules); generation with `interp.generation.generate`
@@ -23,6 +24,8 @@ Per condition:
     degeneration    means over the reasoning generations of `ngram_repetition` (4-grams) and `compression_ratio`
 JSON written by `write_intervention_report` (intervention_results.json; NaN -> null):
     {"selected_layer": int, "direction_norm": float, "strengths": [float], "n_random": int,
+     "null": "placebo" | "covariance" | "isotropic", "n_null": int (= n_random),
+     "null_source": "the run's saved null directions" | "isotropic, drawn here (the run saved none)",
      "generation": {"max_new_tokens", "do_sample", "temperature", "top_p", "seed"},
      "n_bootstrap": int, "max_solution_tokens": int | null,
      "reasoning_rows": [row_index], "control_rows": [row_index], "pair_indices": [pair_index],
@@ -71,9 +74,12 @@ RESULTS_FILE = "intervention_results.json"
 FIGURE_FILE = "interventions.png"
 
 
-def problem_pairs(datamodule, split: str, n: int | None = None, seed: int = 0) -> list[tuple]:
+def problem_pairs(
+    datamodule, split: str, n: int | None = None, seed: int = 0, exclude: Sequence[int] = ()
+) -> list[tuple]:
     """Up to n (reasoning PromptRow, control PromptRow) pairs of `split`, a seeded sample of its problems in
-    pair order (n None: all). `datamodule`: a prompt datamodule or one holding it as `.prompts`."""
+    pair order (n None: all), leaving out the problems whose pair_index is in `exclude` (e.g. those that chose
+    a direction). `datamodule`: a prompt datamodule or one holding it as `.prompts`."""
     prompts = getattr(datamodule, "prompts", datamodule)
     prompts.setup()
     by_pair: dict[int, dict] = {}
@@ -81,6 +87,10 @@ def problem_pairs(datamodule, split: str, n: int | None = None, seed: int = 0) -
         if row.split == split:
             by_pair.setdefault(row.pair_index, {})[row.kind] = row
     pairs = sorted(p for p, kinds in by_pair.items() if {"reasoning", "control"} <= set(kinds))
+    if pairs and not set(pairs) - set(exclude):
+        raise UserError(f"no {split} problems left once the {len(set(exclude))} used to select the direction are "
+                        f"excluded: raise the prompts' {split}_fraction")  # fmt: skip
+    pairs = [p for p in pairs if p not in set(exclude)]
     if not pairs:
         raise UserError(f"no {split} problems: set the prompts' {split}_fraction > 0")
     if n is not None:
@@ -197,6 +207,8 @@ def intervention_report(
     n_samples: int | None = 4,
     n_bootstrap: int = 1000,
     max_solution_tokens: int | None = 256,
+    null_directions: torch.Tensor | None = None,
+    null: str = "isotropic",
 ) -> dict:
     """Evaluate the direction direction_by_layer[selected_layer] under every condition (module docstring).
 
@@ -206,8 +218,9 @@ def intervention_report(
         direction_by_layer: [n_model_layers, d_model] (e.g. `ReasoningDirectionModule.directions_by_layer`);
             only row `selected_layer` is used, unnormalised (|r| sets the scale of the strengths).
         strengths: multipliers s of the added conditions (0 reproduces the baseline exactly).
-        n_random: random directions of |r| (seeded by `seed`), each added at the strength of largest
-            magnitude and ablated.
+        n_random: null directions, each added at the strength of largest magnitude and ablated: the first
+            n_random rows of `null_directions` ([n, d_model], named `null`, rescaled to |r|) when given, else
+            isotropic random directions of |r| seeded by `seed`.
         n_samples: generations kept as text in "samples" per condition (None: all).
     Returns:
         the report dict (JSON shape in the module docstring).
@@ -229,7 +242,15 @@ def intervention_report(
     norm = float(direction.to(torch.float64).norm())
     if norm == 0.0:
         raise UserError(f"the direction at layer {selected_layer} has zero norm")
-    randoms = random_directions(direction, max(n_random, 1), generator=seed)  # [n_random, d_model]
+    if null_directions is None:
+        randoms, null, source = random_directions(direction, max(n_random, 1), generator=seed), "isotropic", None
+    else:
+        randoms = torch.as_tensor(null_directions).detach().cpu().to(torch.float64)  # [n, d_model]
+        source = "the run's saved null directions"
+        if randoms.ndim != 2 or randoms.shape[1] != direction.shape[0] or len(randoms) < n_random:
+            raise UserError(f"the run saved null directions {tuple(randoms.shape)}: ask for at most {len(randoms)} "
+                            f"random directions of d_model {direction.shape[0]} (--n_random)")  # fmt: skip
+        randoms = (randoms / randoms.norm(dim=-1, keepdim=True) * norm).to(direction.dtype)  # [n, d_model], |r|
     prompts = [row.prompt for row in reasoning]
     solutions = [row.gold_solution for row in reasoning]
     control_prompts = [row.prompt for row in control]
@@ -266,7 +287,9 @@ def intervention_report(
         })  # fmt: skip
     return {
         "selected_layer": int(selected_layer), "direction_norm": norm, "strengths": [float(s) for s in strengths],
-        "n_random": n_random, "generation": gen, "n_bootstrap": n_bootstrap, "max_solution_tokens": max_solution_tokens,
+        "n_random": n_random, "null": null, "n_null": n_random,
+        "null_source": source or "isotropic, drawn here (the run saved none)", "generation": gen,
+        "n_bootstrap": n_bootstrap, "max_solution_tokens": max_solution_tokens,
         "reasoning_rows": [row.row_index for row in reasoning], "control_rows": [row.row_index for row in control],
         "pair_indices": sorted({row.pair_index for row in rows}), "conditions": results,
     }  # fmt: skip
@@ -275,12 +298,16 @@ def intervention_report(
 def directions_report(module, datamodule, split: str = "test", n_prompts: int | None = None, **kwargs) -> dict:
     """`intervention_report` of a directions run's selected candidate on `split` problems (seeded sample of
     n_prompts problems, both of their prompts). `module`: a ReasoningDirectionModule (or anything with
-    `selected`, `directions_by_layer`, `backbone_model`, `tokenizer`); kwargs go to intervention_report."""
+    `selected`, `directions_by_layer`, `backbone_model`, `tokenizer`); kwargs go to intervention_report. The
+    module's `null_directions` (kind `hparams.null_kind`), when it has them, are the null; else isotropic."""
     if module.selected is None:
         raise UserError("the run selected no direction (every candidate was discarded): nothing to evaluate")
     position, layer = int(module.selected["position"]), int(module.selected["layer"])
     pairs = problem_pairs(datamodule, split, n_prompts, seed=kwargs.get("seed", 0))
     rows = [row for pair in pairs for row in pair]
+    nulls = getattr(module, "null_directions", None)
+    if nulls is not None:  # the run's own null (e.g. placebo), not isotropic noise
+        kwargs = {"null_directions": nulls, "null": module.hparams.null_kind, **kwargs}
     report = intervention_report(module.backbone_model, module.tokenizer, rows, module.directions_by_layer(position),
                                  layer, **kwargs)  # fmt: skip
     labels = getattr(module, "position_labels", None) or []

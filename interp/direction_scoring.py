@@ -3,7 +3,8 @@
 Candidates are the contrastive directions r[p, l] of one run, one per (post-instruction position p, layer l).
 Each is scored on matched held-out prompts: reasoning prompts and control prompts of the same problems, each
 with its problem's gold solution. `interp.selection.select_direction` then picks one (it owns the filters and
-the sign convention); `random_baseline` says whether the picked candidate's effects beat random directions.
+the sign convention). `PromptScorer` is the same scoring as the callable that
+`interp.selection.select_reasoning_direction` takes (choose on selection problems, report on others).
 
 METRIC (per prompt; higher = the model finds the gold reasoning LESS likely):
     "gold_nll"       mean NLL per token of the gold solution given the prompt, teacher forced, over its first
@@ -37,16 +38,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from interp.activations import check_layers
 from interp.backbone import decoder_layers
-from interp.directions import check_nonzero_norm, random_directions
+from interp.directions import check_nonzero_norm
 from interp.errors import UserError
 from interp.interventions import InterventionHandler
 from interp.metrics import first_tokens_logprob, gold_solution_nll, last_token_kl, next_token_logits
-from interp.selection import bootstrap_ci, zscore
+from interp.selection import PER_PROMPT_KEYS
 
 METRICS = ("first_tokens", "gold_nll")
-SCORE_KEYS = ("ablation_score", "induction_score", "kl")
-PER_PROMPT_KEYS = {"ablation_score": "ablation_per_prompt", "induction_score": "induction_per_prompt",
-                   "kl": "kl_per_prompt"}  # fmt: skip
+SCORE_KEYS = tuple(PER_PROMPT_KEYS)  # ("ablation_score", "induction_score", "kl")
 
 
 def metric_definition(metric: str, k_first_tokens: int = 8, max_solution_tokens: int | None = 256) -> str:
@@ -186,68 +185,38 @@ def score_candidates(
     return rows
 
 
-def random_baseline(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    selected: dict,
-    direction: torch.Tensor,
-    reasoning_prompts: Sequence[str],
-    reasoning_solutions: Sequence[str],
-    control_prompts: Sequence[str],
-    control_solutions: Sequence[str],
-    metric: str = "first_tokens",
-    n_random: int = 8,
-    seed: int = 0,
-    n_bootstrap: int = 1000,
-    alpha: float = 0.05,
-    k_first_tokens: int = 8,
-    batch_size: int = 8,
-    add_strength: float = 1.0,
-    max_solution_tokens: int | None = 256,
-    null_directions: torch.Tensor | None = None,
-) -> dict:
-    """Is the selected candidate better than random directions of the same norm at the same layer?
+@dataclass
+class PromptScorer:
+    """The scorer `interp.selection.select_reasoning_direction` takes, on a model: scores as in the module
+    docstring, for directions at given layers, on given problems.
 
-    Args:
-        selected: the selected row of `score_candidates` (same prompts and settings as here): its "layer",
-            its three scores and its per-prompt values.
-        direction: the selected direction r [d_model], unnormalised.
-        null_directions: [n, d_model] to use instead of `n_random` isotropic random directions with |r|
-            (`interp.directions.random_directions`, seeded by `seed`).
-    Returns:
-        {"n_random", "null": [{"ablation_score", "induction_score", "kl"} per null direction],
-         "zscores": {score: zscore(selected score, null scores)} (`interp.selection.zscore`, ddof 1),
-         "ci": {score: [low, high]} percentile bootstrap CI (1 - alpha) of the selected candidate's mean over
-             prompts (`interp.selection.bootstrap_ci` of its per-prompt values, seed `seed`),
-         "null_directions": float32 [n, d_model]}
+    Call: scorer(directions [k, d_model] unnormalised, layers [k] model indices, problems) -> k rows with the
+    three scores and their per-prompt values (PER_PROMPT_KEYS); one problem = (reasoning_prompt,
+    reasoning_solution, control_prompt, control_solution). The baselines are computed once per call.
     """
-    direction = torch.as_tensor(direction).detach().cpu().to(torch.float32)
-    if direction.ndim != 1:
-        raise UserError(f"random_baseline takes one [d_model] direction, got {tuple(direction.shape)}")
-    if null_directions is None:
-        if n_random < 2:
-            raise UserError(f"random_baseline needs n_random >= 2 for a z-score, got {n_random}")
-        null_directions = random_directions(direction, n_random, generator=seed)
-    null_directions = torch.as_tensor(null_directions).detach().cpu().to(torch.float32)
-    if null_directions.ndim != 2 or null_directions.shape[1] != direction.shape[0] or len(null_directions) < 2:
-        raise UserError(f"null_directions must be [n >= 2, {direction.shape[0]}], got {tuple(null_directions.shape)}")
-    layer = int(selected["layer"])
-    n_layers = len(decoder_layers(model))
-    # The null directions become the "positions" of a one-layer candidate set: scored exactly like candidates.
-    stacked = torch.zeros(len(null_directions), n_layers, direction.shape[0])  # [n, n_model_layers, d_model]
-    stacked[:, layer] = null_directions
-    null_rows = score_candidates(
-        model, tokenizer, stacked, reasoning_prompts, reasoning_solutions, control_prompts, control_solutions,
-        metric=metric, layers=[layer], k_first_tokens=k_first_tokens, batch_size=batch_size,
-        add_strength=add_strength, max_solution_tokens=max_solution_tokens,
-    )  # fmt: skip
-    null = [{key: row[key] for key in SCORE_KEYS} for row in null_rows]
-    zscores = {
-        key: zscore(float(selected[key]), torch.tensor([row[key] for row in null], dtype=torch.float64))
-        for key in SCORE_KEYS
-    }
-    ci = {
-        key: list(bootstrap_ci(selected[PER_PROMPT_KEYS[key]], n_boot=n_bootstrap, alpha=alpha, seed=seed))
-        for key in SCORE_KEYS
-    }
-    return {"n_random": len(null), "null": null, "zscores": zscores, "ci": ci, "null_directions": null_directions}
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    metric: str = "first_tokens"
+    k_first_tokens: int = 8
+    batch_size: int = 8
+    add_strength: float = 1.0
+    max_solution_tokens: int | None = 256
+
+    def __call__(self, directions: torch.Tensor, layers: Sequence[int], problems: Sequence[tuple]) -> list[dict]:
+        directions = torch.as_tensor(directions).detach().cpu().to(torch.float32)
+        if directions.ndim != 2 or len(directions) != len(layers):
+            raise UserError(f"PromptScorer takes directions [k, d_model] and k layers, got {tuple(directions.shape)} "
+                            f"and {len(layers)} layers")  # fmt: skip
+        n_layers = len(decoder_layers(self.model))
+        check_layers(sorted(set(layers)), n_layers)
+        norms = directions.to(torch.float64).norm(dim=-1)  # [k]
+        bad = [int(layers[i]) for i in (~torch.isfinite(norms) | (norms == 0)).nonzero().flatten().tolist()]
+        if bad:
+            raise UserError(f"zero-norm or non-finite direction at layer {bad[0]}")
+        columns = list(zip(*problems)) if problems else [(), (), (), ()]
+        scorer = _Scorer(self.model, self.tokenizer, *columns, self.metric, self.k_first_tokens,
+                         self.batch_size, self.max_solution_tokens)  # fmt: skip
+        baselines = scorer.baselines()
+        return [scorer.score(direction, int(layer), self.add_strength, baselines)
+                for direction, layer in zip(directions, layers)]  # fmt: skip

@@ -1,9 +1,14 @@
-"""Reasoning directions: contrastive means, PCA of paired differences, random nulls, and their file format.
+"""Reasoning directions: contrastive means, PCA of paired differences, null directions, and their file format.
 
 Activations come from `interp.activations.collect_activations`: [n, n_layers, d_model] for one-vector
 position specs, [n, n_pos, n_layers, d_model] otherwise. Every function here also takes an ITERABLE of such
 batches (a generator over an activation cache, a DataLoader, ...), so any number of prompts fits in memory.
 Directions come back without the prompt axis: [n_layers, d_model] or [n_pos, n_layers, d_model], float32.
+
+Null directions for testing one direction r built from activations (`null_directions`, NULL_DEFINITIONS):
+placebo contrasts (mean differences of random splits of the same rows, the class sizes kept) and
+covariance-shaped Gaussians (within-class covariance) are shaped like the data, unlike isotropic noise, which
+any direction built from anisotropic activations beats. Every null is rescaled to |r|.
 
 File format (`save_directions` / `load_directions`):
     reasoning_directions.safetensors   tensor "directions" (float32) + optional extra named tensors; its
@@ -142,6 +147,120 @@ def random_directions(like: torch.Tensor, n: int, generator: torch.Generator | i
     unit = gauss / gauss.norm(dim=-1, keepdim=True)
     norms = like.detach().cpu().to(torch.float64).norm(dim=-1, keepdim=True)  # [..., 1]
     return (unit * norms).to(device=like.device, dtype=like.dtype)
+
+
+NULLS = ("placebo", "covariance", "isotropic")
+NULL_DEFINITIONS = {
+    "placebo": "mean(A) - mean(B) over a seeded random partition of the train rows' activations at the tested "
+    "direction's (position, layer) into groups A, B of the two class sizes (a placebo contrast), rescaled to |r|",
+    "covariance": "g = Xc^T z / sqrt(m - 1), z ~ N(0, I_m), Xc = the m train rows' activations at the tested "
+    "direction's (position, layer) centred on their class mean (within-class covariance), rescaled to |r|",
+    "isotropic": "uniform on the sphere (normalised N(0, I_d_model)), rescaled to |r|",
+}
+
+
+def _rows_and_labels(acts: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """acts [n, d] as float64 and labels [n] as bool (True = class 1), after checking both classes occur."""
+    acts = torch.as_tensor(acts).detach().cpu().to(torch.float64)
+    labels = torch.as_tensor(labels).detach().cpu()
+    if acts.ndim != 2 or labels.shape != (acts.shape[0],):
+        raise UserError(f"null directions need acts [n, d_model] and labels [n], got {tuple(acts.shape)} and "
+                        f"{tuple(labels.shape)}")  # fmt: skip
+    if not bool(((labels == 0) | (labels == 1)).all()) or int(labels.sum()) in (0, len(labels)):
+        raise UserError("null directions need labels 0 / 1 with at least one row of each class")
+    return acts, labels == 1
+
+
+def placebo_partitions(labels: torch.Tensor, n: int, generator: torch.Generator | int | None = None) -> torch.Tensor:
+    """n random partitions of the rows into a group A of #(labels == 1) rows and a group B of the rest.
+
+    Returns [n, n_rows] bool (True = group A): row k is the first #A entries of a seeded permutation.
+    """
+    if isinstance(generator, int):
+        generator = torch.Generator().manual_seed(generator)
+    labels = torch.as_tensor(labels)
+    n_a = int((labels == 1).sum())
+    partitions = torch.zeros(n, len(labels), dtype=torch.bool)
+    for k in range(n):
+        partitions[k, torch.randperm(len(labels), generator=generator)[:n_a]] = True
+    return partitions
+
+
+def placebo_directions(acts: torch.Tensor, partitions: torch.Tensor) -> torch.Tensor:
+    """mean(acts[A]) - mean(acts[B]) per partition: acts [n_rows, d], partitions [n, n_rows] bool (True = A).
+
+    Returns float64 [n, d]. With the class sizes of a contrastive direction, these are the mean differences
+    it would have been if the class labels carried no information (a placebo contrast).
+    """
+    acts = torch.as_tensor(acts).detach().cpu().to(torch.float64)
+    partitions = torch.as_tensor(partitions, dtype=torch.bool)
+    if partitions.ndim != 2 or partitions.shape[1] != acts.shape[0]:
+        raise UserError(f"partitions must be [n, {acts.shape[0]}], got {tuple(partitions.shape)}")
+    n_a = partitions.sum(1, keepdim=True).to(torch.float64)  # [n, 1]
+    if bool(((n_a == 0) | (n_a == acts.shape[0])).any()):
+        raise UserError("every placebo partition needs rows in both groups")
+    weights = partitions / n_a - (~partitions) / (acts.shape[0] - n_a)  # [n, n_rows]: 1/|A| on A, -1/|B| on B
+    return weights @ acts
+
+
+def covariance_directions(
+    acts: torch.Tensor, labels: torch.Tensor, n: int, generator: torch.Generator | int | None = None
+) -> torch.Tensor:
+    """n Gaussian directions g = Xc^T z / sqrt(m - 1), z ~ N(0, I_m), float64 [n, d].
+
+    Xc [m, d] are the rows centred on their own class mean, so Cov(g) = Xc^T Xc / (m - 1), the within-class
+    covariance of the activations: shaped like the data, without the class difference itself. The d x d
+    matrix is never formed.
+    """
+    if isinstance(generator, int):
+        generator = torch.Generator().manual_seed(generator)
+    acts, is_a = _rows_and_labels(acts, labels)
+    if acts.shape[0] < 3:
+        raise UserError(f"covariance null needs at least 3 rows, got {acts.shape[0]}")
+    centred = acts.clone()
+    for group in (is_a, ~is_a):
+        centred[group] = acts[group] - acts[group].mean(0)
+    z = torch.randn((n, acts.shape[0]), generator=generator, dtype=torch.float64)  # [n, m]
+    return z @ centred / math.sqrt(acts.shape[0] - 1)
+
+
+def null_directions(
+    kind: str,
+    like: torch.Tensor,
+    n: int,
+    generator: torch.Generator | int | None = None,
+    acts: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """n null directions of `kind`, each rescaled to the norm of `like` (the tested direction r [d]).
+
+    kind: "placebo" (`placebo_directions` of `placebo_partitions(labels)`: random splits of the same rows with
+    the class sizes), "covariance" (`covariance_directions`), "isotropic" (`random_directions`, uniform on the
+    sphere). acts [m, d] / labels [m] (1 / 0): the rows r was built from, at r's (position, layer); needed by
+    placebo and covariance. Returns [n, d] in like's dtype; every row has norm |like| (math in float64).
+    """
+    if kind not in NULLS:
+        raise UserError(f"unknown null {kind!r}; expected one of {', '.join(NULLS)}")
+    if n < 1 or like.ndim != 1:
+        raise UserError(f"null_directions needs n >= 1 and one [d_model] direction, got n={n}, {tuple(like.shape)}")
+    if isinstance(generator, int):
+        generator = torch.Generator().manual_seed(generator)
+    if kind == "isotropic":
+        return random_directions(like, n, generator)
+    if acts is None or labels is None:
+        raise UserError(f"the {kind} null needs the activations and labels the direction was built from")
+    acts, is_a = _rows_and_labels(acts, labels)
+    if acts.shape[1] != like.shape[0]:
+        raise UserError(f"null activations have d_model {acts.shape[1]}, the direction {like.shape[0]}")
+    if kind == "placebo":
+        raw = placebo_directions(acts, placebo_partitions(is_a.long(), n, generator))
+    else:
+        raw = covariance_directions(acts, is_a.long(), n, generator)
+    norms = raw.norm(dim=-1, keepdim=True)  # [n, 1]
+    if not bool((norms > 0).all()):
+        raise UserError(f"a {kind} null direction has zero norm (are the activations constant?)")
+    scale = float(like.detach().cpu().to(torch.float64).norm())
+    return (raw / norms * scale).to(device=like.device, dtype=like.dtype)
 
 
 def check_directions(

@@ -14,12 +14,19 @@ CONVENTION: both scores are signed so that POSITIVE supports "this is a reasonin
                      ablation disturbs behaviour unrelated to reasoning. Discarded above kl_threshold.
 (refusal_direction's "lowest ablation score wins" is the same rule: its score is refusal log-odds, which
 ablation should lower; ours is NLL, which ablation should raise.)
+
+`select_reasoning_direction` is the whole protocol with the scoring injected (no model here): candidates are
+scored and one is chosen on a SELECTION set of problems; the chosen direction and its null directions are
+re-scored on a disjoint REPORT set, and only those report-set numbers carry z-scores and CIs. (Scoring the
+winner on the prompts that chose it inflates both: with no real effect, the maximum over many candidates
+still looks significant.)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -128,3 +135,119 @@ def select_direction(
         return None, annotated
     best["selected"] = True
     return dict(best), annotated
+
+
+# ---- the protocol: choose on one set of problems, report on another ---------------------------------------------
+PER_PROMPT_KEYS = {"ablation_score": "ablation_per_prompt", "induction_score": "induction_per_prompt",
+                   "kl": "kl_per_prompt"}  # fmt: skip
+
+# scorer(directions [k, d_model], layers [k], problems) -> k dicts holding the three scores (means over the
+# problems' prompts) and their per-prompt float64 tensors (PER_PROMPT_KEYS), scored at each direction's layer.
+Scorer = Callable[[torch.Tensor, Sequence[int], Sequence], list[dict]]
+# null_factory(selected row, r [d_model]) -> null directions [n_null, d_model] at the selected (position, layer).
+NullFactory = Callable[[dict, torch.Tensor], torch.Tensor]
+
+
+def split_selection_report(n_problems: int, n_selection: int, n_report: int, seed: int = 0) -> tuple[list, list]:
+    """Two disjoint seeded sets of problem indices: (selection, report), each sorted.
+
+    A seeded permutation of range(n_problems); its first n_selection entries are the selection set, the next
+    n_report the report set. When n_problems < n_selection + n_report both sets shrink in proportion:
+    n_selection' = clamp(int(n_problems * n_selection / (n_selection + n_report) + 0.5), 1, n_problems - 1),
+    n_report' = n_problems - n_selection'. Fewer than 2 problems: UserError.
+    """
+    if n_selection < 1 or n_report < 1:
+        raise UserError(f"need n_selection >= 1 and n_report >= 1, got {n_selection}, {n_report}")
+    if n_problems < 2:
+        raise UserError(f"{n_problems} val problem(s): choosing a direction on one set and reporting it on another "
+                        "needs at least 2 (raise prompts.val_fraction or the source limits)")  # fmt: skip
+    if n_problems < n_selection + n_report:
+        share = int(n_problems * n_selection / (n_selection + n_report) + 0.5)
+        n_selection = min(max(share, 1), n_problems - 1)
+        n_report = min(n_problems - n_selection, n_report)
+    order = torch.randperm(n_problems, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[:n_selection]), sorted(order[n_selection : n_selection + n_report])
+
+
+@dataclass
+class SelectionResult:
+    """What `select_reasoning_direction` did. Selection-set numbers only choose; report-set numbers are the result.
+
+    selection_problems / report_problems: indices into the `problems` given (disjoint, sorted).
+    table: `select_direction`'s annotated rows, scores = means over the SELECTION problems, per-prompt tensors kept.
+    selected: copy of the winning row (selection-set scores), None when every candidate was discarded.
+    report: None when nothing was selected, else the selected direction re-scored on the REPORT problems:
+        {"scores": {key: mean over report prompts}, "per_prompt": {key: float64 tensor},
+         "ci": {key: [low, high]} percentile bootstrap (1 - alpha) of that mean (`bootstrap_ci`, seed),
+         "null": [{key: score} per null direction, on the report problems],
+         "zscores": {key: zscore(report score, null scores)} or None (fewer than 2 null directions)}
+    null_directions: float32 [n_null, d_model] or None.
+    """
+
+    selection_problems: list[int]
+    report_problems: list[int]
+    table: list[dict]
+    selected: dict | None
+    report: dict | None
+    null_directions: torch.Tensor | None
+
+
+def select_reasoning_direction(
+    candidates: torch.Tensor,
+    layers: Sequence[int],
+    problems: Sequence,
+    scorer: Scorer,
+    *,
+    n_selection: int,
+    n_report: int | None = None,
+    seed: int = 0,
+    n_layers: int | None = None,
+    max_layer_fraction: float = 0.8,
+    kl_threshold: float = 0.1,
+    null_factory: NullFactory | None = None,
+    n_bootstrap: int = 1000,
+    alpha: float = 0.05,
+) -> SelectionResult:
+    """Choose a candidate direction on one set of problems and report its effect on a disjoint one.
+
+    1. `split_selection_report(len(problems), n_selection, n_report (default n_selection), seed)`.
+    2. Every candidate (position p, layer l in `layers`; candidates [n_pos, n_model_layers, d_model]) is scored
+       by `scorer` on the selection problems; `select_direction` (n_layers default candidates.shape[1],
+       max_layer_fraction, kl_threshold) picks one from these scores.
+    3. The selected r = candidates[p, l] and the null directions `null_factory(selected, r)` are scored together
+       at layer l on the report problems: z-scores of r's report scores among the nulls' (`zscore`, ddof 1) and
+       bootstrap CIs of r's report per-prompt values. No report problem takes part in choosing.
+    """
+    candidates = torch.as_tensor(candidates)
+    if candidates.ndim != 3:
+        raise UserError(f"candidates must be [n_pos, n_model_layers, d_model], got {tuple(candidates.shape)}")
+    selection_idx, report_idx = split_selection_report(len(problems), n_selection, n_report or n_selection, seed)
+    keys = [(p, layer) for p in range(candidates.shape[0]) for layer in layers]  # position-major
+    stacked = torch.stack([candidates[p, layer] for p, layer in keys])  # [n_candidates, d_model]
+    rows = scorer(stacked, [layer for _, layer in keys], [problems[i] for i in selection_idx])
+    for i, ((p, layer), row) in enumerate(zip(keys, rows)):
+        row.update(candidate=i, position=p, layer=layer, norm=float(stacked[i].to(torch.float64).norm()))
+    best, table = select_direction(rows, n_layers=n_layers or candidates.shape[1],
+                                   max_layer_fraction=max_layer_fraction, kl_threshold=kl_threshold)  # fmt: skip
+    if best is None:
+        return SelectionResult(selection_idx, report_idx, table, None, None, None)
+    r = candidates[best["position"], best["layer"]]  # [d_model]
+    nulls = None if null_factory is None else torch.as_tensor(null_factory(best, r)).detach().cpu().float()
+    scored = torch.cat([r[None].cpu().float(), nulls]) if nulls is not None else r[None]  # [1 + n_null, d_model]
+    report_rows = scorer(scored, [best["layer"]] * len(scored), [problems[i] for i in report_idx])
+    chosen, null_rows = report_rows[0], report_rows[1:]
+    null = [{key: float(row[key]) for key in _SCORE_KEYS} for row in null_rows]
+    zscores = None
+    if len(null) >= 2:
+        zscores = {key: zscore(float(chosen[key]), torch.tensor([row[key] for row in null], dtype=torch.float64))
+                   for key in _SCORE_KEYS}  # fmt: skip
+    per_prompt = {key: torch.as_tensor(chosen[PER_PROMPT_KEYS[key]], dtype=torch.float64) for key in _SCORE_KEYS}
+    report = {
+        "scores": {key: float(chosen[key]) for key in _SCORE_KEYS},
+        "per_prompt": per_prompt,
+        "ci": {key: list(bootstrap_ci(values, n_boot=n_bootstrap, alpha=alpha, seed=seed))
+               for key, values in per_prompt.items()},
+        "null": null,
+        "zscores": zscores,
+    }  # fmt: skip
+    return SelectionResult(selection_idx, report_idx, table, best, report, nulls)

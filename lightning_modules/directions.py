@@ -14,26 +14,31 @@ Lightning's DistributedSampler may repeat up to world_size - 1 rows to even out 
 accommodations: each training batch counts as one global step (ModelCheckpoint saves only after steps), and an
 empty placeholder parameter (dropped from checkpoints) lets DDP wrap a module with nothing to train.
 
-Validation (once per epoch, not in the sanity check) selects one candidate refusal_direction-style on
-held-out prompts: up to `n_selection_prompts` VAL problems (seeded sample of pairs), each giving its reasoning
-prompt and its control prompt, scored with their gold solution (`interp.direction_scoring.score_candidates`:
-ablation_score, induction_score, kl, definitions there), selected with `interp.selection.select_direction`
-(kl_threshold, max_layer_fraction), and tested against `n_random` random directions of the same norm at the
-selected layer (z-scores) with bootstrap CIs over prompts (`random_baseline`). The validation batches are not
-used. Every rank scores the same prompts (deterministic, identical logs); rank zero writes the files.
-Candidate layers: `candidate_layers`, or by default every cached layer below max_layer_fraction * n_layers
-(later ones would be discarded by select_direction anyway). Cost: 3 forwards over the selection prompts per
-candidate (n_pos x n_candidate_layers candidates) + 3 per random direction.
-fast_dev_run only checks the wiring: 2 prompt pairs, the first and last candidate layer, at most 2 random
-directions and 20 bootstrap resamples.
+Validation (once per epoch, not in the sanity check) chooses one candidate on some val problems and reports it
+on others (`interp.selection.select_reasoning_direction`, definitions there). The complete val problems are
+split by seed into disjoint SELECTION (n_selection_prompts) and REPORT (n_report_prompts) sets
+(`split_selection_report`). Every candidate is scored on the selection problems (reasoning + control prompt
+each, with their gold solution; `interp.direction_scoring.PromptScorer`) and `select_direction` picks one
+(kl_threshold, max_layer_fraction): these scores only choose. The selected r and `n_random` null directions
+of kind `null_kind` at its site, rescaled to |r| (`interp.directions.null_directions`; placebo / covariance from
+the TRAIN rows' cached activations there, `CachedActivationDataModule.split_slice`), are scored again on the
+report problems: reported scores, z-scores and bootstrap CIs come from these alone. The validation batches
+are not used; every rank scores the same prompts, rank zero writes the files. Candidate layers:
+`candidate_layers`, or every cached layer below max_layer_fraction * n_layers. Cost: 3 forwards over the
+selection prompts per candidate (n_pos x n_candidate_layers) + 3 over the report prompts per direction
+(1 + n_random). fast_dev_run checks the wiring: <= 2 + 2 problems, 2 layers, <= 2 nulls, 20 bootstraps.
 
 Logged (validation): for each scored layer, the position with the highest ablation_score at that layer
 (filters ignored): val/ablation_score/L{layer:02d}, val/induction_score/L.., val/kl/L.., val/best_position/L..;
 and val/selected_layer, val/selected_position (-1 when nothing passed the filters), val/selected_ablation_score
-(ModelCheckpoint monitors it; NaN when nothing was selected), val/selected_induction_score, val/selected_kl,
-val/z_ablation_score, val/z_induction_score, val/z_kl, val/n_kept.
-Written to trainer.log_dir: reasoning_directions.safetensors + .json (`interp.directions.save_directions`),
-with the per-prompt scores of every candidate as extra tensors (rows in selection-table order).
+(selection set; ModelCheckpoint monitors it; NaN when nothing was selected), val/selected_induction_score,
+val/selected_kl, val/report_{ablation_score,induction_score,kl} (report set), val/z_{...} (report set vs the
+null directions), val/n_kept.
+Written to trainer.log_dir: reasoning_directions.safetensors + .json (`interp.directions.save_directions`):
+per-prompt selection-set scores of every candidate (rows in selection-table order) and "null_directions"
+[n_null, d_model] (also in the checkpoint, so evaluate.py uses the same null). The JSON names the problems
+(selection.problems.{selection,report}: pair_indices, reasoning_rows, control_rows), the null (null, n_null)
+and holds the report-set numbers under selection.report.
 """
 
 from __future__ import annotations
@@ -50,19 +55,21 @@ from interp.backbone import BackboneSpec, input_device
 from interp.direction_scoring import (
     PER_PROMPT_KEYS,
     SCORE_KEYS,
+    PromptScorer,
     check_metric,
     metric_definition,
-    random_baseline,
-    score_candidates,
 )
-from interp.directions import save_directions
+from interp.directions import NULL_DEFINITIONS, NULLS, null_directions, save_directions
 from interp.errors import UserError
 from interp.positions import PositionSpec
 from interp.prompts import post_instruction_ids
-from interp.selection import select_direction
+from interp.selection import select_reasoning_direction
 from interp.stats import RunningMoments
 
 CLASSES = {"reasoning": 1, "control": 0}  # the datamodule's "reasoning" label encoding
+PROTOCOL = ("candidates scored and one selected on the selection problems; the selected direction and the null "
+            "directions re-scored on the disjoint report problems, which alone give the reported scores, "
+            "z-scores and CIs")  # fmt: skip
 
 
 def position_labels(spec: str, tokenizer, n_pos: int) -> list[str]:
@@ -85,6 +92,8 @@ class ReasoningDirectionModule(L.LightningModule):
         kl_threshold: float = 0.1,
         max_layer_fraction: float = 0.8,
         n_random: int = 8,
+        null_kind: str = "placebo",
+        n_report_prompts: int | None = None,
         n_bootstrap: int = 1000,
         batch_size: int = 8,
         seed: int = 0,
@@ -96,14 +105,20 @@ class ReasoningDirectionModule(L.LightningModule):
         Args:
             selection_metric: first_tokens (NLL of the first k_first_tokens gold-solution tokens) | gold_nll
                 (NLL of the gold solution, first 256 tokens).
-            n_selection_prompts: held-out val problems scored (each gives a reasoning and a control prompt).
+            n_selection_prompts: val problems every candidate is scored on to choose one (each gives a
+                reasoning and a control prompt).
+            n_report_prompts: other val problems (disjoint from the selection ones) on which the selected
+                direction and its null directions are re-scored for the reported scores, z-scores and CIs;
+                null = n_selection_prompts. Too few val problems: both sets shrink in proportion.
             kl_threshold: discard candidates whose ablation moves the control prompts' next-token distribution
                 by more than this KL.
             max_layer_fraction: discard candidates at layers >= this fraction of the model's depth.
-            n_random: random directions (same norm, selected layer) for the z-scores; 0 = skip, else >= 2.
-            n_bootstrap: bootstrap resamples of the selection prompts for the 95% CIs.
+            n_random: null directions (norm |r|, selected site) for the z-scores; 0 = none, else >= 2.
+            null_kind: placebo (mean differences of random splits of the train rows, class sizes kept) |
+                covariance (Gaussian with the train rows' within-class covariance) | isotropic (uniform).
+            n_bootstrap: bootstrap resamples of the report problems for the 95% CIs.
             batch_size: prompts per scoring forward.
-            seed: seeds the sample of selection problems, the random directions and the bootstrap.
+            seed: seeds the selection / report split of the val problems, the null directions and the bootstrap.
             k_first_tokens: solution tokens scored by first_tokens.
             add_strength: multiplier c of the induction intervention x + c r.
             candidate_layers: model layers to score (must be cached); null = cached layers below
@@ -114,7 +129,11 @@ class ReasoningDirectionModule(L.LightningModule):
         if n_selection_prompts < 1 or batch_size < 1 or k_first_tokens < 1 or n_bootstrap < 1:
             raise UserError("n_selection_prompts, batch_size, k_first_tokens and n_bootstrap must be >= 1")
         if n_random == 1 or n_random < 0:
-            raise UserError(f"n_random must be 0 (no random baseline) or >= 2, got {n_random}")
+            raise UserError(f"n_random must be 0 (no null directions) or >= 2, got {n_random}")
+        if null_kind not in NULLS:
+            raise UserError(f"unknown null {null_kind!r}; expected one of {', '.join(NULLS)}")
+        if n_report_prompts is not None and n_report_prompts < 1:
+            raise UserError(f"n_report_prompts must be >= 1 or null (= n_selection_prompts), got {n_report_prompts}")
         if not 0 < max_layer_fraction <= 1 or kl_threshold < 0:
             raise UserError(f"need 0 < max_layer_fraction <= 1 and kl_threshold >= 0, got {max_layer_fraction}, "
                             f"{kl_threshold}")  # fmt: skip
@@ -137,10 +156,15 @@ class ReasoningDirectionModule(L.LightningModule):
         self.n_train: dict[str, int] = {}
         self.selected: dict | None = None  # {"position", "layer", "slot"}
         self.selection_table: list[dict] = []  # annotated select_direction rows, without per-prompt values
-        self.selection_stats: dict = {}  # random baseline (z-scores, CIs), prompts used, settings
-        self.per_prompt_scores: dict[str, torch.Tensor] = {}  # "ablation_per_prompt" -> [n_candidates, n]
-        self._null_directions: torch.Tensor | None = None  # [n_random, d_model] of the last random baseline
+        self.selection_stats: dict = {}  # report-set scores, z-scores, CIs, problems used, settings
+        self.per_prompt_scores: dict[str, torch.Tensor] = {}  # "ablation_per_prompt" -> [n_candidates, n_selection]
+        self.problem_sets: dict[str, dict] = {}  # "selection" / "report" -> pair_indices, reasoning_rows, control_rows
+        self.null_directions: torch.Tensor | None = None  # [n_null, d_model] at the selected site, norm |r|
         self.last_metrics: dict[str, dict] = {}
+
+    @property
+    def n_report(self) -> int:
+        return self.hparams.n_report_prompts or self.hparams.n_selection_prompts
 
     # ---- building (from the datamodule when fitting, from the checkpoint when loading) -------------------------
     def _build(self, layout: dict) -> None:
@@ -210,7 +234,7 @@ class ReasoningDirectionModule(L.LightningModule):
         checkpoint["direction_layout"] = self.layout()
         checkpoint["direction_selection"] = {
             "selected": self.selected, "table": self.selection_table, "stats": self.selection_stats,
-            "n_train": self.n_train,
+            "n_train": self.n_train, "problem_sets": self.problem_sets, "null_directions": self.null_directions,
         }  # fmt: skip
         checkpoint["state_dict"].pop("_ddp_placeholder", None)
         assert set(checkpoint["state_dict"]) == {"directions"}, "backbone keys leaked into the checkpoint"
@@ -224,6 +248,7 @@ class ReasoningDirectionModule(L.LightningModule):
         selection = checkpoint.get("direction_selection", {})
         self.selected, self.selection_table = selection.get("selected"), selection.get("table", [])
         self.selection_stats, self.n_train = selection.get("stats", {}), selection.get("n_train", {})
+        self.problem_sets, self.null_directions = selection.get("problem_sets", {}), selection.get("null_directions")
 
     # ---- the directions -------------------------------------------------------------------------------------
     def directions_by_layer(self, position: int) -> torch.Tensor:
@@ -287,18 +312,14 @@ class ReasoningDirectionModule(L.LightningModule):
         if not self.trainer.sanity_checking and self._moments is not None:  # same decision on every rank
             self._finalize_directions()
 
-    def selection_pairs(self, datamodule, n: int, split: str = "val") -> list[tuple]:
-        """Up to n (reasoning PromptRow, control PromptRow) pairs of `split`, a seeded sample by problem."""
+    def val_pairs(self, datamodule, split: str = "val") -> list[tuple]:
+        """Every (reasoning PromptRow, control PromptRow) pair of `split` in the cache, in pair order."""
         by_pair: dict[int, dict] = {}
         for row_index in datamodule.row_index[split].tolist():
             row = datamodule.prompts.rows[row_index]
             by_pair.setdefault(row.pair_index, {})[row.kind] = row
         pairs = sorted(p for p, kinds in by_pair.items() if set(kinds) == set(CLASSES))
-        if not pairs:
-            raise UserError(f"no {split} problems to select a direction on: set prompts.val_fraction > 0")
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        chosen = sorted(torch.randperm(len(pairs), generator=generator)[:n].tolist())
-        return [(by_pair[pairs[i]]["reasoning"], by_pair[pairs[i]]["control"]) for i in chosen]
+        return [(by_pair[p]["reasoning"], by_pair[p]["control"]) for p in pairs]
 
     def default_candidate_layers(self) -> list[int]:
         if self.hparams.candidate_layers is not None:
@@ -313,49 +334,67 @@ class ReasoningDirectionModule(L.LightningModule):
             raise UserError(f"no cached layer is below max_layer_fraction * n_layers = {limit:g}")
         return layers
 
+    def _null_factory(self, datamodule, n: int):
+        """null_factory for select_reasoning_direction: `n` nulls of kind null_kind at the selected site, from
+        the TRAIN rows' cached activations there (the rows the directions were built from)."""
+
+        def make(best: dict, r: torch.Tensor) -> torch.Tensor:
+            acts = labels = None
+            if self.hparams.null_kind != "isotropic":
+                acts, labels = datamodule.split_slice("train", best["position"], self.layers.index(best["layer"]))
+            return null_directions(self.hparams.null_kind, r, n, self.hparams.seed, acts=acts, labels=labels)
+
+        return make
+
     def run_selection(self, datamodule, fast: bool = False) -> dict | None:
-        """Score, select and test the candidates on the val split (see the module docstring); returns
-        `selected`. fast=True: the fast_dev_run wiring check (2 pairs, 2 layers, <= 2 random, 20 bootstraps)."""
+        """Choose on the selection problems, report on the disjoint report problems (module docstring);
+        returns `selected`. fast=True: the fast_dev_run wiring check (<= 2 + 2 problems, 2 layers, <= 2
+        null directions, 20 bootstraps)."""
         hp = self.hparams
         layers = self.default_candidate_layers()
-        n_prompts, n_random, n_boot = hp.n_selection_prompts, hp.n_random, hp.n_bootstrap
+        n_sel, n_rep, n_random, n_boot = hp.n_selection_prompts, self.n_report, hp.n_random, hp.n_bootstrap
         if fast:
             layers = sorted({layers[0], layers[-1]})
-            n_prompts, n_random, n_boot = min(n_prompts, 2), min(n_random, 2), min(n_boot, 20)
-        pairs = self.selection_pairs(datamodule, n_prompts)
-        prompts = {kind: [pair[k].prompt for pair in pairs] for k, kind in enumerate(("reasoning", "control"))}
-        solutions = {kind: [pair[k].gold_solution for pair in pairs] for k, kind in enumerate(("reasoning", "control"))}
-        common = dict(metric=hp.selection_metric, k_first_tokens=hp.k_first_tokens, batch_size=hp.batch_size,
-                      add_strength=hp.add_strength)  # fmt: skip
-        args = (prompts["reasoning"], solutions["reasoning"], prompts["control"], solutions["control"])
-        model, tokenizer = self.backbone_model, self.tokenizer
+            n_sel, n_rep, n_random, n_boot = min(n_sel, 2), min(n_rep, 2), min(n_random, 2), min(n_boot, 20)
+        pairs = self.val_pairs(datamodule)
+        problems = [(r.prompt, r.gold_solution, c.prompt, c.gold_solution) for r, c in pairs]
+        scorer = PromptScorer(self.backbone_model, self.tokenizer, hp.selection_metric, hp.k_first_tokens,
+                              hp.batch_size, hp.add_strength)  # fmt: skip
         full = torch.stack([self.directions_by_layer(p) for p in range(len(self.position_labels))])
-        rows = score_candidates(model, tokenizer, full, *args, layers=layers, **common)
-        for i, row in enumerate(rows):
-            row.update(candidate=i, slot=self.layers.index(row["layer"]),
-                       position_label=self.position_labels[row["position"]])  # fmt: skip
-        best, annotated = select_direction(
-            rows, n_layers=self.n_model_layers, max_layer_fraction=hp.max_layer_fraction, kl_threshold=hp.kl_threshold
-        )
-        self.per_prompt_scores = {key: torch.stack([r[key] for r in rows]) for key in PER_PROMPT_KEYS.values()}
-        self.selection_table = [{k: v for k, v in r.items() if k not in PER_PROMPT_KEYS.values()} for r in annotated]
-        self.selected = None if best is None else {k: best[k] for k in ("position", "layer", "slot")}
-        baseline = None
-        if best is not None and n_random:
-            baseline = random_baseline(
-                model, tokenizer, best, self.selected_direction(), *args, n_random=n_random, seed=hp.seed,
-                n_bootstrap=n_boot, **common,
-            )  # fmt: skip
+        result = select_reasoning_direction(
+            full, layers, problems, scorer, n_selection=n_sel, n_report=n_rep, seed=hp.seed,
+            n_layers=self.n_model_layers, max_layer_fraction=hp.max_layer_fraction, kl_threshold=hp.kl_threshold,
+            null_factory=self._null_factory(datamodule, n_random) if n_random else None, n_bootstrap=n_boot,
+        )  # fmt: skip
+        for row in result.table:
+            row.update(slot=self.layers.index(row["layer"]), position_label=self.position_labels[row["position"]])
+        self.per_prompt_scores = {key: torch.stack([r[key] for r in result.table]) for key in PER_PROMPT_KEYS.values()}
+        self.selection_table = [{k: v for k, v in r.items() if k not in PER_PROMPT_KEYS.values()} for r in result.table]
+        best = result.selected
+        self.selected = None if best is None else {"position": best["position"], "layer": best["layer"],
+                                                   "slot": self.layers.index(best["layer"])}  # fmt: skip
+        self.problem_sets = {
+            name: {"pair_indices": [pairs[i][0].pair_index for i in index],
+                   "reasoning_rows": [pairs[i][0].row_index for i in index],
+                   "control_rows": [pairs[i][1].row_index for i in index]}
+            for name, index in (("selection", result.selection_problems), ("report", result.report_problems))
+        }  # fmt: skip
+        self.null_directions = result.null_directions
+        report = None
+        if result.report is not None:
+            report = {**result.report, "problems": "report",
+                      "per_prompt": {k: v.tolist() for k, v in result.report["per_prompt"].items()}}  # fmt: skip
         self.selection_stats = {
-            "split": "val", "pair_indices": [pair[0].pair_index for pair in pairs],
-            "reasoning_rows": [pair[0].row_index for pair in pairs], "control_rows": [pair[1].row_index for pair in pairs],
+            "split": "val", "protocol": PROTOCOL, "problems": self.problem_sets,
+            "n_selection_prompts": hp.n_selection_prompts, "n_report_prompts": self.n_report,
+            "selection_table_scores": "means over the selection problems; used only to choose",
             "candidate_layers": layers, "metric": hp.selection_metric,
             "metric_definition": metric_definition(hp.selection_metric, hp.k_first_tokens),
             "kl_threshold": hp.kl_threshold, "max_layer_fraction": hp.max_layer_fraction,
             "add_strength": hp.add_strength, "n_bootstrap": n_boot, "alpha": 0.05, "seed": hp.seed,
-            "random_baseline": None if baseline is None else {k: v for k, v in baseline.items() if k != "null_directions"},
+            "null": hp.null_kind, "n_null": 0 if self.null_directions is None else len(self.null_directions),
+            "null_definition": NULL_DEFINITIONS[hp.null_kind], "report": report,
         }  # fmt: skip
-        self._null_directions = None if baseline is None else baseline["null_directions"]
         return self.selected
 
     def _log_selection(self) -> None:
@@ -372,9 +411,11 @@ class ReasoningDirectionModule(L.LightningModule):
         logged["val/selected_position"] = float(best["position"]) if best else -1.0
         for key in SCORE_KEYS:
             logged[f"val/selected_{key}"] = float(best[key]) if best else math.nan
-        baseline = self.selection_stats.get("random_baseline")
+        report = self.selection_stats.get("report")
+        zscores = (report or {}).get("zscores")
         for key in SCORE_KEYS:
-            logged[f"val/z_{key}"] = float(baseline["zscores"][key]) if baseline else math.nan
+            logged[f"val/report_{key}"] = float(report["scores"][key]) if report else math.nan
+            logged[f"val/z_{key}"] = float(zscores[key]) if zscores else math.nan
         logged["val/n_kept"] = float(sum(row["filtered"] is None for row in self.selection_table))
         for name, value in logged.items():
             self.log(name, value, prog_bar=name == "val/selected_ablation_score")
@@ -410,6 +451,8 @@ class ReasoningDirectionModule(L.LightningModule):
                 "blocks.{layer}.resid_post); > 0: adding moves control prompts toward reasoning",
                 "kl": "mean over control prompts of KL(baseline || ablated) of the next-token distribution",
             },
+            "null": self.hparams.null_kind,
+            "n_null": 0 if self.null_directions is None else len(self.null_directions),
             "selection": self.selection_stats,
             "selection_table": self.selection_table,
             "selected": self.selected,
@@ -418,6 +461,6 @@ class ReasoningDirectionModule(L.LightningModule):
     def save_directions_file(self, directory) -> str:
         """Write reasoning_directions.safetensors + .json into `directory`; returns the tensor file's path."""
         extra = dict(self.per_prompt_scores)
-        if self._null_directions is not None:
-            extra["null_directions"] = self._null_directions
+        if self.null_directions is not None:
+            extra["null_directions"] = self.null_directions
         return str(save_directions(directory, self.directions, self.metadata(), extra=extra))

@@ -1,8 +1,10 @@
-"""The directions run: class means, candidate scores, random baseline, selection, files, checkpoints, configs.
+"""The directions run: class means, candidate scores, selection / report split, null directions, files,
+checkpoints, configs.
 
 Independent references: `compute_contrastive_directions` (float64) on the same rows and a planted shift;
 the metrics of `interp.metrics` run by hand inside hand-built `InterventionHandler`s; `interp.selection`
-applied by hand to the saved table; the files read back with `load_directions`.
+applied by hand to the saved table; the placebo null recomputed from the cached train rows read through the
+DataLoader; the files read back with `load_directions`.
 """
 
 import json
@@ -17,13 +19,18 @@ from pipeline_utils import REPO, build_datamodule, tiny_config
 
 import train
 from callbacks.cache_writer import extract_activations
-from interp.direction_scoring import random_baseline, score_candidates
-from interp.directions import compute_contrastive_directions, load_directions, load_extra_tensors
+from interp.direction_scoring import PromptScorer, score_candidates
+from interp.directions import (
+    compute_contrastive_directions,
+    load_directions,
+    load_extra_tensors,
+    null_directions,
+)
 from interp.errors import UserError
 from interp.interventions import InterventionHandler
 from interp.metrics import first_tokens_logprob, gold_solution_nll, last_token_kl, next_token_logits
 from interp.prompts import format_chat_prompt
-from interp.selection import bootstrap_ci, zscore
+from interp.selection import bootstrap_ci, select_reasoning_direction
 from lightning_modules.directions import ReasoningDirectionModule
 
 CACHED_LAYERS = [1, 4, 9, 28]
@@ -56,10 +63,11 @@ def _split(dm, split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def fitted(dm, tmp_path_factory):
-    """One directions run on the tiny cache: 3 val pairs, candidates at layers 4, 9 (and 28: too late)."""
+    """One directions run on the tiny cache: 2 val problems choose, the other 2 report; candidates at layers 4, 9
+    (and 28: too late); 2 placebo null directions."""
     L.seed_everything(0, verbose=False)
-    module = ReasoningDirectionModule(n_selection_prompts=3, kl_threshold=10.0, n_random=2, n_bootstrap=200,
-                                      batch_size=4, candidate_layers=[4, 9, 28])  # fmt: skip
+    module = ReasoningDirectionModule(n_selection_prompts=2, n_report_prompts=2, kl_threshold=10.0, n_random=2,
+                                      n_bootstrap=200, batch_size=4, candidate_layers=[4, 9, 28])  # fmt: skip
     root = tmp_path_factory.mktemp("dir_run")
     trainer = _trainer(default_root_dir=str(root))  # logger=False: trainer.log_dir is the root dir
     trainer.fit(module, datamodule=dm)
@@ -163,36 +171,45 @@ def test_gold_nll_metric(tiny, selection_prompts):
     torch.testing.assert_close(row["induction_per_prompt"], induction, rtol=0, atol=1e-9)
 
 
-def test_random_baseline_wiring(tiny, selection_prompts):
-    """Null = [r, r]: every z is exactly 0. Null = [r, -r]: ablation (sign-blind) z 0, induction z equal to the
-    z of hand-scored +r and -r. CIs are the bootstrap of the selected per-prompt values."""
+def test_report_phase_is_scored_on_the_report_problems(tiny, selection_prompts):
+    """select_reasoning_direction with the model's PromptScorer: the selection table holds the hand-computed scores
+    on the selection problem, the report the selected r's on the two report problems. Null = [r, r]: every z is
+    0; null = [r, -r]: ablation (sign-blind) z 0, induction z from hand-scored +r and -r."""
     model, tokenizer = tiny
-    directions = _candidates()[:1]
-    (selected,) = score_candidates(model, tokenizer, directions, *selection_prompts, layers=[7], batch_size=2,
-                                   k_first_tokens=4)  # fmt: skip
-    r = directions[0, 7]
-    kwargs = dict(k_first_tokens=4, batch_size=2, n_bootstrap=300, seed=3)
-    same = random_baseline(model, tokenizer, selected, r, *selection_prompts, null_directions=torch.stack([r, r]),
-                           **kwargs)  # fmt: skip
-    assert same["zscores"] == {"ablation_score": 0.0, "induction_score": 0.0, "kl": 0.0}
-    flipped = random_baseline(model, tokenizer, selected, r, *selection_prompts,
-                              null_directions=torch.stack([r, -r]), **kwargs)  # fmt: skip
+    reasoning, r_sol, control, c_sol = selection_prompts
+    problems = list(zip(reasoning, r_sol, control, c_sol))
+    scorer = PromptScorer(model, tokenizer, "first_tokens", k_first_tokens=4, batch_size=2)
+    directions = _candidates()
     nll = lambda m, t, p, s: -first_tokens_logprob(m, t, p, s, k=4, batch_size=2)  # noqa: E731
-    _, induction_neg, _ = _manual_scores(model, tokenizer, -r, 7, selection_prompts, nll)
-    null = torch.tensor([selected["induction_score"], float(induction_neg.mean())], dtype=torch.float64)
-    expected = float((selected["induction_score"] - null.mean()) / null.std())
-    assert flipped["zscores"]["induction_score"] == pytest.approx(expected, rel=1e-6)
-    assert abs(expected) > 0.1
-    assert flipped["zscores"]["ablation_score"] == 0.0
-    for key, values in (("ablation_score", "ablation_per_prompt"), ("kl", "kl_per_prompt")):
-        assert flipped["ci"][key] == list(bootstrap_ci(selected[values], n_boot=300, seed=3))
-        low, high = flipped["ci"][key]
-        assert low <= selected[key] <= high
-    drawn = random_baseline(model, tokenizer, selected, r, *selection_prompts, n_random=3, **kwargs)
-    assert drawn["null_directions"].shape == (3, 64)
-    torch.testing.assert_close(drawn["null_directions"].norm(dim=-1), r.norm().expand(3), rtol=1e-5, atol=0)
-    nulls = [row["ablation_score"] for row in drawn["null"]]
-    assert drawn["zscores"]["ablation_score"] == zscore(selected["ablation_score"], torch.tensor(nulls, dtype=torch.float64))
+
+    def run(null_factory):
+        return select_reasoning_direction(directions, [3, 7], problems, scorer, n_selection=1, n_report=2, seed=3,
+                                          kl_threshold=100.0, max_layer_fraction=1.0, null_factory=null_factory,
+                                          n_bootstrap=300)  # fmt: skip
+
+    same = run(lambda best, r: torch.stack([r, r]))
+    (chosen,), report_idx = same.selection_problems, same.report_problems
+    assert sorted([chosen, *report_idx]) == [0, 1, 2]
+    assert same.report["zscores"] == {"ablation_score": 0.0, "induction_score": 0.0, "kl": 0.0}
+    row = same.table[1]  # candidate (position 0, layer 7), scored on the selection problem only
+    one = [[x[chosen]] for x in selection_prompts]
+    ablation, induction, kl = _manual_scores(model, tokenizer, directions[0, 7], 7, one, nll)
+    torch.testing.assert_close(row["ablation_per_prompt"], ablation, rtol=0, atol=1e-9)
+    torch.testing.assert_close(row["kl_per_prompt"], kl, rtol=0, atol=1e-9)
+    best = same.selected
+    r = directions[best["position"], best["layer"]]
+    held_out = [[x[i] for i in report_idx] for x in selection_prompts]
+    ablation, induction, kl = _manual_scores(model, tokenizer, r, best["layer"], held_out, nll)
+    for key, values in (("ablation_score", ablation), ("induction_score", induction), ("kl", kl)):
+        torch.testing.assert_close(same.report["per_prompt"][key], values, rtol=0, atol=1e-9)
+        assert same.report["scores"][key] == pytest.approx(float(values.mean()), abs=1e-9)
+        assert same.report["ci"][key] == list(bootstrap_ci(values, n_boot=300, seed=3))
+    flipped = run(lambda best, r: torch.stack([r, -r]))
+    _, induction_neg, _ = _manual_scores(model, tokenizer, -r, best["layer"], held_out, nll)
+    null = torch.tensor([float(induction.mean()), float(induction_neg.mean())], dtype=torch.float64)
+    expected = float((induction.mean() - null.mean()) / null.std())
+    assert flipped.report["zscores"]["induction_score"] == pytest.approx(expected, rel=1e-6)
+    assert abs(expected) > 0.1 and flipped.report["zscores"]["ablation_score"] == 0.0
 
 
 def test_scoring_rejects_bad_input(tiny, selection_prompts):
@@ -227,9 +244,15 @@ def test_selection_follows_the_table(fitted):
     top9 = max((row for row in table if row["layer"] == 9), key=lambda row: row["ablation_score"])
     assert logged["val/ablation_score/L09"] == top9["ablation_score"]
     assert logged["val/best_position/L09"] == top9["position"]
-    pairs = module.selection_stats["pair_indices"]
-    assert len(pairs) == 3 and all(module.trainer.datamodule.prompts.rows[i].split == "val"
-                                   for i in module.selection_stats["reasoning_rows"])  # fmt: skip
+    sets = module.selection_stats["problems"]
+    rows = module.trainer.datamodule.prompts.rows
+    val = sorted({row.pair_index for row in rows if row.split == "val"})
+    assert len(val) == 4 and sorted(sets["selection"]["pair_indices"] + sets["report"]["pair_indices"]) == val
+    assert len(sets["selection"]["pair_indices"]) == len(sets["report"]["pair_indices"]) == 2
+    for name in ("selection", "report"):
+        assert [rows[i].pair_index for i in sets[name]["reasoning_rows"]] == sets[name]["pair_indices"]
+        assert all(rows[i].kind == "reasoning" for i in sets[name]["reasoning_rows"])
+        assert [rows[i].pair_index for i in sets[name]["control_rows"]] == sets[name]["pair_indices"]
 
 
 def test_files_round_trip(fitted, tmp_path):
@@ -242,21 +265,40 @@ def test_files_round_trip(fitted, tmp_path):
     assert meta["backbone"]["name_or_path"] == "tiny" and meta["n_model_layers"] == 32
     assert meta["selected"] == module.selected
     assert meta["selection_table"] == json.loads(json.dumps(module.selection_table))
-    baseline = meta["selection"]["random_baseline"]
-    assert baseline["n_random"] == 2 and set(baseline["zscores"]) == {"ablation_score", "induction_score", "kl"}
+    report = meta["selection"]["report"]
+    assert report["problems"] == "report" and set(report["zscores"]) == {"ablation_score", "induction_score", "kl"}
+    assert meta["null"] == meta["selection"]["null"] == "placebo" and meta["n_null"] == meta["selection"]["n_null"] == 2
+    assert "partition" in meta["selection"]["null_definition"]
     assert "first 8 gold-solution tokens" in meta["selection"]["metric_definition"]
     torch.testing.assert_close(torch.tensor(meta["norms"]), module.directions.double().norm(dim=-1).float(),
                                rtol=1e-6, atol=1e-6, check_dtype=False)  # fmt: skip
     extra = load_extra_tensors(path)
-    assert extra["ablation_per_prompt"].shape == (21, 3) and extra["null_directions"].shape == (2, 64)
+    assert extra["ablation_per_prompt"].shape == (21, 2) and extra["null_directions"].shape == (2, 64)
     row = meta["selection_table"][5]
     assert float(extra["kl_per_prompt"][row["candidate"]].mean()) == pytest.approx(row["kl"], abs=1e-12)
     # an independent re-selection from the saved table agrees
     kept = [r for r in meta["selection_table"] if r["filtered"] is None]
     best = max(kept, key=lambda r: r["ablation_score"])
     assert (best["position"], best["layer"]) == (meta["selected"]["position"], meta["selected"]["layer"])
-    low, high = baseline["ci"]["ablation_score"]
-    assert low <= best["ablation_score"] <= high
+    # the reported numbers are the report problems': their means, CIs and z-scores against the saved nulls
+    for key in ("ablation_score", "induction_score", "kl"):
+        values = torch.tensor(report["per_prompt"][key], dtype=torch.float64)
+        assert len(values) == 2 and report["scores"][key] == pytest.approx(float(values.mean()), abs=1e-12)
+        assert report["ci"][key] == list(bootstrap_ci(values, n_boot=200, seed=0))
+    assert meta["selection"]["n_selection_prompts"] == meta["selection"]["n_report_prompts"] == 2
+
+
+def test_null_directions_are_placebo_splits_of_the_cached_train_rows(fitted, dm):
+    module, _ = fitted
+    x, y = _split(dm, "train")  # [n, 7, 4, 64] through the DataLoader
+    position, slot = module.selected["position"], module.selected["slot"]
+    acts, labels = dm.split_slice("train", position, slot)  # one cached slice per shard
+    assert torch.equal(acts, x[:, position, slot]) and torch.equal(labels, y)
+    r = module.selected_direction()
+    expected = null_directions("placebo", r, 2, generator=0, acts=x[:, position, slot], labels=y)
+    torch.testing.assert_close(module.null_directions, expected, rtol=0, atol=0)
+    torch.testing.assert_close(module.null_directions.double().norm(dim=-1), r.double().norm().expand(2),
+                               rtol=1e-6, atol=0)  # fmt: skip
 
 
 def test_checkpoint_holds_no_backbone_and_reloads(fitted, tmp_path):
@@ -279,6 +321,10 @@ def test_bad_settings():
         ReasoningDirectionModule(n_random=1)
     with pytest.raises(UserError, match="unknown selection metric"):
         ReasoningDirectionModule(selection_metric="accuracy")
+    with pytest.raises(UserError, match="unknown null 'gaussian'"):
+        ReasoningDirectionModule(null_kind="gaussian")
+    with pytest.raises(UserError, match="n_report_prompts"):
+        ReasoningDirectionModule(n_report_prompts=0)
 
 
 def test_needs_all_positions(dm, tmp_path):
@@ -294,7 +340,7 @@ def test_needs_all_positions(dm, tmp_path):
 @pytest.mark.parametrize("config_name", ["directions_tiny.yaml", "directions_qwq.yaml"])
 def test_config_runs_fast_dev_run(config_name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = tiny_config(config_name, tmp_path, limit=3, layers=[0, 2, 4, 30])
+    config = tiny_config(config_name, tmp_path, limit=5, layers=[0, 2, 4, 30])  # 2 val problems: 1 chooses
     train.main(["--config", str(config), "--trainer.fast_dev_run", "true", "--run_name", "dev"])
     assert list((tmp_path / "cache").glob("*/manifest.json"))
 

@@ -27,11 +27,12 @@ from callbacks.intervention_report import intervention_report, problem_pairs, wr
 from callbacks.patching import PatchingCallback
 from datamodules.problems import DatasetSource
 from datamodules.prompts import ReasoningPromptsDataModule
+from interp.ablation import LayerAblator
 from interp.directions import random_directions
 from interp.errors import UserError
 from interp.generation import generate
 from interp.grading import compression_ratio, extract_answer, grade_answer, ngram_repetition
-from interp.interventions import InterventionHandler, LayerAblator
+from interp.interventions import InterventionHandler
 from interp.metrics import first_tokens_logprob, gold_solution_nll, last_token_kl, next_token_logits
 from interp.patching import attribution_patching, patching_sweep, target_log_prob
 from interp.selection import bootstrap_ci, zscore
@@ -78,6 +79,11 @@ def test_problem_pairs(prompts_dm):
     assert one[0].split == "val"
     with pytest.raises(UserError, match="no nope problems"):
         problem_pairs(prompts_dm, "nope")
+    # leaving out the problems that chose a direction
+    first, second = expected
+    assert [r.pair_index for r, _ in problem_pairs(prompts_dm, "test", n=2, exclude=[first])] == [second]
+    with pytest.raises(UserError, match="no test problems left once the 2 used to select"):
+        problem_pairs(prompts_dm, "test", exclude=expected)
 
 
 def test_report_numbers_equal_direct_calls(tiny, test_rows, direction_by_layer, greedy_report):
@@ -85,6 +91,7 @@ def test_report_numbers_equal_direct_calls(tiny, test_rows, direction_by_layer, 
     report = greedy_report
     names = [c["name"] for c in report["conditions"]]
     assert names == ["baseline", "ablated", "added@0", "added@2", "random0_added@2", "random0_ablated"]
+    assert report["null"] == "isotropic" and report["n_null"] == 1 and "drawn here" in report["null_source"]
     reasoning = [r for r in test_rows if r.kind == "reasoning"]
     control = [r for r in test_rows if r.kind == "control"]
     assert report["reasoning_rows"] == [r.row_index for r in reasoning]
@@ -135,6 +142,34 @@ def test_report_numbers_equal_direct_calls(tiny, test_rows, direction_by_layer, 
     # the interventions do something: they move the gold NLL and the control prompts' next-token distribution
     for name in ("ablated", "added@2", "random0_added@2"):
         assert abs(by_name[name]["gold_nll_change"]["mean"]) > 1e-4 and by_name[name]["control_kl"]["mean"] > 1e-6
+
+
+def test_report_uses_the_null_directions_it_is_given(tiny, test_rows, direction_by_layer):
+    """Given null directions (e.g. a run's placebo nulls), random{k} is null row k rescaled to |r|."""
+    model, tokenizer = tiny
+    nulls = torch.randn(3, 64, generator=torch.Generator().manual_seed(8))  # any norm: rescaled to |r|
+    kwargs = dict(strengths=(2.0,), n_random=2, max_new_tokens=2, do_sample=False, n_bootstrap=10,
+                  max_solution_tokens=SOLUTION_TOKENS, batch_size=2)  # fmt: skip
+    report = intervention_report(model, tokenizer, test_rows, direction_by_layer, LAYER, null_directions=nulls,
+                                 null="placebo", **kwargs)  # fmt: skip
+    assert report["null"] == "placebo" and report["n_null"] == 2
+    assert report["null_source"] == "the run's saved null directions"
+    r = direction_by_layer[LAYER]
+    reasoning = [row for row in test_rows if row.kind == "reasoning"]
+    prompts, solutions = [row.prompt for row in reasoning], [row.gold_solution for row in reasoning]
+    by_name = {c["name"]: c for c in report["conditions"]}
+    for k in range(2):
+        null = nulls[k] / nulls[k].norm() * r.norm()
+        with InterventionHandler(model, null, 2.0, layers=[LAYER], mode="add"):
+            added = gold_solution_nll(model, tokenizer, prompts, solutions, 2, SOLUTION_TOKENS)
+        with InterventionHandler(model, null, mode="ablate"):
+            ablated = gold_solution_nll(model, tokenizer, prompts, solutions, 2, SOLUTION_TOKENS)
+        # float32 forwards of directions equal up to float32 rounding (the report rescales in float64)
+        assert by_name[f"random{k}_added@2"]["gold_nll"]["per_prompt"] == pytest.approx(added.tolist(), rel=1e-6)
+        assert by_name[f"random{k}_ablated"]["gold_nll"]["per_prompt"] == pytest.approx(ablated.tolist(), rel=1e-6)
+    with pytest.raises(UserError, match="ask for at most 3"):
+        intervention_report(model, tokenizer, test_rows, direction_by_layer, LAYER, null_directions=nulls,
+                            **{**kwargs, "n_random": 4})  # fmt: skip
 
 
 def test_strength_zero_equals_baseline_exactly(greedy_report):
@@ -286,6 +321,8 @@ def test_callbacks_in_a_trainer(tiny, stand_in, prompts_dm, tmp_path):
     saved = json.loads((log_dir / "ablation_results.json").read_text())
     assert saved == json.loads(json.dumps(ablation.last_results)) and saved["global_step"] == trainer.global_step
     assert saved["epochs_completed"] == 1
+    # the stand-in chose no direction on any problem and saved no nulls: any val problems, isotropic nulls
+    assert saved["excluded_selection_pairs"] == [] and saved["null"] == "isotropic" and saved["n_null"] == 2
 
     # ablation: recomputed with LayerAblator / InterventionHandler on the rows it names
     prompts, solutions = _val_reasoning(prompts_dm, saved["row_indices"])
@@ -395,11 +432,11 @@ def test_callback_settings_are_checked():
 @pytest.fixture(scope="module")
 def directions_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("directions_run")
-    config_path = tiny_config("directions_tiny.yaml", tmp_path, limit=5)
+    config_path = tiny_config("directions_tiny.yaml", tmp_path, limit=10)  # 4 val problems
     config = yaml.safe_load(config_path.read_text())
     config["trainer"]["callbacks"] = [
         {"class_path": "callbacks.ablation.AblationCallback",
-         "init_args": {"n_prompts": 2, "layers": [0, 2], "n_random": 2, "n_bootstrap": 20}},
+         "init_args": {"n_prompts": 4, "layers": [0, 2], "n_random": 2, "n_bootstrap": 20}},
         {"class_path": "callbacks.patching.PatchingCallback", "init_args": {"n_pairs": 2, "layers": [2, 10]}},
     ]  # fmt: skip
     config_path.write_text(yaml.safe_dump(config))
@@ -407,8 +444,8 @@ def directions_run(tmp_path_factory):
     os.chdir(tmp_path)
     try:
         train.main(["--config", str(config_path), "--run_name", "run", "--model.init_args.candidate_layers", "[2, 10]",
-                    "--model.init_args.n_selection_prompts", "2", "--model.init_args.kl_threshold", "100",
-                    "--model.init_args.n_random", "0"])  # fmt: skip
+                    "--model.init_args.n_selection_prompts", "1", "--model.init_args.n_report_prompts", "1",
+                    "--model.init_args.kl_threshold", "100", "--model.init_args.n_random", "2"])  # fmt: skip
     finally:
         os.chdir(cwd)
     return tmp_path
@@ -422,6 +459,11 @@ def test_callbacks_run_with_the_directions_module(directions_run):
     assert meta["selected"] is not None and ablation["metric"] == "first_tokens"  # the module's selection metric
     assert ablation["direction"]["layer"] == meta["selected"]["layer"]
     assert len(ablation["direction"]["random_deltas"]) == 2 and [r["layer"] for r in ablation["layers"]] == [0, 2]
+    # the ablation never scores the problem that chose the direction, and uses the run's placebo null
+    chosen = meta["selection"]["problems"]["selection"]["pair_indices"]
+    assert len(chosen) == 1 and ablation["excluded_selection_pairs"] == chosen
+    assert len(ablation["pair_indices"]) == 3 and not set(ablation["pair_indices"]) & set(chosen)
+    assert ablation["null"] == meta["null"] == "placebo" and ablation["n_null"] == 2
     assert patching["layers"] == [2, 10] and len(patching["recovered"][0]) == 7
     events = EventAccumulator(str(log_dir))
     events.Reload()
@@ -444,6 +486,8 @@ def test_evaluate_a_directions_checkpoint(directions_run, tiny):
     assert report["checkpoint"] == str(ckpt) and report["backbone"] == "tiny"
     assert [c["name"] for c in report["conditions"]] == ["baseline", "ablated", "added@0", "added@1.5",
                                                          "random0_added@1.5", "random0_ablated"]  # fmt: skip
+    assert report["null"] == "placebo" and report["n_null"] == 1
+    assert report["null_source"] == "the run's saved null directions"
     # the report's rows are the run's test problems, rebuilt from its config
     from cli import datamodule_from_run_config
 
@@ -457,6 +501,10 @@ def test_evaluate_a_directions_checkpoint(directions_run, tiny):
     with InterventionHandler(model, direction, mode="ablate"):
         ablated = gold_solution_nll(model, tokenizer, prompts, solutions)
     assert report["conditions"][1]["gold_nll"]["per_prompt"] == pytest.approx(ablated.tolist(), abs=1e-9)
+    null = checkpoint["direction_selection"]["null_directions"][0]  # the run's first placebo null direction
+    with InterventionHandler(model, null, mode="ablate"):
+        ablated = gold_solution_nll(model, tokenizer, prompts, solutions)
+    assert report["conditions"][5]["gold_nll"]["per_prompt"] == pytest.approx(ablated.tolist(), abs=1e-9)
     base = report["conditions"][0]
     assert report["conditions"][2]["samples"] == base["samples"] and report["generation"]["do_sample"] is False
     texts = generate(model, tokenizer, prompts, max_new_tokens=4, do_sample=False)
