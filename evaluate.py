@@ -22,6 +22,7 @@ from callbacks.cache_writer import extract_activations
 from callbacks.probe_report import probe_report, write_probe_report
 from cli import LOG_ROOT, datamodule_from_run_config, run_main
 from interp.errors import UserError
+from interp.generation import DEFAULT_MAX_NEW_TOKENS
 from lightning_modules.probes import LayerProbeModule
 
 
@@ -29,7 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best.ckpt or last.ckpt)")
     parser.add_argument("--output_dir", default=None, help="where result files go (default: logs/<run_name>)")
-    parser.add_argument("--max_new_tokens", type=int, default=512, help="[directions] tokens generated per prompt")
+    parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                        help="[directions] tokens generated per prompt (a generation with no final answer by then "
+                        "counts as truncated and incorrect; see truncation_rate)")  # fmt: skip
     parser.add_argument("--greedy", action="store_true", help="[directions] greedy decoding (default: sampling, "
                         "temperature 0.6, top_p 0.95)")  # fmt: skip
     parser.add_argument("--n_prompts", type=int, default=None, help="[directions] test problems (default: all)")

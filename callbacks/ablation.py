@@ -23,7 +23,7 @@ Written: <trainer.log_dir>/ablation_results.json
      "null": "placebo" | "covariance" | "isotropic", "n_null", "n_bootstrap", "baseline": {"mean", "per_prompt"},
      "layers": [{"layer", "delta", "ci": [low, high], "delta_per_prompt"}],
      "direction": null | {"position", "layer", "norm", "delta", "ci", "delta_per_prompt", "random_deltas",
-                          "random_mean", "zscore"}}
+                          "random_mean", "zscore", "pvalues": {"t", "rank"} (`interp.selection.null_pvalues`)}}
 fast_dev_run: 2 problems, the first and last layer, at most 2 random directions.
 """
 
@@ -42,7 +42,7 @@ from interp.errors import UserError
 from interp.interventions import InterventionHandler
 from interp.metrics import first_tokens_logprob, gold_solution_nll
 from interp.plots import plot_layer_curves
-from interp.selection import bootstrap_ci, zscore
+from interp.selection import bootstrap_ci, null_pvalues, zscore
 
 METHODS = ("zero", "mean")
 
@@ -171,4 +171,5 @@ class AblationCallback(HeldOutEvaluation):
             "norm": float(r.double().norm()), **selected, "random_deltas": random_deltas,
             "random_mean": float(deltas.mean()) if random_deltas else None,
             "zscore": zscore(selected["delta"], deltas) if len(random_deltas) >= 2 else None,
+            "pvalues": null_pvalues(selected["delta"], deltas) if len(random_deltas) >= 2 else None,
         }, null  # fmt: skip

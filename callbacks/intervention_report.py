@@ -33,12 +33,14 @@ JSON written by `write_intervention_report` (intervention_results.json; NaN -> n
                      "random", "strength": float | null, "random_index": int | null,
                      "accuracy": float, "n_correct": int, "n_prompts": int, "correct": [bool per reasoning row],
                      "extracted_answers": [str | null per reasoning row],
+                     "truncation_rate": float, "n_truncated": int, "truncated": [bool per reasoning row],
+                     "accuracy_among_finished": float | null (n_correct / generations with a final answer),
                      "gold_nll": {"mean": float, "ci": [low, high], "per_prompt": [float]},
                      "gold_nll_change": {"mean": float, "ci": [low, high]},
                      "control_kl": {"mean": float, "max": float, "per_prompt": [float]},
                      "ngram_repetition": float, "compression_ratio": float,
                      "samples": [{"row_index", "pair_index", "dataset", "gold_answer", "generation",
-                                  "extracted_answer", "correct"}, ... the first n_samples reasoning rows]}],
+                                  "extracted_answer", "correct", "truncated"}, ... the first n_samples rows]}],
      ... plus what the caller adds (`directions_report`: "checkpoint", "backbone", "split", "position",
      "position_label", "layer")}
 Also visualizations/interventions.png (accuracy and gold NLL vs strength) and a rich table on stdout.
@@ -63,7 +65,7 @@ from rich.table import Table
 from interp.backbone import decoder_layers
 from interp.directions import random_directions
 from interp.errors import UserError
-from interp.generation import generate
+from interp.generation import DEFAULT_MAX_NEW_TOKENS, generate
 from interp.grading import compression_ratio, extract_answer, grade_answer, ngram_repetition
 from interp.interventions import InterventionHandler, check_directions
 from interp.metrics import gold_solution_nll, last_token_kl, next_token_logits
@@ -198,7 +200,7 @@ def intervention_report(
     selected_layer: int,
     strengths: Sequence[float] = (-1.0, 1.0, 2.0, 4.0),
     n_random: int = 1,
-    max_new_tokens: int = 512,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     do_sample: bool = True,
     temperature: float = 0.6,
     top_p: float = 0.95,
@@ -267,16 +269,21 @@ def intervention_report(
         kl = last_token_kl(base_logits, logits)  # [n_control] float64
         correct = [grade_answer(text, row.gold_answer, row.dataset) for text, row in zip(texts, reasoning)]
         answers = [extract_answer(text, row.dataset) for text, row in zip(texts, reasoning)]
+        truncated = [answer is None for answer in answers]  # no final answer (`has_final_answer` is False)
+        n_finished = len(truncated) - sum(truncated)
         change = nll - base_nll
         samples = [
             {"row_index": row.row_index, "pair_index": row.pair_index, "dataset": row.dataset,
-             "gold_answer": row.gold_answer, "generation": text, "extracted_answer": answer, "correct": ok}
+             "gold_answer": row.gold_answer, "generation": text, "extracted_answer": answer, "correct": ok,
+             "truncated": answer is None}
             for row, text, answer, ok in zip(reasoning, texts, answers, correct)
         ][:n_samples]  # fmt: skip
         results.append({
             **condition,
             "accuracy": sum(correct) / len(correct), "n_correct": sum(correct), "n_prompts": len(correct),
             "correct": correct, "extracted_answers": answers,
+            "truncation_rate": sum(truncated) / len(truncated), "n_truncated": sum(truncated), "truncated": truncated,
+            "accuracy_among_finished": sum(correct) / n_finished if n_finished else None,
             "gold_nll": {"mean": float(nll.mean()), "ci": list(bootstrap_ci(nll, n_bootstrap, seed=seed)),
                          "per_prompt": nll.tolist()},
             "gold_nll_change": {"mean": float(change.mean()), "ci": list(bootstrap_ci(change, n_bootstrap, seed=seed))},
@@ -365,12 +372,13 @@ def write_intervention_report(report: dict, output_dir) -> dict[str, Path]:
     fig.savefig(png_path)
     plt.close(fig)
     table = Table(title=f"Interventions at layer {report['selected_layer']} (n={len(report['reasoning_rows'])} problems)")
-    for column in ("condition", "accuracy", "gold NLL", "95% CI", "dNLL", "control KL", "4-gram rep.", "compr."):
+    for column in ("condition", "accuracy", "truncated", "gold NLL", "95% CI", "dNLL", "control KL", "4-gram rep.",
+                   "compr."):
         table.add_column(column, justify="right", no_wrap=True)
     for c in report["conditions"]:
         nll = c["gold_nll"]
         table.add_row(
-            c["name"], f"{c['accuracy']:.3f}", f"{nll['mean']:.3f}", f"[{nll['ci'][0]:.3f}, {nll['ci'][1]:.3f}]",
+            c["name"], f"{c['accuracy']:.3f}", f"{c['truncation_rate']:.3f}", f"{nll['mean']:.3f}", f"[{nll['ci'][0]:.3f}, {nll['ci'][1]:.3f}]",
             f"{c['gold_nll_change']['mean']:+.3f}", f"{c['control_kl']['mean']:.4f}", f"{c['ngram_repetition']:.3f}",
             f"{c['compression_ratio']:.2f}",
         )  # fmt: skip

@@ -220,6 +220,22 @@ def test_accuracy_and_degeneration_of_planted_generations(tiny, test_rows, direc
         assert len(condition["samples"]) == 1 and condition["samples"][0]["generation"] == planted[0]
 
 
+def test_truncated_reasoning_is_incorrect_and_counted(tiny, test_rows, direction_by_layer, monkeypatch):
+    """Prompt 1 is cut off while thinking, its last number the gold answer: incorrect and truncated."""
+    model, tokenizer = tiny
+    reasoning = [r for r in test_rows if r.kind == "reasoning"]
+    planted = [f"so</think> The answer is $\\boxed{{{reasoning[0].gold_answer}}}$.",
+               f"Let me add these up step by step: {reasoning[1].gold_answer}"]  # fmt: skip
+    monkeypatch.setattr(report_module, "generate", lambda *args, **kwargs: list(planted))
+    report = intervention_report(model, tokenizer, test_rows, direction_by_layer, LAYER, strengths=(1.0,), n_random=0,
+                                 n_bootstrap=10, max_solution_tokens=4)  # fmt: skip
+    for condition in report["conditions"]:
+        assert condition["correct"] == [True, False] and condition["truncated"] == [False, True]
+        assert condition["truncation_rate"] == 0.5 and condition["n_truncated"] == 1
+        assert condition["accuracy"] == 0.5 and condition["accuracy_among_finished"] == 1.0
+        assert [sample["truncated"] for sample in condition["samples"]] == [False, True]
+
+
 def test_write_report(greedy_report, tmp_path, capsys):
     report = json.loads(json.dumps(greedy_report))
     report["conditions"][1]["control_kl"]["max"] = float("nan")
