@@ -159,14 +159,15 @@ def test_report_uses_the_null_directions_it_is_given(tiny, test_rows, direction_
     prompts, solutions = [row.prompt for row in reasoning], [row.gold_solution for row in reasoning]
     by_name = {c["name"]: c for c in report["conditions"]}
     for k in range(2):
-        null = nulls[k] / nulls[k].norm() * r.norm()
+        null64 = nulls[k].double()
+        null = (null64 / null64.norm() * r.double().norm()).float()  # the report's rescaling, in float64
         with InterventionHandler(model, null, 2.0, layers=[LAYER], mode="add"):
             added = gold_solution_nll(model, tokenizer, prompts, solutions, 2, SOLUTION_TOKENS)
         with InterventionHandler(model, null, mode="ablate"):
             ablated = gold_solution_nll(model, tokenizer, prompts, solutions, 2, SOLUTION_TOKENS)
-        # float32 forwards of directions equal up to float32 rounding (the report rescales in float64)
-        assert by_name[f"random{k}_added@2"]["gold_nll"]["per_prompt"] == pytest.approx(added.tolist(), rel=1e-6)
-        assert by_name[f"random{k}_ablated"]["gold_nll"]["per_prompt"] == pytest.approx(ablated.tolist(), rel=1e-6)
+        # the same float32 direction through the same batched forwards: the same numbers
+        assert by_name[f"random{k}_added@2"]["gold_nll"]["per_prompt"] == pytest.approx(added.tolist(), rel=1e-12)
+        assert by_name[f"random{k}_ablated"]["gold_nll"]["per_prompt"] == pytest.approx(ablated.tolist(), rel=1e-12)
     with pytest.raises(UserError, match="ask for at most 3"):
         intervention_report(model, tokenizer, test_rows, direction_by_layer, LAYER, null_directions=nulls,
                             **{**kwargs, "n_random": 4})  # fmt: skip
