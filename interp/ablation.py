@@ -12,7 +12,6 @@ write that value at every position.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -20,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from interp.activations import check_layers, run_hooked_decoder
 from interp.backbone import decoder_layers, input_device
 from interp.errors import UserError
-from interp.hooks import HookFn, hooked, site_name
+from interp.hooks import HookContext, HookFn, site_name
 from interp.interventions import _d_model, _OnDevice, real_token_index
 from interp.prompts import tokenize_prompts
 
@@ -102,7 +101,7 @@ def role_means(
     return {layer: sums[layer] / counts[:, None] for layer in layers}, [int(n) for n in counts]
 
 
-class LayerAblator:
+class LayerAblator(HookContext):
     """Replace the contribution c_l = resid_post - resid_pre of chosen layers while the `with` block runs.
 
     ablation_method:
@@ -149,7 +148,6 @@ class LayerAblator:
         self._replacements: dict[int, _OnDevice] = {}
         self._inputs: dict[int, torch.Tensor] = {}
         self._first: torch.Tensor | None = None  # "mean": [batch, seq] bool, first real token of the forward
-        self._stack: ExitStack | None = None
         self.reference_mask: torch.Tensor | None = None
         if ablation_method == "zero":
             if reference_inputs is not None:
@@ -224,18 +222,9 @@ class LayerAblator:
         hooks = [(site_name(layer, "resid_pre"), self._store(layer)) for layer in self.layers]
         return hooks + [(site_name(layer), self._replace(layer)) for layer in self.layers]
 
-    def __enter__(self) -> LayerAblator:
-        if self._stack is not None:
-            raise RuntimeError("this LayerAblator is already active")
-        observe = {"resample": self._check_resample_batch, "mean": self._observe_roles}.get(self.method)
-        stack = ExitStack()
-        stack.enter_context(hooked(self.model, self.hooks(), observe_inputs=observe))
-        self._stack = stack
-        return self
+    def observe_inputs(self):
+        return {"resample": self._check_resample_batch, "mean": self._observe_roles}.get(self.method)
 
-    def __exit__(self, *exc) -> bool:
-        stack, self._stack = self._stack, None
+    def _on_exit(self) -> None:
         self._inputs.clear()
         self._first = None
-        stack.close()
-        return False

@@ -163,3 +163,44 @@ def run_until(forward: Callable[[], object]) -> object | None:
         return forward()
     except StopForward:
         return None
+
+
+class HookContext:
+    """Base of the project's intervention context managers (`with Intervention(model, ...): forward`).
+
+    A subclass sets `self.model`, defines `hooks()` -> [(site, fn)] and may define `observe_inputs(kwargs)`
+    (see `hooked`), `_on_enter()` (reset per-use state) and `_on_exit()`. The hooks live exactly as long as the
+    `with` block, also on exceptions; entering an active instance again raises (its per-use state would mix).
+    """
+
+    model: nn.Module
+    _context = None  # the active `hooked(...)` context manager, None when inactive
+
+    def hooks(self) -> list[tuple[str, HookFn]]:
+        raise NotImplementedError
+
+    def observe_inputs(self) -> InputObserver | None:
+        return None
+
+    def _on_enter(self) -> None:
+        pass
+
+    def _on_exit(self) -> None:
+        pass
+
+    def __enter__(self):
+        if self._context is not None:
+            raise RuntimeError(f"this {type(self).__name__} is already active")
+        self._on_enter()
+        context = hooked(self.model, self.hooks(), observe_inputs=self.observe_inputs())
+        context.__enter__()
+        self._context = context
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        context, self._context = self._context, None
+        try:
+            self._on_exit()
+        finally:
+            context.__exit__(*exc)
+        return False

@@ -23,7 +23,7 @@ import inspect
 import sys
 import weakref
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ from transformers.generation.utils import GenerationMixin
 from interp.activations import check_layers
 from interp.backbone import base_decoder, decoder_layers
 from interp.errors import UserError
-from interp.hooks import HookFn, block_part, hooked, site_name
+from interp.hooks import HookContext, HookFn, block_part, site_name
 
 MODES = ("add", "ablate")
 POSITIONS = ("all", "prompt", "generated")
@@ -243,7 +243,7 @@ class _PromptTracker:
         return (is_prompt if self.positions == "prompt" else ~is_prompt)[None]
 
 
-class InterventionHandler:
+class InterventionHandler(HookContext):
     """Add a direction at chosen layers, or ablate one direction everywhere, while the `with` block runs.
 
     Args:
@@ -298,7 +298,6 @@ class InterventionHandler:
         self.prompt_lengths = None if prompt_lengths is None else _check_prompt_lengths(prompt_lengths)
         self.strength = float(intervention_strength)
         self._tracker = _PromptTracker(model, positions, self.prompt_lengths)
-        self._stack: ExitStack | None = None
         if mode == "add":
             if ablation_layer is not None:
                 raise UserError("ablation_layer is only used with mode='ablate'")
@@ -357,20 +356,11 @@ class InterventionHandler:
         """The (site, fn) pairs this handler registers."""
         return [(site, self._hook(vector)) for site, vector in self._sites.items()]
 
-    def __enter__(self) -> InterventionHandler:
-        if self._stack is not None:
-            raise RuntimeError("this InterventionHandler is already active")
+    def _on_enter(self) -> None:
         self._tracker = _PromptTracker(self.model, self.positions, self.prompt_lengths)
-        observe = None if self.positions == "all" else self._tracker.observe
-        stack = ExitStack()
-        stack.enter_context(hooked(self.model, self.hooks(), observe_inputs=observe))
-        self._stack = stack
-        return self
 
-    def __exit__(self, *exc) -> bool:
-        stack, self._stack = self._stack, None
-        stack.close()
-        return False
+    def observe_inputs(self):
+        return None if self.positions == "all" else self._tracker.observe
 
 
 def _output_projection(part: nn.Module) -> nn.Module:

@@ -519,3 +519,19 @@ def test_bad_inputs_raise_user_errors(tiny):
         with pytest.raises(UserError, match=message):
             make()
     _assert_no_hooks(model)
+
+
+@pytest.mark.parametrize("make", [
+    lambda model: InterventionHandler(model, torch.ones(model.config.hidden_size), 1.0, layers=[2]),
+    lambda model: LayerAblator(model, [2], "zero"),
+])  # fmt: skip
+def test_an_active_intervention_cannot_be_entered_again(tiny, make):
+    model, _ = tiny
+    intervention = make(model)
+    n_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    with intervention:
+        with pytest.raises(RuntimeError, match="already active"):
+            intervention.__enter__()
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == n_hooks
+    with intervention:  # usable again after exit
+        pass
