@@ -7,8 +7,9 @@ each a (reasoning prompt, control prompt) pair: `interp.patching.patching_sweep`
 METRIC: log-probability of the first token of the problem's gold solution at the last prompt position
 (`target_log_prob`), the same target for both prompts of a pair. The heatmap is the fraction of the
 reasoning-minus-control gap recovered, a RATIO OF MEANS over the pairs (1 = the patch makes the control runs
-score like the reasoning runs on average), with a percentile bootstrap CI over pairs; its exact definition,
-the relative cutoff (`rel_tol`) and the CI are in `interp.patching_stats` (copied into the JSON as "definition").
+score like the reasoning runs on average), with Fieller's 95% CI for that ratio of paired means (no resampling;
+null with a "ci_reason" for one pair or a mean gap not significantly non-zero); its exact definition, the relative
+cutoff (`rel_tol`) and the CI are in `interp.patching_stats` (copied into the JSON as "definition").
 Logged (every logger; rank zero): patching/recovered_max, patching/recovered/L{layer:02d} (max over tokens;
 NaN when every cell is cut), patching/n_usable_pairs (pairs behind the heatmap: all of them, 0 when the mean
 gap is cut), patching/metric_gap (mean reasoning - control); TensorBoard figure patching/recovered_heatmap
@@ -16,7 +17,8 @@ gap is cut), patching/metric_gap (mean reasoning - control); TensorBoard figure 
 Written: <trainer.log_dir>/patching_results.json
     {"epochs_completed", "global_step", "split": "val", "metric", "definition", "method", "layers", "post_tokens",
      "recovered", "recovered_ci_low", "recovered_ci_high": [[float | null per token] per layer],
-     "ci_level", "n_bootstrap", "bootstrap_seed", "ci_reason", "mean_gap", "gap_scale", "rel_tol", "cutoff",
+     "ci_method": "fieller", "ci_level", "t_quantile", "ci_reason", "mean_gap", "mean_gap_se", "gap_scale",
+     "rel_tol", "cutoff",
      "cut": [[bool per token] per layer], "cut_reason", "n_pairs", "metric_reasoning", "metric_control": [per pair],
      "metric_patched": [pair][layer][token], "per_pair_ratio" (diagnostic only, never averaged),
      "pair_indices", "reasoning_rows", "control_rows", "target_tokens"}
@@ -54,7 +56,6 @@ class PatchingCallback(HeldOutEvaluation):
         every_n_epochs: int | None = None,
         batch_size: int = 8,
         seed: int = 0,
-        n_bootstrap: int = 1000,
         rel_tol: float = 0.1,
     ):
         """
@@ -64,8 +65,7 @@ class PatchingCallback(HeldOutEvaluation):
             method: exact (one forward per layer x token) | attribution (gradient estimate, one backward per batch).
             every_n_epochs: run after every N-th epoch; null = once, at the end of fit.
             batch_size: pairs per forward.
-            seed: seeds the sample of problems and the bootstrap.
-            n_bootstrap: resamples of the pairs for the heatmap's percentile CI (95%).
+            seed: seeds the sample of problems.
             rel_tol: cut (NaN) the heatmap when |mean gap| <= rel_tol * mean |per-pair gap|, in [0, 1).
         """
         super().__init__(every_n_epochs)
@@ -74,8 +74,8 @@ class PatchingCallback(HeldOutEvaluation):
         if n_pairs < 1 or batch_size < 1:
             raise UserError(f"n_pairs and batch_size must be >= 1, got {n_pairs}, {batch_size}")
         self.n_pairs, self.layers, self.method = n_pairs, layers, method
-        check_summary_settings(rel_tol, n_bootstrap)
-        self.batch_size, self.seed, self.n_bootstrap, self.rel_tol = batch_size, seed, n_bootstrap, rel_tol
+        check_summary_settings(rel_tol)
+        self.batch_size, self.seed, self.rel_tol = batch_size, seed, rel_tol
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, fast: bool) -> tuple[dict, dict, dict]:
         model, tokenizer = pl_module.backbone_model, pl_module.tokenizer
@@ -90,7 +90,7 @@ class PatchingCallback(HeldOutEvaluation):
         layers = sorted({layers[0], layers[-1]}) if fast else layers
         result = METHODS[self.method](
             model, tokenizer, [r.prompt for r, _ in pairs], [c.prompt for _, c in pairs], target_log_prob(targets),
-            layers=layers, batch_size=self.batch_size, rel_tol=self.rel_tol, n_boot=self.n_bootstrap, seed=self.seed,
+            layers=layers, batch_size=self.batch_size, rel_tol=self.rel_tol,
         )  # fmt: skip
         results = {
             "split": "val", "metric": METRIC, **result.to_dict(),

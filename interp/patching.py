@@ -7,7 +7,7 @@
 - `patching_sweep(...)`: for matched (reasoning, control) prompt pairs, patch the reasoning run's value at ONE
   layer and ONE post-instruction position into the control run, for every (layer, position): the fraction of
   a metric's reasoning-control gap recovered, a [n_layers, n_post] heatmap (a ratio of means over pairs with
-  a bootstrap CI; defined in `interp.patching_stats`, which also holds the metric factories).
+  Fieller's CI; defined in `interp.patching_stats`, which also holds the metric factories).
 - `attribution_patching(...)`: the same heatmap from a first-order (gradient) approximation, one
   forward + backward on the control prompts and one forward on the reasoning prompts per batch.
 
@@ -329,8 +329,7 @@ def patching_sweep(
     layers: Sequence[int] | None = None,
     batch_size: int = 8,
     rel_tol: float = 0.1,
-    n_boot: int = 1000,
-    seed: int = 0,
+    alpha: float = 0.05,
 ) -> PatchingResult:
     """Exact activation patching, reasoning -> control, at every (layer, post-instruction position).
 
@@ -342,13 +341,14 @@ def patching_sweep(
 
     The result (`interp.patching_stats.PatchingResult`): recovered[l, k] = (mean_i patched - mean_i control) /
     (mean_i reasoning - mean_i control) over all pairs, NaN with a `cut_reason` when |mean gap| <= rel_tol *
-    mean_i |reasoning_i - control_i|; a percentile bootstrap CI over pairs (n_boot resamples, seeded by seed).
+    mean_i |reasoning_i - control_i|; Fieller's level 1 - alpha CI for the ratio of the paired means (NaN, with a
+    `ci_reason`, for < 2 pairs or when the mean gap is not significantly non-zero at level alpha).
 
     Cost: 2 forwards per batch for the unpatched metrics, then (unless the mean gap is cut, which leaves
     metric_patched NaN) 1 reasoning forward + n_layers x n_post patched forwards per batch (full forwards,
     LM head at the last position only).
     """
-    check_summary_settings(rel_tol, n_boot)
+    check_summary_settings(rel_tol, alpha)
     layers, post, post_tokens = _setup(model, tokenizer, layers)
     n_post, n_pairs = len(post), len(control_prompts)
     metric_r = torch.zeros(n_pairs, dtype=torch.float64)
@@ -365,7 +365,7 @@ def patching_sweep(
             _metric(metric_fn, logits, _info(pair_index, c_batch, "control")).double().cpu()
         )
     metric_patched = torch.full((n_pairs, len(layers), n_post), float("nan"), dtype=torch.float64)
-    summary = dict(layers=layers, post_tokens=post_tokens, rel_tol=rel_tol, n_boot=n_boot, seed=seed)
+    summary = dict(layers=layers, post_tokens=post_tokens, rel_tol=rel_tol, alpha=alpha)
     if mean_gap_is_cut(metric_r, metric_c, rel_tol):  # every cell would be NaN: skip the patched forwards
         return summarise("exact", metric_r, metric_c, metric_patched, **summary)
     for pair_index, r_batch, c_batch in _pair_batches(
@@ -394,8 +394,7 @@ def attribution_patching(
     layers: Sequence[int] | None = None,
     batch_size: int = 8,
     rel_tol: float = 0.1,
-    n_boot: int = 1000,
-    seed: int = 0,
+    alpha: float = 0.05,
 ) -> PatchingResult:
     """Attribution patching: the first-order estimate of `patching_sweep`, same arguments and result.
 
@@ -407,10 +406,10 @@ def attribution_patching(
     backward keeps every layer's activations of the batch: lower batch_size for large models).
     metric_fn must be differentiable in the logits. The estimate is exact when the metric is linear in the
     patched value (e.g. the last layer without a final norm) and degrades as patches move further.
-    recovered, its cutoff and its bootstrap CI over pairs are computed from these estimates exactly as in
+    recovered, its cutoff and its Fieller CI are computed from these estimates exactly as in
     `patching_sweep` (a ratio of means normalised by the mean reasoning - control gap).
     """
-    check_summary_settings(rel_tol, n_boot)
+    check_summary_settings(rel_tol, alpha)
     layers, post, post_tokens = _setup(model, tokenizer, layers)
     n_post, n_pairs = len(post), len(control_prompts)
     metric_r = torch.zeros(n_pairs, dtype=torch.float64)
@@ -449,5 +448,5 @@ def attribution_patching(
             diff = acts_r[layer].double() - acts_c[layer].double()
             metric_patched[pair_index, i] = (diff * grad).sum(-1).cpu()  # [batch, n_post]
     metric_patched = metric_patched + metric_c[:, None, None]
-    summary = dict(layers=layers, post_tokens=post_tokens, rel_tol=rel_tol, n_boot=n_boot, seed=seed)
+    summary = dict(layers=layers, post_tokens=post_tokens, rel_tol=rel_tol, alpha=alpha)
     return summarise("attribution", metric_r, metric_c, metric_patched, **summary)
