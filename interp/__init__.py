@@ -19,13 +19,14 @@ from interp.grading import (
     ngram_repetition,
 )
 from interp.hooks import hooked, site_name
-from interp.interventions import InterventionHandler, orthogonalize_weights, prompt_boundary
+from interp.interventions import InterventionHandler, orthogonalize_weights
 from interp.lens import LogitLens
 from interp.metrics import first_tokens_logprob, gold_solution_nll, last_token_kl, next_token_logits
 from interp.patching import PathPatcher, attribution_patching, capture_sites, patching_sweep
 from interp.positions import PositionSpec
 from interp.prompts import format_chat_prompt, post_instruction_ids
 from interp.selection import bootstrap_ci, select_direction, zscore
+from interp.token_roles import prompt_boundary
 
 __all__ = [
     "BUILTIN_BACKBONES",

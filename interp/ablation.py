@@ -20,8 +20,9 @@ from interp.activations import check_layers, run_hooked_decoder
 from interp.backbone import decoder_layers, input_device
 from interp.errors import UserError
 from interp.hooks import HookContext, HookFn, site_name
-from interp.interventions import _d_model, _OnDevice, real_token_index
+from interp.interventions import _d_model, _OnDevice
 from interp.prompts import tokenize_prompts
+from interp.token_roles import real_token_index
 
 ABLATION_METHODS = ("zero", "mean", "resample")
 FIRST, LATER = 0, 1  # rows of LayerAblator.means[layer]: [2, d_model]

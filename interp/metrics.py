@@ -7,7 +7,7 @@ Prompts are tokenized as given (no tokens added), like `interp.activations.colle
 with `interp.prompts.format_chat_prompt` first. Prompt and solution are tokenized SEPARATELY and their ids
 concatenated, so the boundary between them is exact (no BPE merge across it). Batches are left padded and
 get `padded_position_ids`, so a padded batch scores exactly like each prompt alone. The solution scores
-declare the prompt / solution boundary (`interp.interventions.prompt_boundary`): inside an
+declare the prompt / solution boundary (`interp.token_roles.prompt_boundary`): inside an
 `InterventionHandler(..., positions="generated")` the solution tokens count as generated, the prompt's as prompt.
 """
 
@@ -22,9 +22,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from interp.backbone import input_device
 from interp.errors import UserError
-from interp.interventions import prompt_boundary
 from interp.positions import padded_position_ids
 from interp.prompts import tokenize_prompts
+from interp.token_roles import prompt_boundary
 
 
 def _supports_logits_to_keep(model: PreTrainedModel) -> bool:

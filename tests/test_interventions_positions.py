@@ -8,9 +8,10 @@ import torch
 
 from interp.errors import UserError
 from interp.hooks import hooked, site_name
-from interp.interventions import InterventionHandler, prompt_boundary
+from interp.interventions import InterventionHandler
 from interp.metrics import gold_solution_nll
 from interp.positions import padded_position_ids
+from interp.token_roles import prompt_boundary
 
 LAYER, STRENGTH = 5, 4.0
 SOLUTIONS = ["2 + 2 = 4, so \\boxed{4}.", "48 + 24 = 72 clips.", "It is 70."]
