@@ -26,7 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from interp.activations import capture_residuals, check_layers, run_hooked_decoder
 from interp.backbone import decoder_layers, input_device
 from interp.errors import UserError
-from interp.hooks import hooked, site_name
+from interp.hooks import HookContext, HookFn, hooked, site_name
 from interp.patching_stats import (  # noqa: F401  (the metric factories are part of this module's API)
     MetricFn,
     PatchingResult,
@@ -141,7 +141,7 @@ def capture_sites(
 # --------------------------------------------------------------------------------------------- patcher
 
 
-class PathPatcher:
+class PathPatcher(HookContext):
     """While active, every forward of `model` sees `blocks.{l}.resid_post` replaced by the source's values.
 
     Args:
@@ -202,7 +202,6 @@ class PathPatcher:
                     f"select {self.index.shape[1]} for {self.index.shape[0]}"
                 )
         self._patched: set[int] = set()  # layers patched since __enter__
-        self._context = None
 
     def _hook(self, layer: int):
         source = self.source[layer]
@@ -224,15 +223,11 @@ class PathPatcher:
 
         return patch
 
-    def __enter__(self) -> PathPatcher:
-        self._patched = set()
-        self._context = hooked(self.model, [(site_name(layer), self._hook(layer)) for layer in self.layers])
-        self._context.__enter__()
-        return self
+    def hooks(self) -> list[tuple[str, HookFn]]:
+        return [(site_name(layer), self._hook(layer)) for layer in self.layers]
 
-    def __exit__(self, *exc) -> bool | None:
-        context, self._context = self._context, None
-        return context.__exit__(*exc)
+    def _on_enter(self) -> None:
+        self._patched = set()
 
 
 # --------------------------------------------------------------------------------------------- sweeps
