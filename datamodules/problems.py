@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from interp.errors import UserError
-from interp.grading import last_boxed
+from interp.grading import DATASETS, last_boxed  # DATASETS order = the "dataset" label encoding
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
 EMBEDDED_FILES = {"gsm8k": EMBEDDED_DIR / "gsm8k_test.jsonl", "math": EMBEDDED_DIR / "math500.jsonl"}
-DATASETS = ("gsm8k", "math")  # the order is the "dataset" label encoding
 REQUIRED_FIELDS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution")}
 _LOCAL_SUFFIXES = (".jsonl", ".json")
 

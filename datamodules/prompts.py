@@ -32,6 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from datamodules.problems import DATASETS, DatasetSource, Problem, load_sources
 from interp.backbone import load_tokenizer
+from interp.cache import SPLITS  # the "split" tensor encoding in batches
 from interp.errors import UserError
 from interp.prompts import format_chat_prompt, post_instruction_ids, tokenize_prompts
 
@@ -45,7 +46,6 @@ CONTROL_TEMPLATES = {
 }
 LABELS = ("reasoning", "dataset", "subject", "level", "problem")
 KINDS = ("control", "reasoning")  # the "reasoning" label encoding
-SPLITS = ("train", "val", "test")  # the "split" tensor encoding in batches
 DATA_SPEC_VERSION = 1  # bump when the way rows or token ids are built changes
 
 

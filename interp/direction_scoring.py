@@ -45,7 +45,6 @@ from interp.metrics import first_tokens_logprob, gold_solution_nll, last_token_k
 from interp.selection import PER_PROMPT_KEYS
 
 METRICS = ("first_tokens", "gold_nll")
-SCORE_KEYS = tuple(PER_PROMPT_KEYS)  # ("ablation_score", "induction_score", "kl")
 
 
 def metric_definition(metric: str, k_first_tokens: int = 8, max_solution_tokens: int | None = 256) -> str:

@@ -33,7 +33,7 @@ from scipy.stats import t as student_t
 
 from interp.errors import UserError
 
-_SCORE_KEYS = ("ablation_score", "induction_score", "kl")
+SCORE_KEYS = ("ablation_score", "induction_score", "kl")
 
 
 def zscore(effect: float, null_effects: torch.Tensor) -> float:
@@ -104,7 +104,7 @@ def bootstrap_ci(
 
 
 def _discard_reasons(row: dict, max_layer: float, kl_threshold: float) -> list[str]:
-    nan = [key for key in _SCORE_KEYS if math.isnan(float(row[key]))]
+    nan = [key for key in SCORE_KEYS if math.isnan(float(row[key]))]
     if nan:
         return [f"nan {', '.join(nan)}"]
     reasons = []
@@ -142,7 +142,7 @@ def select_direction(
     max_layer = max_layer_fraction * n_layers
     annotated, best = [], None
     for i, row in enumerate(table):
-        missing = [key for key in ("position", "layer", *_SCORE_KEYS) if key not in row]
+        missing = [key for key in ("position", "layer", *SCORE_KEYS) if key not in row]
         if missing:
             raise UserError(f"candidate {i} lacks {', '.join(missing)}")
         reasons = _discard_reasons(row, max_layer, kl_threshold)
@@ -256,15 +256,15 @@ def select_reasoning_direction(
     scored = torch.cat([r[None].cpu().float(), nulls]) if nulls is not None else r[None]  # [1 + n_null, d_model]
     report_rows = scorer(scored, [best["layer"]] * len(scored), [problems[i] for i in report_idx])
     chosen, null_rows = report_rows[0], report_rows[1:]
-    null = [{key: float(row[key]) for key in _SCORE_KEYS} for row in null_rows]
+    null = [{key: float(row[key]) for key in SCORE_KEYS} for row in null_rows]
     zscores = pvalues = None
     if len(null) >= 2:
-        null_scores = {key: torch.tensor([row[key] for row in null], dtype=torch.float64) for key in _SCORE_KEYS}
-        zscores = {key: zscore(float(chosen[key]), null_scores[key]) for key in _SCORE_KEYS}
-        pvalues = {key: null_pvalues(float(chosen[key]), null_scores[key]) for key in _SCORE_KEYS}
-    per_prompt = {key: torch.as_tensor(chosen[PER_PROMPT_KEYS[key]], dtype=torch.float64) for key in _SCORE_KEYS}
+        null_scores = {key: torch.tensor([row[key] for row in null], dtype=torch.float64) for key in SCORE_KEYS}
+        zscores = {key: zscore(float(chosen[key]), null_scores[key]) for key in SCORE_KEYS}
+        pvalues = {key: null_pvalues(float(chosen[key]), null_scores[key]) for key in SCORE_KEYS}
+    per_prompt = {key: torch.as_tensor(chosen[PER_PROMPT_KEYS[key]], dtype=torch.float64) for key in SCORE_KEYS}
     report = {
-        "scores": {key: float(chosen[key]) for key in _SCORE_KEYS},
+        "scores": {key: float(chosen[key]) for key in SCORE_KEYS},
         "per_prompt": per_prompt,
         "ci": {key: list(bootstrap_ci(values, n_boot=n_bootstrap, alpha=alpha, seed=seed))
                for key, values in per_prompt.items()},

@@ -52,18 +52,12 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from interp.activations import check_layers
 from interp.backbone import BackboneSpec, input_device
-from interp.direction_scoring import (
-    PER_PROMPT_KEYS,
-    SCORE_KEYS,
-    PromptScorer,
-    check_metric,
-    metric_definition,
-)
+from interp.direction_scoring import PromptScorer, check_metric, metric_definition
 from interp.directions import NULL_DEFINITIONS, NULLS, null_directions, save_directions
 from interp.errors import UserError
 from interp.positions import PositionSpec
 from interp.prompts import post_instruction_ids
-from interp.selection import select_reasoning_direction
+from interp.selection import PER_PROMPT_KEYS, SCORE_KEYS, select_reasoning_direction
 from interp.stats import RunningMoments
 
 CLASSES = {"reasoning": 1, "control": 0}  # the datamodule's "reasoning" label encoding

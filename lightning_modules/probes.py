@@ -73,7 +73,7 @@ class _EvalOutputs(Metric):
 
 
 class LayerProbeModule(L.LightningModule):
-    def __init__(self, lr: float = 1e-2, weight_decay: float = 1e-3, max_epochs_hint: int | None = None):
+    def __init__(self, lr: float = 1e-2, weight_decay: float = 1e-3):
         """
         Args:
             lr: AdamW learning rate.
