@@ -172,3 +172,28 @@ def test_control_probe_beats_chance_only_where_the_type_is_encoded():
     assert float(control[0]) > 0.85  # type encoded: type -> label learned on train transfers to held-out rows
     # type not encoded: no better than the best constant guess (plus a margin for 30 types' worth of noise)
     assert float(control[1]) < majority_share + 0.1
+
+
+def test_binary_auroc_uses_the_margin_and_survives_saturated_logits():
+    """Two present classes: the AUROC of the logit margin, equal to sklearn's on unsaturated scores and still
+    exact where softmax would round both rows to probability 1.0."""
+    from sklearn.metrics import roc_auc_score
+
+    from interp.probe_metrics import layer_macro_auroc
+
+    logits = torch.tensor([[[0.0, 40.0]], [[0.0, 41.0]], [[0.0, -1.0]], [[0.0, 42.0]]], dtype=torch.float64)
+    y = torch.tensor([1, 1, 0, 0])
+    auroc = layer_macro_auroc(logits, y, [0, 1])
+    margin = (logits[:, 0, 1] - logits[:, 0, 0]).numpy()
+    assert float(auroc[0]) == roc_auc_score(y.numpy(), margin) == 0.5
+    saturated = logits.float().softmax(-1)[:, 0, 1]  # 40, 41 and 42 all round to 1.0 in float32
+    assert roc_auc_score(y.numpy(), saturated.numpy()) == 0.75  # ties a probability-based score cannot break
+
+
+def test_one_row_split_is_scored():
+    from interp.probe_metrics import layer_accuracy, layer_balanced_accuracy, present_classes
+
+    logits, y = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]]), torch.tensor(1)  # one row, 0-dim label
+    assert present_classes(y, 2) == []
+    assert layer_accuracy(logits, y).tolist() == [1.0, 0.0]
+    assert layer_balanced_accuracy(logits, y).tolist() == [1.0, 0.0]
