@@ -3,11 +3,15 @@
     python evaluate.py --ckpt checkpoints/<run>/best.ckpt [--output_dir logs/<run>]
 
 The checkpoint carries the run's config, so the same prompts, backbone and activation cache are used
-(the cache is reused when complete, otherwise extracted first).
+(the cache is reused when complete, otherwise extracted first). The run's model class (its config's
+model.class_path) builds and writes its own report through the study-module protocol
+(lightning_modules/protocol.py); what each writes:
 - probe runs: probe_accuracies.json + visualizations/probe_accuracy.png (callbacks/probe_report.py)
-- directions runs (ReasoningDirectionModule): the selected direction ablated / added / vs random directions,
-  answer accuracy, gold-solution NLL, control KL, degeneration: intervention_results.json +
-  visualizations/interventions.png (callbacks/intervention_report.py). Options below marked [directions].
+- directions runs: the selected direction ablated / added / vs random directions, answer accuracy,
+  gold-solution NLL, control KL, degeneration: intervention_results.json + visualizations/interventions.png
+  (callbacks/intervention_report.py). Options below marked [directions].
+- tuned-lens runs: tuned- and logit-lens KL per layer: tuned_lens_results.json + visualizations/tuned_lens_kl.png
+  (callbacks/tuned_lens_report.py)
 """
 
 import argparse
@@ -18,12 +22,10 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import RichProgressBar
 
-from callbacks.cache_writer import extract_activations
-from callbacks.probe_report import probe_report, write_probe_report
 from cli import LOG_ROOT, datamodule_from_run_config, run_main
 from interp.errors import UserError
 from interp.generation import DEFAULT_MAX_NEW_TOKENS
-from lightning_modules.probes import LayerProbeModule
+from lightning_modules.protocol import EvaluateOptions, study_module_class
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,31 +51,19 @@ def main(argv: list[str] | None = None) -> None:
     if "run_config" not in checkpoint:
         raise UserError(f"checkpoint {ckpt} was not written by train.py (no run_config)")
     config = yaml.safe_load(checkpoint["run_config"])
+    module_class = study_module_class(config["model"]["class_path"])
     output_dir = Path(args.output_dir) if args.output_dir else LOG_ROOT / config["run_name"]
+    options = EvaluateOptions(
+        max_new_tokens=args.max_new_tokens, greedy=args.greedy, n_prompts=args.n_prompts,
+        strengths=tuple(args.strengths), n_random=args.n_random, seed=args.seed,
+    )  # fmt: skip
     datamodule = datamodule_from_run_config(checkpoint["run_config"])
-    if config["model"]["class_path"].endswith(".ReasoningDirectionModule"):
-        return evaluate_directions(args, ckpt, datamodule, output_dir)
     trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
                         callbacks=[RichProgressBar(leave=True)])  # fmt: skip
-    extract_activations(trainer, datamodule)
-    model = LayerProbeModule.load_from_checkpoint(ckpt, map_location="cpu")
-    paths = write_probe_report(probe_report(trainer, model, datamodule, str(ckpt)), output_dir)
-    print(f"Wrote {paths['json']} and {paths['figure']}")
-
-
-def evaluate_directions(args: argparse.Namespace, ckpt: Path, datamodule, output_dir: Path) -> None:
-    """The intervention report of a directions run's selected direction on its test problems."""
-    from callbacks.intervention_report import directions_report, write_intervention_report
-    from lightning_modules.directions import ReasoningDirectionModule
-
-    module = ReasoningDirectionModule.load_from_checkpoint(ckpt, map_location="cpu")
-    module.to("cuda" if torch.cuda.is_available() else "cpu")  # the backbone follows the module's device
-    report = directions_report(
-        module, datamodule, split="test", n_prompts=args.n_prompts, strengths=args.strengths, n_random=args.n_random,
-        max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, seed=args.seed,
-    )  # fmt: skip
-    paths = write_intervention_report({"checkpoint": str(ckpt), **report}, output_dir)
-    print(f"Wrote {paths['json']} and {paths['figure']}")
+    module = module_class.load_from_checkpoint(ckpt, map_location="cpu")
+    report = module.build_report(trainer, datamodule, "test", options, str(ckpt))
+    paths = module_class.write_report(report, output_dir)
+    print("Wrote " + " and ".join(str(path) for path in paths.values()))
 
 
 if __name__ == "__main__":

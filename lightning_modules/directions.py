@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -451,6 +452,27 @@ class ReasoningDirectionModule(L.LightningModule):
             "selection_table": self.selection_table,
             "selected": self.selected,
         }
+
+    # ---- the evaluation protocol (lightning_modules/protocol.py) ------------------------------------------------
+    def build_report(self, trainer: L.Trainer, datamodule, split: str, options, checkpoint: str) -> dict:
+        """`callbacks.intervention_report.directions_report` of the selected direction on `split` problems,
+        generating with the evaluate options; the trainer is not used (the backbone follows this module)."""
+        from callbacks.intervention_report import directions_report
+
+        self.to("cuda" if torch.cuda.is_available() else "cpu")  # the backbone follows the module's device
+        report = directions_report(
+            self, datamodule, split=split, n_prompts=options.n_prompts, strengths=list(options.strengths),
+            n_random=options.n_random, max_new_tokens=options.max_new_tokens, do_sample=not options.greedy,
+            seed=options.seed,
+        )  # fmt: skip
+        return {"checkpoint": str(checkpoint), **report}
+
+    @staticmethod
+    def write_report(report: dict, output_dir: Path) -> dict[str, Path]:
+        """intervention_results.json + visualizations/interventions.png (`write_intervention_report`)."""
+        from callbacks.intervention_report import write_intervention_report
+
+        return write_intervention_report(report, output_dir)
 
     def save_directions_file(self, directory) -> str:
         """Write reasoning_directions.safetensors + .json into `directory`; returns the tensor file's path."""

@@ -22,6 +22,7 @@ ModelCheckpoint monitors. Layer numbers are the backbone's.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -30,6 +31,7 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from interp.errors import UserError
 from interp.probe_metrics import layer_accuracy, layer_balanced_accuracy, layer_macro_auroc, present_classes
 
 
@@ -187,6 +189,25 @@ class LayerProbeModule(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    # ---- the evaluation protocol (lightning_modules/protocol.py) ------------------------------------------------
+    def build_report(self, trainer: L.Trainer, datamodule, split: str, options, checkpoint: str) -> dict:
+        """`callbacks.probe_report.probe_report` on the test split (the activation cache is extracted first if
+        it is incomplete)."""
+        from callbacks.cache_writer import extract_activations
+        from callbacks.probe_report import probe_report
+
+        if split != "test":
+            raise UserError(f"the probe report is computed on the test split, not {split!r}")
+        extract_activations(trainer, datamodule)
+        return probe_report(trainer, self, datamodule, checkpoint)
+
+    @staticmethod
+    def write_report(report: dict, output_dir: Path) -> dict[str, Path]:
+        """probe_accuracies.json + visualizations/probe_accuracy.png (`callbacks.probe_report.write_probe_report`)."""
+        from callbacks.probe_report import write_probe_report
+
+        return write_probe_report(report, output_dir)
 
 
 def train_layer_probes(

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -281,3 +282,22 @@ class TunedLensModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         return torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+
+    # ---- the evaluation protocol (lightning_modules/protocol.py) ------------------------------------------------
+    def build_report(self, trainer: L.Trainer, datamodule, split: str, options, checkpoint: str) -> dict:
+        """`callbacks.tuned_lens_report.tuned_lens_report`: per-layer tuned / logit-lens KL on the test split
+        (the activation cache is extracted first if it is incomplete)."""
+        from callbacks.cache_writer import extract_activations
+        from callbacks.tuned_lens_report import tuned_lens_report
+
+        if split != "test":
+            raise UserError(f"the tuned-lens report is computed on the test split, not {split!r}")
+        extract_activations(trainer, datamodule)
+        return tuned_lens_report(trainer, self, datamodule, checkpoint)
+
+    @staticmethod
+    def write_report(report: dict, output_dir: Path) -> dict[str, Path]:
+        """tuned_lens_results.json + visualizations/tuned_lens_kl.png (`callbacks.tuned_lens_report`)."""
+        from callbacks.tuned_lens_report import write_tuned_lens_report
+
+        return write_tuned_lens_report(report, output_dir)

@@ -238,3 +238,56 @@ def test_config_needs_the_last_layer(tmp_path, monkeypatch):
     config = tiny_config("tuned_lens_tiny.yaml", tmp_path, limit=2, layers=[0, 3])
     with pytest.raises(UserError, match="last layer"):
         train.main(["--config", str(config), "--trainer.fast_dev_run", "true", "--run_name", "dev"])
+
+
+@pytest.mark.slow
+def test_evaluate_a_tuned_lens_checkpoint(tmp_path, monkeypatch, tiny):
+    """train.py 1 epoch, then evaluate.py: tuned_lens_results.json equals a float64 recomputation on the test rows."""
+    import json
+
+    from tolerances import U32
+
+    import evaluate
+    from cli import datamodule_from_run_config
+
+    model, _ = tiny
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config("tuned_lens_tiny.yaml", tmp_path, limit=3)
+    train.main(["--config", str(config), "--run_name", "run", "--trainer.max_epochs", "1"])
+    ckpt = tmp_path / "checkpoints" / "run" / "last.ckpt"
+    evaluate.main(["--ckpt", str(ckpt)])
+    out = tmp_path / "logs" / "run"
+    report = json.loads((out / "tuned_lens_results.json").read_text())
+    assert (out / "visualizations" / "tuned_lens_kl.png").is_file()
+
+    # The independent computation: the run's own test rows, rebuilt from the config in the checkpoint.
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    dm = datamodule_from_run_config(checkpoint["run_config"])
+    dm.setup()
+    x = _split_x(dm, "test")  # [n_test, n_layers, d_model]
+    module = TunedLensModule.load_from_checkpoint(ckpt, map_location="cpu")
+    A, b = module.translators.weight.detach().double(), module.translators.bias.detach().double()
+    assert A[0].abs().max() > 0  # trained: the tuned lens is not the logit lens
+    with torch.no_grad():
+        translated = module.translators(x).double()  # [n_test, n_layers, d_model]
+    h = x.double()
+    exact = h + torch.einsum("nld,led->nle", h, A) + b
+    magnitude = h.abs() + torch.einsum("nld,led->nle", h.abs(), A.abs()) + b.abs()
+    assert bool(((translated - exact).abs() <= gamma(x.shape[-1] + 2) * magnitude).all())
+    ref_tuned, bound_tuned = (t.mean(0) for t in _reference_kl(model, x, translate=lambda i, h: translated[:, i]))
+    ref_logit, bound_logit = (t.mean(0) for t in _reference_kl(model, x))
+
+    assert report["split"] == "test" and report["n_test"] == len(x) == len(dm.row_index["test"])
+    assert report["checkpoint"] == str(ckpt) and report["backbone"] == "tiny"
+    assert [row["layer"] for row in report["layers"]] == list(range(N_BACKBONE_LAYERS))
+    assert report["lensed_layers"] == list(range(N_BACKBONE_LAYERS - 1))
+    for name, ref, bound in (("kl_tuned", ref_tuned, bound_tuned), ("kl_logit", ref_logit, bound_logit)):
+        reported = torch.tensor([row[name] for row in report["layers"]], dtype=torch.float64)
+        # + the float32 rounding of the float64 mean over rows (the module's metrics are reported in float32)
+        _assert_within(reported, ref, bound + U32 * ref.abs())
+        assert reported[-1] == 0.0  # the last layer is the model itself
+        lensed = slice(0, N_BACKBONE_LAYERS - 1)
+        assert report[f"{name}_mean"] == pytest.approx(float(reported[lensed].mean()), rel=1e-12)
+        assert abs(report[f"{name}_mean"] - float(ref[lensed].mean())) <= float((bound + U32 * ref.abs())[lensed].mean())
+    # one training step moved the tuned lens away from the logit lens by more than the bounds: a swap would fail
+    assert abs(float(ref_tuned[0] - ref_logit[0])) > 4 * float(bound_tuned[0] + bound_logit[0])

@@ -1,0 +1,76 @@
+"""The tuned-lens evaluation report: per layer, the tuned lens's and the logit lens's KL on the test split.
+
+`tuned_lens_report` runs `trainer.test` of a TunedLensModule (definitions in lightning_modules/tuned_lens.py):
+for every cached test row (each prompt, reasoning and control, at the cached position) and every cached layer l,
+    kl_tuned = KL(p_final || q_l),  kl_logit = KL(p_final || logit lens at l),
+p_final the model's own next-token distribution (the last layer read through the final norm and unembedding),
+averaged over the rows (float64 sums of float32 per-row KLs, rounded to float32). `write_tuned_lens_report`
+writes tuned_lens_results.json and visualizations/tuned_lens_kl.png and prints a rich table. JSON shape:
+
+    {"checkpoint": str, "backbone": str, "positions": str, "split": "test", "n_test": int (rows averaged over),
+     "kl_tuned_mean": float, "kl_logit_mean": float,   means of the per-layer values over the lensed layers,
+                                                       i.e. every cached layer but the last (the model itself,
+                                                       KL 0 by construction)
+     "lensed_layers": [int],
+     "layers": [{"layer": int, "kl_tuned": float, "kl_logit": float}, ...]}    every cached layer, the last too
+
+KL in nats.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+from rich.console import Console
+from rich.table import Table
+
+from interp.plots import plot_layer_curves, plt
+
+RESULTS_FILE = "tuned_lens_results.json"
+FIGURE_FILE = "tuned_lens_kl.png"
+
+
+def tuned_lens_report(trainer: L.Trainer, module, datamodule, checkpoint: str) -> dict:
+    """Test-split KLs of `module` (a TunedLensModule) per cached layer, and their means over the lensed layers."""
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    metrics = module.last_metrics["test"]  # name -> [n_layers] float32
+    kl_tuned, kl_logit = metrics["kl_tuned"].double(), metrics["kl_logit"].double()
+    lensed = module.trained_slots  # every slot but the last layer's
+    spec = module.backbone_spec or datamodule.backbone
+    return {
+        "checkpoint": str(checkpoint),
+        "backbone": spec.name_or_path,
+        "positions": str(datamodule.positions),
+        "split": "test",
+        "n_test": len(datamodule.datasets["test"]),
+        "kl_tuned_mean": float(kl_tuned[lensed].mean()),
+        "kl_logit_mean": float(kl_logit[lensed].mean()),
+        "lensed_layers": [module.layers[slot] for slot in lensed],
+        "layers": [{"layer": layer, "kl_tuned": float(kl_tuned[slot]), "kl_logit": float(kl_logit[slot])}
+                   for slot, layer in enumerate(module.layers)],  # fmt: skip
+    }
+
+
+def write_tuned_lens_report(report: dict, output_dir: Path) -> dict[str, Path]:
+    """Write tuned_lens_results.json and visualizations/tuned_lens_kl.png into output_dir, print a table."""
+    output_dir = Path(output_dir)
+    (output_dir / "visualizations").mkdir(parents=True, exist_ok=True)
+    json_path = output_dir / RESULTS_FILE
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    rows = report["layers"]
+    curves = {"tuned lens": [row["kl_tuned"] for row in rows], "logit lens": [row["kl_logit"] for row in rows]}
+    fig = plot_layer_curves([row["layer"] for row in rows], curves, ylabel="KL(model || lens), nats",
+                            title=f"{report['backbone']}: tuned vs logit lens ({report['split']})")  # fmt: skip
+    png_path = output_dir / "visualizations" / FIGURE_FILE
+    fig.savefig(png_path)
+    plt.close(fig)
+    table = Table(title=f"Lens KL per layer (n_{report['split']}={report['n_test']}; means over the lensed "
+                  f"layers: tuned {report['kl_tuned_mean']:.4f}, logit {report['kl_logit_mean']:.4f})")  # fmt: skip
+    for column in ("layer", "KL tuned", "KL logit"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(str(row["layer"]), f"{row['kl_tuned']:.4f}", f"{row['kl_logit']:.4f}")
+    Console().print(table)
+    return {"json": json_path, "figure": png_path}

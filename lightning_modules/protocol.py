@@ -1,0 +1,68 @@
+"""The one evaluation protocol every study module implements (probes, directions, tuned lens, and the modules
+still to come: steering vectors, the two-model comparison). `evaluate.py` calls it and never names a module class.
+
+A study module (a LightningModule named by a run config's `model.class_path`) provides
+    build_report(self, trainer, datamodule, split, options, checkpoint) -> dict
+        the module's results on `split` (a JSON-ready dict). `self` was loaded with `load_from_checkpoint`;
+        `trainer` is a plain evaluation Trainer (logger and checkpointing off) for modules that evaluate through
+        `trainer.test`; `datamodule` is the run's own, rebuilt from the config stored in the checkpoint
+        (`cli.datamodule_from_run_config`, not set up yet); `options` are evaluate.py's flags
+        (`EvaluateOptions`); `checkpoint` is the checkpoint's path, recorded in the report.
+        Unsupported split or options: raise interp.errors.UserError with one line.
+    write_report(report, output_dir) -> dict[str, Path]     (a staticmethod)
+        writes the report's files under output_dir (JSON, visualizations/*.png), returns them by kind
+        ("json", "figure", ...) in the order evaluate.py prints them.
+The report code itself lives in callbacks/*_report.py; the module's methods only call it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import lightning as L
+
+from interp.errors import UserError
+from interp.generation import DEFAULT_MAX_NEW_TOKENS
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateOptions:
+    """evaluate.py's flags, for the modules that use them (probes and the tuned lens use none)."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    """[directions] tokens generated per prompt (a generation with no final answer by then counts as truncated)"""
+    greedy: bool = False
+    """[directions] greedy decoding (default: sampling, temperature 0.6, top_p 0.95)"""
+    n_prompts: int | None = None
+    """[directions] test problems (None = all)"""
+    strengths: tuple[float, ...] = (-1.0, 1.0, 2.0, 4.0)
+    """[directions] multipliers of the added direction"""
+    n_random: int = 1
+    """[directions] null directions: the run's saved ones, isotropic of the same norm if it saved none"""
+    seed: int = 0
+    """[directions] sampling, problem sample, random directions"""
+
+
+@runtime_checkable
+class StudyModule(Protocol):
+    def build_report(self, trainer: L.Trainer, datamodule: L.LightningDataModule, split: str,
+                     options: EvaluateOptions, checkpoint: str) -> dict: ...  # fmt: skip
+
+    @staticmethod
+    def write_report(report: dict, output_dir: Path) -> dict[str, Path]: ...
+
+
+def study_module_class(class_path: str) -> type[L.LightningModule]:
+    """The LightningModule class named by a run config's model.class_path, checked to implement `StudyModule`."""
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise UserError(f"cannot import the run's model class {class_path!r}: {error}") from error
+    if not (isinstance(cls, type) and issubclass(cls, L.LightningModule) and issubclass(cls, StudyModule)):
+        raise UserError(f"{class_path} has no evaluation report: a study module needs build_report() and "
+                        f"write_report() (lightning_modules/protocol.py)")  # fmt: skip
+    return cls
