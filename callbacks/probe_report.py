@@ -10,6 +10,8 @@ rich table. JSON shape (documented in the README):
      "n_train": int, "n_test": int,
      "majority_baseline": float,    share of test rows in the train split's most frequent class (ties: lowest
                                     index): the accuracy of a constant predictor fitted on train
+     "control_majority_baseline": float,  share of test rows whose control label is the train split's most
+                                    frequent control label: the control task's own no-information level
      "uniform_chance": float,       1 / number of classes
      "absent_classes": [str],       classes without both a positive and a negative test row (not in the AUROCs)
      "control_type": str,           what the control task's type is
@@ -17,11 +19,16 @@ rich table. JSON shape (documented in the README):
      "n_test_control_type_seen": int,     that number of rows (only they can beat chance on the control task)
      "layers": [{"layer": int, "accuracy": float, "balanced_accuracy": float, "auroc": float,
                  "control_accuracy": float, "control_train_accuracy": float, "selectivity": float,
+                 "excess_selectivity": float,
                  "sklearn_accuracy": float, "sklearn_balanced_accuracy": float, "sklearn_auroc": float}, ...],
-     "best_layer": {same fields as one entry of "layers", highest accuracy}}
+     "best_layer": {same fields as one entry of "layers" (TEST numbers), "chosen_on": "val", "val_accuracy"}}
+                                    the layer with the highest VAL accuracy: test takes no part in choosing it
 
 control_accuracy is on the test split, control_train_accuracy on the train split (how well the control probe
-fits type -> label where it learned it); selectivity = accuracy - control_accuracy. The scikit-learn columns use
+fits type -> label where it learned it); selectivity = accuracy - control_accuracy (Hewitt & Liang).
+excess_selectivity = (accuracy - majority_baseline) - (control_accuracy - control_majority_baseline): each
+accuracy above its own task's no-information level; with few, frequent types the control labels are far more
+concentrated than the task's, so plain selectivity is biased (negative) even for a probe that learns nothing. The scikit-learn columns use
 the same definitions (balanced_accuracy_score; roc_auc_score one-vs-rest over the present classes with the
 probabilities renormalised over them).
 """
@@ -77,10 +84,28 @@ def control_train_accuracy(module, datamodule) -> torch.Tensor:
     return correct.double() / n
 
 
+def _control_labels(datamodule, split: str) -> torch.Tensor:
+    """[n] int64: the control-task labels of a split's rows."""
+    return torch.cat([batch["y_control"] for batch in datamodule._loader(split, shuffle=False)])
+
+
+def control_majority_baseline(datamodule) -> float:
+    """Share of test rows whose control label is the train split's most frequent control label (ties: lowest).
+
+    The control task's own no-information level: one label per type concentrates the control labels when a few
+    types are frequent, so a probe that learns nothing scores this, not `majority_baseline`, on it."""
+    train, test = _control_labels(datamodule, "train"), _control_labels(datamodule, "test")
+    majority = int(torch.bincount(train).argmax())
+    return float((test == majority).double().mean())
+
+
 def probe_report(trainer: L.Trainer, module, datamodule, checkpoint: str) -> dict:
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    val_accuracy = module.last_metrics["val"]["acc"]  # [n_layers]: chooses best_layer, never reported as a result
     trainer.test(module, datamodule=datamodule, verbose=False)
     ours = module.last_metrics["test"]
     control_train = control_train_accuracy(module, datamodule)
+    control_baseline = control_majority_baseline(datamodule)
     rows = []
     for slot, layer in enumerate(module.layers):
         x_train, y_train = datamodule.split_features("train", slot)
@@ -95,6 +120,8 @@ def probe_report(trainer: L.Trainer, module, datamodule, checkpoint: str) -> dic
             "control_accuracy": float(ours["control_acc"][slot]),
             "control_train_accuracy": float(control_train[slot]),
             "selectivity": float(ours["selectivity"][slot]),
+            "excess_selectivity": float(ours["acc"][slot] - ours["majority_baseline"]
+                                        - (ours["control_acc"][slot] - control_baseline)),
             **{f"sklearn_{name}": value for name, value in sk.items()},
         })  # fmt: skip
     n_seen, n_test = datamodule.control_type_coverage["test"]
@@ -107,13 +134,16 @@ def probe_report(trainer: L.Trainer, module, datamodule, checkpoint: str) -> dic
         "n_train": len(datamodule.datasets["train"]),
         "n_test": len(datamodule.datasets["test"]),
         "majority_baseline": float(ours["majority_baseline"]),
+        "control_majority_baseline": control_baseline,
         "uniform_chance": 1.0 / len(module.class_names),
         "absent_classes": [module.class_names[k] for k in ours["absent_classes"]],
         "control_type": QUESTION_TYPE,
         "control_type_coverage": n_seen / max(n_test, 1),
         "n_test_control_type_seen": n_seen,
         "layers": rows,
-        "best_layer": max(rows, key=lambda row: row["accuracy"]),
+        # chosen on val, reported on test: the test split takes no part in choosing it
+        "best_layer": {**rows[int(val_accuracy.argmax())], "chosen_on": "val",
+                       "val_accuracy": float(val_accuracy.max())},
     }
 
 

@@ -110,6 +110,10 @@ class LayerProbeModule(L.LightningModule):
         self._build(dm.layers, dm.d_model, dm.class_names)
         if stage == "fit":
             moments = dm.train_moments()
+            bad = ~(torch.isfinite(moments.mean) & torch.isfinite(moments.var())).all(-1)  # [n_layers]
+            if bool(bad.any()):  # one NaN / inf feature would silently turn a layer's scores into constants
+                layers = [self.layers[i] for i in bad.nonzero().flatten().tolist()]
+                raise UserError(f"the training activations of layer(s) {layers} hold NaN or inf values")
             for probe in (self.probe, self.control_probe):
                 probe.set_standardization(moments.mean.float(), moments.var().sqrt().float())
 

@@ -98,3 +98,35 @@ def test_control_task_follows_the_question_type_across_splits(report_and_data):
     for slot, row in enumerate(report["layers"]):
         expected = (predicted[:, slot] == y_control).double().mean()
         assert row["control_train_accuracy"] == pytest.approx(float(expected), abs=1e-15)
+
+
+def test_control_baseline_excess_selectivity_and_best_layer(report_and_data):
+    report, dm, module, _ = report_and_data
+    y_train, y_test = (torch.as_tensor(dm.datasets[split].y_control) for split in ("train", "test"))
+    majority = int(np.bincount(y_train.numpy()).argmax())
+    assert report["control_majority_baseline"] == pytest.approx(float((y_test == majority).double().mean()), abs=1e-15)
+    for row in report["layers"]:
+        expected = (row["accuracy"] - report["majority_baseline"]) - (
+            row["control_accuracy"] - report["control_majority_baseline"])  # fmt: skip
+        assert row["excess_selectivity"] == pytest.approx(expected, abs=1e-12)
+    # best_layer: the highest VAL accuracy (recomputed from the probe), reported with its TEST numbers
+    batches = list(dm.val_dataloader())
+    x, y = torch.cat([b["x"] for b in batches]), torch.cat([b["y"] for b in batches])
+    with torch.no_grad():
+        val_accuracy = (module.probe(x).argmax(-1) == y[:, None]).double().mean(0)  # [n_layers]
+    best = int(val_accuracy.argmax())
+    assert report["best_layer"]["chosen_on"] == "val"
+    assert report["best_layer"]["val_accuracy"] == pytest.approx(float(val_accuracy[best]), abs=1e-12)
+    assert {k: v for k, v in report["best_layer"].items() if k not in ("chosen_on", "val_accuracy")} == report[
+        "layers"][best]  # fmt: skip
+
+
+def test_non_finite_training_activations_are_one_clear_error():
+    from datamodules.tensors import TensorProbeDataModule
+    from interp.errors import UserError
+
+    x, y = torch.randn(40, 2, 4), torch.randint(0, 2, (40,))
+    x[3, 1, 2] = float("nan")
+    dm = TensorProbeDataModule(x, y, num_classes=2, seed=0)
+    with pytest.raises(UserError, match=r"layer\(s\) \[1\] hold NaN or inf"):
+        _trainer(max_epochs=1).fit(LayerProbeModule(), datamodule=dm)
