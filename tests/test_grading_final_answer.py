@@ -9,6 +9,7 @@ import pytest
 from interp.grading import extract_answer, grade_answer, has_final_answer
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "datamodules" / "embedded"
+R = "ok\n</think>\n\n"  # a finished generation: its final part follows
 
 
 def _rows(name):
@@ -50,30 +51,42 @@ def test_real_gsm8k_rationales_without_their_answer_line_are_truncated():
 
 def test_real_math500_solutions_cut_before_their_box_are_truncated():
     """MATH-500 solutions cut right before their first \\boxed: no box, no marker -> no answer in thinking;
-    the full solutions (boxed) all have one."""
+    the full solutions (boxed) all have one as final parts, and inside thinking when they end with the box."""
     rows = _rows("math500.jsonl")
     solutions = [row["solution"] for row in rows]
     cut = [text[: text.index("\\boxed")] for text in solutions if "\\boxed" in text]
     cut = [text for text in cut if "answer" not in text.lower() and "####" not in text]  # no marker either
     assert len(cut) >= 400
     assert not any(has_final_answer(text, "math") for text in cut)
-    assert all(has_final_answer(text, "math") for text in solutions[:50])
+    assert all(has_final_answer(R + text, "math") for text in solutions[:50])
+    assert all(has_final_answer(_through_last_box(text), "math") for text in solutions[:50])
+
+
+def _through_last_box(text):
+    """`text` cut right after the closing brace of its last \\boxed{...}."""
+    depth, start = 0, text.index("{", text.rindex("\\boxed"))
+    for end in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[end], 0) if text[end - 1] != "\\" else 0
+        if depth == 0:
+            return text[: end + 1]
+    raise AssertionError("unclosed box")
 
 
 @pytest.mark.parametrize(
     "text, dataset, expected",
     [
-        ("... so the answer is 7", "gsm8k", "7"),
-        ("... so the answer is 7. Wait, let me check once more: 3 + 4", "gsm8k", "7"),  # marked, then cut off
-        ("Answer: -3", "gsm8k", "-3"),
-        ("#### 1,000", "gsm8k", "1000"),
+        ("... so the answer is 7", "gsm8k", None),  # a marker is no final answer inside thinking
+        ("... so the answer is 7. Wait, let me check once more: 3 + 4", "gsm8k", None),
+        ("Answer: -3", "gsm8k", None),
+        ("#### 1,000", "gsm8k", "1000"),  # a GSM8K answer line the text ends with
         ("3 + 4, hence \\boxed{7}", "gsm8k", "7"),
+        ("3 + 4, hence \\boxed{7}, so", "gsm8k", None),  # the box is not where the text ends
         ("so it is \\fbox{\\frac{1}{2}}", "math", "\\frac{1}{2}"),
-        ("The answer is $x = 5$ and then", "math", "x = 5"),
+        ("The answer is $x = 5$ and then", "math", None),
         ("we get $x=5$ and $y=2$", "math", None),  # unmarked expressions inside thinking
     ],
 )
-def test_explicit_markers_count_without_think_end(text, dataset, expected):
+def test_only_an_answer_the_text_ends_with_counts_without_think_end(text, dataset, expected):
     assert extract_answer(text, dataset) == expected
     assert has_final_answer(text, dataset) is (expected is not None)
 
@@ -91,15 +104,17 @@ def test_the_thinking_never_supplies_the_answer():
 
 
 @pytest.mark.parametrize(
-    "dash", ["\u2212", "\u2013", "\u2012", "\u2010", "\u2011", "\ufe63", "\uff0d"], ids=lambda d: f"U+{ord(d):04X}"
+    "dash",
+    ["\u2212", "\u2013", "\u2012", "\u2010", "\u2011", "\ufe63", "\uff0d"],
+    ids=lambda d: f"U+{ord(d):04X}",
 )
 def test_unicode_minus_and_dashes_are_signs(dash):
-    text = f"The answer is {dash}5"
+    text = f"{R}The answer is {dash}5"
     assert extract_answer(text, "gsm8k") == "-5"
     assert grade_answer(text, "-5", "gsm8k") is True
     assert grade_answer(text, "5", "gsm8k") is False
-    assert grade_answer("The answer is -5", f"{dash}5", "gsm8k") is True  # gold written with the dash
-    assert grade_answer("The answer is 5", f"{dash}5", "gsm8k") is False
+    assert grade_answer(R + "The answer is -5", f"{dash}5", "gsm8k") is True  # gold written with the dash
+    assert grade_answer(R + "The answer is 5", f"{dash}5", "gsm8k") is False
     assert grade_answer(f"</think> so x = {dash}5", "-5", "gsm8k") is True  # unmarked, after </think>
     assert grade_answer(f"\\boxed{{{dash}5}}", "-5", "math") is True
     assert grade_answer(f"\\boxed{{{dash}5}}", "5", "math") is False
@@ -107,4 +122,4 @@ def test_unicode_minus_and_dashes_are_signs(dash):
 
 def test_dashes_between_numbers_stay_hyphens_and_the_em_dash_is_punctuation():
     assert extract_answer("</think> read pages 10\u201312", "gsm8k") == "12"  # a range, not -12
-    assert extract_answer("The answer is \u20145", "gsm8k") == "5"  # em dash: prose punctuation
+    assert extract_answer(R + "The answer is \u20145", "gsm8k") == "5"  # em dash: prose punctuation
