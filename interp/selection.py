@@ -39,7 +39,8 @@ SCORE_KEYS = ("ablation_score", "induction_score", "kl")
 def zscore(effect: float, null_effects: torch.Tensor) -> float:
     """(effect - mean(null)) / std(null) with the unbiased std (ddof=1).
 
-    A null with zero spread gives 0.0 when effect equals its mean and +-inf otherwise.
+    A null with zero spread (all null effects equal) cannot scale a difference: it gives 0.0 when effect equals
+    the common value and NaN otherwise (never +-inf; `null_pvalues` then names the reason).
     """
     null = torch.as_tensor(null_effects, dtype=torch.float64).flatten()
     if null.numel() < 2:
@@ -48,7 +49,7 @@ def zscore(effect: float, null_effects: torch.Tensor) -> float:
         raise UserError("zscore got a non-finite effect or null effect")
     mean, std = float(null.mean()), float(null.std(unbiased=True))
     if std == 0.0:
-        return 0.0 if effect == mean else math.copysign(math.inf, effect - mean)
+        return 0.0 if effect == mean else math.nan
     return (effect - mean) / std
 
 
@@ -59,15 +60,20 @@ def null_pvalues(effect: float, null_effects: torch.Tensor) -> dict[str, float]:
     of freedom: the prediction-interval test, exact when effect and nulls are iid normal (the plain z-score is
     NOT standard normal for small m: |z| > 1.96 happens far more than 5% of the time at m = 8);
     "rank": one-sided (1 + #{null >= effect}) / (m + 1), exact under exchangeability, no normality, but never
-    below 1 / (m + 1)}. Positive effects support the hypothesis (the module's sign convention).
+    below 1 / (m + 1): with m nulls it cannot go below 0.05 unless m >= 19}. Positive effects support the
+    hypothesis (the module's sign convention). A zero-spread null (all m null effects equal) with effect != their
+    value leaves t undefined: "t" is NaN and a "reason" key says why (effect equal to it: t = 0, p_t = 1); the
+    rank p-value stays defined.
     """
     null = torch.as_tensor(null_effects, dtype=torch.float64).flatten()
     m = null.numel()
     z = zscore(effect, null)  # checks m >= 2 and finiteness
-    t = z / math.sqrt(1 + 1 / m)
-    p_t = 1.0 if math.isnan(t) else float(2 * student_t.sf(abs(t), m - 1))
     p_rank = (1 + int((null >= effect).sum())) / (m + 1)
-    return {"t": p_t, "rank": p_rank}
+    if math.isnan(z):
+        return {"t": math.nan, "rank": p_rank, "reason": f"zero-spread null: all {m} null effects equal "
+                f"{float(null[0]):.6g} and the effect differs, so t is undefined"}  # fmt: skip
+    t = z / math.sqrt(1 + 1 / m)
+    return {"t": float(2 * student_t.sf(abs(t), m - 1)), "rank": p_rank}
 
 
 def _mean(samples: torch.Tensor) -> torch.Tensor:
@@ -165,6 +171,9 @@ PER_PROMPT_KEYS = {"ablation_score": "ablation_per_prompt", "induction_score": "
 Scorer = Callable[[torch.Tensor, Sequence[int], Sequence], list[dict]]
 # null_factory(selected row, r [d_model]) -> null directions [n_null, d_model] at the selected (position, layer).
 NullFactory = Callable[[dict, torch.Tensor], torch.Tensor]
+# null_candidates(draw j) -> NULL candidates [n_pos, n_model_layers, d_model]: one null direction at every site
+# searched (e.g. placebo contrasts of one random split of the train rows, the same split for every site).
+NullCandidates = Callable[[int], torch.Tensor]
 
 
 def split_selection_report(n_problems: int, n_selection: int, n_report: int, seed: int = 0) -> tuple[list, list]:
@@ -188,6 +197,84 @@ def split_selection_report(n_problems: int, n_selection: int, n_report: int, see
     return sorted(order[:n_selection]), sorted(order[n_selection : n_selection + n_report])
 
 
+def _select_on(
+    candidates: torch.Tensor, layers: Sequence[int], problems: Sequence, scorer: Scorer, **rule
+) -> tuple[dict | None, list[dict]]:
+    """Score every candidate (position p, layer l in `layers`) of candidates [n_pos, n_model_layers, d_model] on
+    `problems` and choose with `select_direction(**rule)`: (best, annotated table)."""
+    keys = [(p, layer) for p in range(candidates.shape[0]) for layer in layers]  # position-major
+    stacked = torch.stack([candidates[p, layer] for p, layer in keys])  # [n_candidates, d_model]
+    rows = scorer(stacked, [layer for _, layer in keys], problems)
+    for i, ((p, layer), row) in enumerate(zip(keys, rows)):
+        row.update(candidate=i, position=p, layer=layer, norm=float(stacked[i].to(torch.float64).norm()))
+    return select_direction(rows, **rule)
+
+
+def searched_null(
+    null_candidates: NullCandidates,
+    layers: Sequence[int],
+    problems: Sequence,
+    scorer: Scorer,
+    *,
+    selection_idx: Sequence[int],
+    report_idx: Sequence[int],
+    n_null: int,
+    n_layers: int | None = None,
+    max_layer_fraction: float = 0.8,
+    kl_threshold: float = 0.1,
+) -> list[dict]:
+    """Max-statistic null for a selected direction: the report scores of the winners of n_null null searches.
+
+    Draw j = 0 .. n_null - 1: `null_candidates(j)` gives null candidates [n_pos, n_model_layers, d_model], one per
+    searched site. They go through exactly what the real candidates went through: every (position p, layer l in
+    `layers`) is scored by `scorer` on the SELECTION problems, `select_direction` (n_layers default
+    null_candidates(j).shape[1], max_layer_fraction, kl_threshold) picks the winner; then the winners of all draws
+    are scored together, each at its own layer, on the REPORT problems. Each winner's report score is one draw of
+    "the best of as many null candidates as were searched, re-scored on new problems", the statistic the selected
+    direction's report score is; when the real candidates are no better than null candidates (exchangeable with
+    them), the selected direction's report score and the winners' are exchangeable.
+    Cost: n_null x the selection scoring (one scorer call per draw, as many directions as candidates, on the
+    selection problems) + one report call with at most n_null directions.
+    Returns:
+        the scorer's report-problem row of each draw's winner, in draw order, with "draw" (j), "position",
+        "layer" and "selection_ablation_score" (the winner's selection-set score) added. A draw whose candidates
+        were all discarded has no winner and no row (the real search reports nothing in that case either).
+    """
+    if n_null < 0:
+        raise UserError(f"n_null must be >= 0, got {n_null}")
+    if set(selection_idx) & set(report_idx):
+        raise UserError("searched_null needs disjoint selection and report problems")
+    selection = [problems[i] for i in selection_idx]
+    winners = []  # (draw, best row, direction [d_model])
+    for j in range(n_null):
+        draw = torch.as_tensor(null_candidates(j))
+        if draw.ndim != 3:
+            raise UserError(f"null_candidates({j}) must be [n_pos, n_model_layers, d_model], got {tuple(draw.shape)}")
+        best, _ = _select_on(draw, layers, selection, scorer, n_layers=n_layers or draw.shape[1],
+                             max_layer_fraction=max_layer_fraction, kl_threshold=kl_threshold)  # fmt: skip
+        if best is not None:
+            winners.append((j, best, draw[best["position"], best["layer"]].detach().cpu().float()))
+    if not winners:
+        return []
+    directions = torch.stack([direction for _, _, direction in winners])  # [n_winners, d_model]
+    rows = scorer(directions, [best["layer"] for _, best, _ in winners], [problems[i] for i in report_idx])
+    for (j, best, _), row in zip(winners, rows):
+        row.update(draw=j, position=best["position"], layer=best["layer"],
+                   selection_ablation_score=float(best["ablation_score"]))  # fmt: skip
+    return rows
+
+
+def _against(chosen: dict, null_rows: list[dict]) -> tuple[list[dict], dict | None, dict | None]:
+    """(null scores, zscores, pvalues) of the chosen row's scores among null rows' (None for < 2 null rows)."""
+    null = [{key: float(row[key]) for key in SCORE_KEYS} for row in null_rows]
+    if len(null) < 2:
+        return null, None, None
+    scores = {key: torch.tensor([row[key] for row in null], dtype=torch.float64) for key in SCORE_KEYS}
+    zscores = {key: zscore(float(chosen[key]), scores[key]) for key in SCORE_KEYS}
+    pvalues = {key: null_pvalues(float(chosen[key]), scores[key]) for key in SCORE_KEYS}
+    return null, zscores, pvalues
+
+
 @dataclass
 class SelectionResult:
     """What `select_reasoning_direction` did. Selection-set numbers only choose; report-set numbers are the result.
@@ -200,7 +287,11 @@ class SelectionResult:
          "ci": {key: [low, high]} percentile bootstrap (1 - alpha) of that mean (`bootstrap_ci`, seed),
          "null": [{key: score} per null direction, on the report problems],
          "zscores": {key: zscore(report score, null scores)} or None (fewer than 2 null directions),
-         "pvalues": {key: null_pvalues(report score, null scores)} ({"t", "rank"}) or None}
+         "pvalues": {key: null_pvalues(report score, null scores)} ({"t", "rank"}) or None,
+         "searched_null": None (no searched_null_candidates) or [{"draw", "position", "layer", key: score} per
+             searched-null winner (`searched_null`), scores on the report problems],
+         "searched_zscores": {key: zscore(report score, searched-null scores)} or None (fewer than 2 winners),
+         "searched_pvalues": {key: null_pvalues(report score, searched-null scores)} or None}
     null_directions: float32 [n_null, d_model] or None.
     """
 
@@ -225,6 +316,8 @@ def select_reasoning_direction(
     max_layer_fraction: float = 0.8,
     kl_threshold: float = 0.1,
     null_factory: NullFactory | None = None,
+    searched_null_candidates: NullCandidates | None = None,
+    n_searched_null: int = 19,
     n_bootstrap: int = 1000,
     alpha: float = 0.05,
 ) -> SelectionResult:
@@ -237,31 +330,43 @@ def select_reasoning_direction(
     3. The selected r = candidates[p, l] and the null directions `null_factory(selected, r)` are scored together
        at layer l on the report problems: z-scores of r's report scores among the nulls' (`zscore`, ddof 1) and
        bootstrap CIs of r's report per-prompt values. No report problem takes part in choosing.
+    4. With `searched_null_candidates` (each draw shaped like `candidates`): r's report scores are also compared
+       with the max-statistic null `searched_null(searched_null_candidates, ..., n_null=n_searched_null)` on the
+       same selection and report problems ("searched_zscores", "searched_pvalues"). The site nulls of step 3 never
+       went through the maximum over candidates, so when effects differ between directions they understate how
+       well a selected direction does on new problems; the searched null does not. Cost: (n_searched_null + 1) x
+       the selection scoring. Its rank p-value is never below 1 / (n_searched_null + 1).
     """
     candidates = torch.as_tensor(candidates)
     if candidates.ndim != 3:
         raise UserError(f"candidates must be [n_pos, n_model_layers, d_model], got {tuple(candidates.shape)}")
     selection_idx, report_idx = split_selection_report(len(problems), n_selection, n_report or n_selection, seed)
-    keys = [(p, layer) for p in range(candidates.shape[0]) for layer in layers]  # position-major
-    stacked = torch.stack([candidates[p, layer] for p, layer in keys])  # [n_candidates, d_model]
-    rows = scorer(stacked, [layer for _, layer in keys], [problems[i] for i in selection_idx])
-    for i, ((p, layer), row) in enumerate(zip(keys, rows)):
-        row.update(candidate=i, position=p, layer=layer, norm=float(stacked[i].to(torch.float64).norm()))
-    best, table = select_direction(rows, n_layers=n_layers or candidates.shape[1],
-                                   max_layer_fraction=max_layer_fraction, kl_threshold=kl_threshold)  # fmt: skip
+    rule = dict(n_layers=n_layers or candidates.shape[1], max_layer_fraction=max_layer_fraction,
+                kl_threshold=kl_threshold)  # fmt: skip
+    best, table = _select_on(candidates, layers, [problems[i] for i in selection_idx], scorer, **rule)
     if best is None:
         return SelectionResult(selection_idx, report_idx, table, None, None, None)
     r = candidates[best["position"], best["layer"]]  # [d_model]
     nulls = None if null_factory is None else torch.as_tensor(null_factory(best, r)).detach().cpu().float()
     scored = torch.cat([r[None].cpu().float(), nulls]) if nulls is not None else r[None]  # [1 + n_null, d_model]
     report_rows = scorer(scored, [best["layer"]] * len(scored), [problems[i] for i in report_idx])
-    chosen, null_rows = report_rows[0], report_rows[1:]
-    null = [{key: float(row[key]) for key in SCORE_KEYS} for row in null_rows]
-    zscores = pvalues = None
-    if len(null) >= 2:
-        null_scores = {key: torch.tensor([row[key] for row in null], dtype=torch.float64) for key in SCORE_KEYS}
-        zscores = {key: zscore(float(chosen[key]), null_scores[key]) for key in SCORE_KEYS}
-        pvalues = {key: null_pvalues(float(chosen[key]), null_scores[key]) for key in SCORE_KEYS}
+    chosen = report_rows[0]
+    null, zscores, pvalues = _against(chosen, report_rows[1:])
+    searched = searched_zscores = searched_pvalues = None
+    if searched_null_candidates is not None:
+
+        def like_candidates(j: int) -> torch.Tensor:
+            draw = torch.as_tensor(searched_null_candidates(j))
+            if draw.shape != candidates.shape:
+                raise UserError(f"searched_null_candidates({j}) has shape {tuple(draw.shape)}, "
+                                f"the candidates {tuple(candidates.shape)}")  # fmt: skip
+            return draw
+
+        winners = searched_null(like_candidates, layers, problems, scorer, selection_idx=selection_idx,
+                                report_idx=report_idx, n_null=n_searched_null, **rule)  # fmt: skip
+        scores, searched_zscores, searched_pvalues = _against(chosen, winners)
+        searched = [{"draw": row["draw"], "position": row["position"], "layer": row["layer"], **score}
+                    for row, score in zip(winners, scores)]  # fmt: skip
     per_prompt = {key: torch.as_tensor(chosen[PER_PROMPT_KEYS[key]], dtype=torch.float64) for key in SCORE_KEYS}
     report = {
         "scores": {key: float(chosen[key]) for key in SCORE_KEYS},
@@ -271,5 +376,8 @@ def select_reasoning_direction(
         "null": null,
         "zscores": zscores,
         "pvalues": pvalues,
+        "searched_null": searched,
+        "searched_zscores": searched_zscores,
+        "searched_pvalues": searched_pvalues,
     }  # fmt: skip
     return SelectionResult(selection_idx, report_idx, table, best, report, nulls)
