@@ -184,6 +184,14 @@ class CachedActivationDataModule(L.LightningDataModule):
         """(x [n, d_model] float32, y [n]) of one split's labelled rows at one cached position (index into the
         cached positions) and layer slot (index into `layers`), in row order. Reads one [rows, d_model] slice
         per memory-mapped shard: never whole rows, never the whole cache."""
+        x, y, _ = self.split_slice_problems(split, position, layer_slot)
+        return x, y
+
+    def split_slice_problems(
+        self, split: str, position: int, layer_slot: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`split_slice` plus problem [n] int64, each row's problem id (the cache's label.problem: the reasoning
+        and control rows of one problem share it), for the paired nulls. Same single read per shard."""
         if not self.cache.complete:
             raise UserError(f"activation cache {self.cache.directory} is incomplete: run extraction first")
         n_pos = int(self.cache.manifest["n_positions"])
@@ -200,7 +208,7 @@ class CachedActivationDataModule(L.LightningDataModule):
             with safe_open(str(shards[sid]), framework="pt") as f:
                 block = f.get_slice("activations")[:, position, layer_slot]  # [shard rows, d_model]
             x[rows] = block[offset[rows]].float()
-        return x, y[keep]
+        return x, y[keep], meta["label.problem"][keep]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(

@@ -5,10 +5,14 @@ position specs, [n, n_pos, n_layers, d_model] otherwise. Every function here als
 batches (a generator over an activation cache, a DataLoader, ...), so any number of prompts fits in memory.
 Directions come back without the prompt axis: [n_layers, d_model] or [n_pos, n_layers, d_model], float32.
 
-Null directions for testing one direction r built from activations (`null_directions`, NULL_DEFINITIONS):
-placebo contrasts (mean differences of random splits of the same rows, the class sizes kept) and
-covariance-shaped Gaussians (within-class covariance) are shaped like the data, unlike isotropic noise, which
-any direction built from anisotropic activations beats. Every null is rescaled to |r|.
+Null directions for testing one direction r built from activations (`null_directions`, NULL_DEFINITIONS).
+The rows are matched pairs (a reasoning and a control prompt per problem), so r = mean of the within-pair
+differences d_i and problem content cancels out of it; the nulls are built from the same d_i:
+balanced sign-flip placebos (sum_i s_i d_i / n_pairs, half the signs +1, half -1: the class difference cancels
+exactly, the noise is r's) and covariance-shaped Gaussians (covariance of the d_i). Unlike isotropic noise, which
+any direction built from anisotropic activations beats, these are shaped like r's noise. A pooled random split
+of the rows ignoring the pairs (pooled_placebo) is kept only for comparison: it carries between-problem
+variance and part of the real class difference. Every null is rescaled to |r|.
 
 File format (`save_directions` / `load_directions`):
     reasoning_directions.safetensors   tensor "directions" (float32) + optional extra named tensors; its
@@ -149,14 +153,21 @@ def random_directions(like: torch.Tensor, n: int, generator: torch.Generator | i
     return (unit * norms).to(device=like.device, dtype=like.dtype)
 
 
-NULLS = ("placebo", "covariance", "isotropic")
+NULLS = ("placebo", "covariance", "isotropic", "pooled_placebo")
 NULL_DEFINITIONS = {
-    "placebo": "mean(A) - mean(B) over a seeded random partition of the train rows' activations at the tested "
-    "direction's (position, layer) into groups A, B of the two class sizes (a placebo contrast), rescaled to |r|",
-    "covariance": "g = Xc^T z / sqrt(m - 1), z ~ N(0, I_m), Xc = the m train rows' activations at the tested "
-    "direction's (position, layer) centred on their class mean (within-class covariance), rescaled to |r|",
+    "placebo": "balanced within-pair sign-flip placebo: sum_i s_i d_i / n_pairs over the train problems i with both a "
+    "reasoning and a control row, d_i = x(reasoning_i) - x(control_i) at the tested direction's (position, layer), "
+    "s_i in {-1, +1} seeded with exactly half +1 and half -1 (odd n_pairs: one random pair gets s_i = 0), so the "
+    "class difference cancels exactly and the noise is that of r; rescaled to |r|",
+    "covariance": "g = Dc^T z / sqrt(n_pairs - 1), z ~ N(0, I_n_pairs), Dc = the within-pair differences d_i = "
+    "x(reasoning_i) - x(control_i) of the train problems at the tested direction's (position, layer), centred on "
+    "their mean (the covariance of the paired differences), rescaled to |r|",
     "isotropic": "uniform on the sphere (normalised N(0, I_d_model)), rescaled to |r|",
+    "pooled_placebo": "mean(A) - mean(B) over a seeded random partition of the pooled train rows at the tested "
+    "direction's (position, layer) into groups A, B of the two class sizes, ignoring the pairs (carries "
+    "between-problem variance and ~1/sqrt(n) of the real class difference; kept for comparison), rescaled to |r|",
 }
+PAIRED_NULLS = ("placebo", "covariance")  # need the rows' problem ids
 
 
 def _rows_and_labels(acts: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,8 +182,61 @@ def _rows_and_labels(acts: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return acts, labels == 1
 
 
+def paired_differences(acts: torch.Tensor, labels: torch.Tensor, problems: torch.Tensor) -> torch.Tensor:
+    """d_i = x(reasoning_i) - x(control_i) for every problem i with one row of each class, float64 [n_pairs, d].
+
+    acts [n, d], labels [n] (1 = reasoning, 0 = control), problems [n] (the problem id of each row, e.g. the
+    cache's label.problem). Rows are in ascending problem id; problems with only one of their two rows are left
+    out; a problem with two rows of one class is an error. When every row is paired, mean(d_i) equals the
+    contrastive direction mean(reasoning) - mean(control) of the same rows.
+    """
+    acts, is_a = _rows_and_labels(acts, labels)
+    problems = torch.as_tensor(problems).detach().cpu().long()
+    if problems.shape != is_a.shape:
+        raise UserError(f"problem ids must be [{len(is_a)}] like the labels, got {tuple(problems.shape)}")
+    ids, inverse = torch.unique(problems, return_inverse=True)
+    counts = torch.zeros(len(ids), 2, dtype=torch.long)  # [problem, class]
+    counts.index_put_((inverse, is_a.long()), torch.ones_like(inverse), accumulate=True)
+    if bool((counts > 1).any()):
+        raise UserError("paired nulls need at most one reasoning and one control row per problem")
+    by_class = torch.zeros(2, len(ids), acts.shape[1], dtype=torch.float64)  # [class, problem, d]
+    by_class[is_a.long(), inverse] = acts
+    complete = (counts == 1).all(1)
+    if int(complete.sum()) < 2:
+        raise UserError(f"paired nulls need at least 2 problems with both a reasoning and a control row, got "
+                        f"{int(complete.sum())}")  # fmt: skip
+    return by_class[1, complete] - by_class[0, complete]
+
+
+def balanced_signs(n_pairs: int, n: int, generator: torch.Generator | int | None = None) -> torch.Tensor:
+    """n seeded sign vectors [n, n_pairs] float64: floor(n_pairs / 2) entries +1, as many -1, and (n_pairs odd)
+    one 0 at a random pair, so every row sums to exactly 0."""
+    if isinstance(generator, int):
+        generator = torch.Generator().manual_seed(generator)
+    half = n_pairs // 2
+    signs = torch.zeros(n, n_pairs, dtype=torch.float64)
+    for k in range(n):
+        order = torch.randperm(n_pairs, generator=generator)
+        signs[k, order[:half]], signs[k, order[half : 2 * half]] = 1.0, -1.0
+    return signs
+
+
+def signflip_directions(diffs: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """sum_i s_i d_i / n_pairs per sign vector: diffs [n_pairs, d], signs [n, n_pairs] -> float64 [n, d].
+
+    With all s_i = +1 this is r = mean(d_i); with balanced signs (sum s_i = 0) any common shift of the d_i (the
+    class difference) cancels exactly, and what is left has the covariance of the d_i, like r's noise.
+    """
+    diffs = torch.as_tensor(diffs).detach().cpu().to(torch.float64)
+    signs = torch.as_tensor(signs, dtype=torch.float64)
+    if signs.ndim != 2 or signs.shape[1] != diffs.shape[0]:
+        raise UserError(f"signs must be [n, {diffs.shape[0]}], got {tuple(signs.shape)}")
+    return signs @ diffs / diffs.shape[0]
+
+
 def placebo_partitions(labels: torch.Tensor, n: int, generator: torch.Generator | int | None = None) -> torch.Tensor:
-    """n random partitions of the rows into a group A of #(labels == 1) rows and a group B of the rest.
+    """n random partitions of the rows into a group A of #(labels == 1) rows and a group B of the rest
+    (the pooled_placebo null, which ignores the pairs).
 
     Returns [n, n_rows] bool (True = group A): row k is the first #A entries of a seeded permutation.
     """
@@ -189,8 +253,9 @@ def placebo_partitions(labels: torch.Tensor, n: int, generator: torch.Generator 
 def placebo_directions(acts: torch.Tensor, partitions: torch.Tensor) -> torch.Tensor:
     """mean(acts[A]) - mean(acts[B]) per partition: acts [n_rows, d], partitions [n, n_rows] bool (True = A).
 
-    Returns float64 [n, d]. With the class sizes of a contrastive direction, these are the mean differences
-    it would have been if the class labels carried no information (a placebo contrast).
+    Returns float64 [n, d] (the pooled_placebo null). A random split is imbalanced across the true classes by
+    ~1/sqrt(n_rows), so these carry a share of the real class difference and, for paired rows, the
+    between-problem variance that r does not have: use the paired `signflip_directions` to test r.
     """
     acts = torch.as_tensor(acts).detach().cpu().to(torch.float64)
     partitions = torch.as_tensor(partitions, dtype=torch.bool)
@@ -203,25 +268,21 @@ def placebo_directions(acts: torch.Tensor, partitions: torch.Tensor) -> torch.Te
     return weights @ acts
 
 
-def covariance_directions(
-    acts: torch.Tensor, labels: torch.Tensor, n: int, generator: torch.Generator | int | None = None
-) -> torch.Tensor:
-    """n Gaussian directions g = Xc^T z / sqrt(m - 1), z ~ N(0, I_m), float64 [n, d].
+def covariance_directions(diffs: torch.Tensor, n: int, generator: torch.Generator | int | None = None) -> torch.Tensor:
+    """n Gaussian directions g = Dc^T z / sqrt(n_pairs - 1), z ~ N(0, I_n_pairs), float64 [n, d].
 
-    Xc [m, d] are the rows centred on their own class mean, so Cov(g) = Xc^T Xc / (m - 1), the within-class
-    covariance of the activations: shaped like the data, without the class difference itself. The d x d
-    matrix is never formed.
+    diffs [n_pairs, d] are the within-pair differences (`paired_differences`); Dc = diffs - mean(diffs), so
+    Cov(g) = Dc^T Dc / (n_pairs - 1), the covariance of the paired differences: the shape of r's noise, without
+    the class difference itself. The d x d matrix is never formed.
     """
     if isinstance(generator, int):
         generator = torch.Generator().manual_seed(generator)
-    acts, is_a = _rows_and_labels(acts, labels)
-    if acts.shape[0] < 3:
-        raise UserError(f"covariance null needs at least 3 rows, got {acts.shape[0]}")
-    centred = acts.clone()
-    for group in (is_a, ~is_a):
-        centred[group] = acts[group] - acts[group].mean(0)
-    z = torch.randn((n, acts.shape[0]), generator=generator, dtype=torch.float64)  # [n, m]
-    return z @ centred / math.sqrt(acts.shape[0] - 1)
+    diffs = torch.as_tensor(diffs).detach().cpu().to(torch.float64)
+    if diffs.ndim != 2 or diffs.shape[0] < 2:
+        raise UserError(f"covariance null needs paired differences [n_pairs >= 2, d], got {tuple(diffs.shape)}")
+    centred = diffs - diffs.mean(0)
+    z = torch.randn((n, diffs.shape[0]), generator=generator, dtype=torch.float64)  # [n, n_pairs]
+    return z @ centred / math.sqrt(diffs.shape[0] - 1)
 
 
 def null_directions(
@@ -231,13 +292,15 @@ def null_directions(
     generator: torch.Generator | int | None = None,
     acts: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
+    problems: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """n null directions of `kind`, each rescaled to the norm of `like` (the tested direction r [d]).
+    """n null directions of `kind` (NULL_DEFINITIONS), each rescaled to the norm of `like` (the tested r [d]).
 
-    kind: "placebo" (`placebo_directions` of `placebo_partitions(labels)`: random splits of the same rows with
-    the class sizes), "covariance" (`covariance_directions`), "isotropic" (`random_directions`, uniform on the
-    sphere). acts [m, d] / labels [m] (1 / 0): the rows r was built from, at r's (position, layer); needed by
-    placebo and covariance. Returns [n, d] in like's dtype; every row has norm |like| (math in float64).
+    kind: "placebo" (`signflip_directions` of `balanced_signs` over `paired_differences`), "covariance"
+    (`covariance_directions` of the paired differences), "isotropic" (`random_directions`), "pooled_placebo"
+    (`placebo_directions` of `placebo_partitions(labels)`). acts [m, d] / labels [m] (1 / 0) / problems [m]
+    (problem id per row): the rows r was built from, at r's (position, layer); placebo and covariance need all
+    three, pooled_placebo acts and labels. Returns [n, d] in like's dtype; every row has norm |like| (float64 math).
     """
     if kind not in NULLS:
         raise UserError(f"unknown null {kind!r}; expected one of {', '.join(NULLS)}")
@@ -247,15 +310,20 @@ def null_directions(
         generator = torch.Generator().manual_seed(generator)
     if kind == "isotropic":
         return random_directions(like, n, generator)
-    if acts is None or labels is None:
-        raise UserError(f"the {kind} null needs the activations and labels the direction was built from")
+    if acts is None or labels is None or (kind in PAIRED_NULLS and problems is None):
+        what = "activations, labels and problem ids" if kind in PAIRED_NULLS else "activations and labels"
+        raise UserError(f"the {kind} null needs the {what} the direction was built from")
     acts, is_a = _rows_and_labels(acts, labels)
     if acts.shape[1] != like.shape[0]:
         raise UserError(f"null activations have d_model {acts.shape[1]}, the direction {like.shape[0]}")
-    if kind == "placebo":
+    if kind == "pooled_placebo":
         raw = placebo_directions(acts, placebo_partitions(is_a.long(), n, generator))
     else:
-        raw = covariance_directions(acts, is_a.long(), n, generator)
+        diffs = paired_differences(acts, is_a.long(), problems)  # [n_pairs, d]
+        if kind == "placebo":
+            raw = signflip_directions(diffs, balanced_signs(len(diffs), n, generator))
+        else:
+            raw = covariance_directions(diffs, n, generator)
     norms = raw.norm(dim=-1, keepdim=True)  # [n, 1]
     if not bool((norms > 0).all()):
         raise UserError(f"a {kind} null direction has zero norm (are the activations constant?)")
@@ -312,6 +380,17 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
     return tensors, tensors.with_suffix(".json")
 
 
+def _finite(value):
+    """A copy of a JSON-able value with every non-finite float (NaN, +-inf) replaced by None (JSON null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
 def save_directions(
     path: str | Path,
     directions: torch.Tensor,
@@ -325,6 +404,7 @@ def save_directions(
         directions: [n_layers, d] or [n_pos, n_layers, d].
         metadata: JSON-serialisable; conventionally model, layers, positions, method, selection table, ...
             "d_model", "shape" and "norms" ([..., n_layers] L2 norms) are filled in (and must agree if given).
+            Non-finite floats (NaN, +-inf, e.g. an undefined z-score) are written as null: standard JSON.
         extra: more named tensors to store beside "directions" (e.g. "pca", "null_norms").
     """
     if directions.ndim not in (2, 3):
@@ -350,7 +430,7 @@ def save_directions(
     tensor_path.parent.mkdir(parents=True, exist_ok=True)
     header = {"format": "pt", "metadata": json.dumps({k: meta.get(k) for k in _CHECKED_KEYS}, sort_keys=True)}
     save_file(tensors, str(tensor_path), metadata=header)
-    json_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    json_path.write_text(json.dumps(_finite(meta), indent=2, sort_keys=True, allow_nan=False) + "\n")
     return tensor_path
 
 

@@ -20,9 +20,11 @@ split by seed into disjoint SELECTION (n_selection_prompts) and REPORT (n_report
 (`split_selection_report`). Every candidate is scored on the selection problems (reasoning + control prompt
 each, with their gold solution; `interp.direction_scoring.PromptScorer`) and `select_direction` picks one
 (kl_threshold, max_layer_fraction): these scores only choose. The selected r and `n_random` null directions
-of kind `null_kind` at its site, rescaled to |r| (`interp.directions.null_directions`; placebo / covariance from
-the TRAIN rows' cached activations there, `CachedActivationDataModule.split_slice`), are scored again on the
-report problems: reported scores, z-scores and bootstrap CIs come from these alone. The validation batches
+of kind `null_kind` at its site, rescaled to |r| (`interp.directions.null_directions`, NULL_DEFINITIONS; placebo /
+covariance from the within-pair differences of the TRAIN rows' cached activations there,
+`CachedActivationDataModule.split_slice_problems`), are scored again on the report problems: reported scores,
+z-scores, p-values (`interp.selection.null_pvalues`) and bootstrap CIs come from these alone. With m = n_random
+nulls the rank p-value is >= 1 / (m + 1): the default m = 19 is the smallest that lets it reach 0.05. The validation batches
 are not used; every rank scores the same prompts, rank zero writes the files. Candidate layers:
 `candidate_layers`, or every cached layer below max_layer_fraction * n_layers. Cost: 3 forwards over the
 selection prompts per candidate (n_pos x n_candidate_layers) + 3 over the report prompts per direction
@@ -37,8 +39,11 @@ null directions), val/n_kept.
 Written to trainer.log_dir: reasoning_directions.safetensors + .json (`interp.directions.save_directions`):
 per-prompt selection-set scores of every candidate (rows in selection-table order) and "null_directions"
 [n_null, d_model] (also in the checkpoint, so evaluate.py uses the same null). The JSON names the problems
-(selection.problems.{selection,report}: pair_indices, reasoning_rows, control_rows), the null (null, n_null)
-and holds the report-set numbers under selection.report.
+(selection.problems.{selection,report}: pair_indices, reasoning_rows, control_rows), the requested and the
+actually used numbers of problems (selection.n_selection_prompts / n_report_prompts vs n_selection_used /
+n_report_used: fewer val problems shrink both sets), the null (null, n_null, null_definition, pvalue_definitions)
+and holds the report-set numbers under selection.report. Undefined numbers (NaN, e.g. a z-score against a
+zero-spread null) are written as JSON null.
 """
 
 from __future__ import annotations
@@ -67,6 +72,15 @@ PROTOCOL = ("candidates scored and one selected on the selection problems; the s
             "z-scores and CIs")  # fmt: skip
 
 
+def pvalue_definitions(m: int) -> dict[str, str]:
+    """What report.pvalues hold with m null directions (`interp.selection.null_pvalues`)."""
+    return {
+        "t": f"two-sided p of t = (score - mean(null)) / (std(null, ddof 1) * sqrt(1 + 1/m)) under Student's t "
+        f"with m - 1 degrees of freedom (m = {m}); null (with a reason) when the null scores have zero spread",
+        "rank": f"one-sided (1 + #{{null >= score}}) / (m + 1); with m = {m} it is >= {1 / (m + 1):.4g}",
+    }
+
+
 def position_labels(spec: str, tokenizer, n_pos: int) -> list[str]:
     """A name per cached position: the template token strings for post_instruction, else last[-k] / mean."""
     spec = PositionSpec.parse(spec)
@@ -86,7 +100,7 @@ class ReasoningDirectionModule(L.LightningModule):
         n_selection_prompts: int = 32,
         kl_threshold: float = 0.1,
         max_layer_fraction: float = 0.8,
-        n_random: int = 8,
+        n_random: int = 19,
         null_kind: str = "placebo",
         n_report_prompts: int | None = None,
         n_bootstrap: int = 1000,
@@ -108,9 +122,12 @@ class ReasoningDirectionModule(L.LightningModule):
             kl_threshold: discard candidates whose ablation moves the control prompts' next-token distribution
                 by more than this KL.
             max_layer_fraction: discard candidates at layers >= this fraction of the model's depth.
-            n_random: null directions (norm |r|, selected site) for the z-scores; 0 = none, else >= 2.
-            null_kind: placebo (mean differences of random splits of the train rows, class sizes kept) |
-                covariance (Gaussian with the train rows' within-class covariance) | isotropic (uniform).
+            n_random: null directions m (norm |r|, selected site) for the z-scores and p-values; 0 = none, else
+                >= 2. The rank p-value is >= 1 / (m + 1), so it can reach 0.05 only for m >= 19.
+            null_kind: placebo (balanced within-pair sign flips of the train problems' reasoning - control
+                differences) | covariance (Gaussian with the covariance of those differences) | isotropic
+                (uniform) | pooled_placebo (random splits of the pooled train rows, ignoring the pairs;
+                for comparison only).
             n_bootstrap: bootstrap resamples of the report problems for the 95% CIs.
             batch_size: prompts per scoring forward.
             seed: seeds the selection / report split of the val problems, the null directions and the bootstrap.
@@ -334,10 +351,12 @@ class ReasoningDirectionModule(L.LightningModule):
         the TRAIN rows' cached activations there (the rows the directions were built from)."""
 
         def make(best: dict, r: torch.Tensor) -> torch.Tensor:
-            acts = labels = None
-            if self.hparams.null_kind != "isotropic":
-                acts, labels = datamodule.split_slice("train", best["position"], self.layers.index(best["layer"]))
-            return null_directions(self.hparams.null_kind, r, n, self.hparams.seed, acts=acts, labels=labels)
+            acts = labels = problems = None
+            if self.hparams.null_kind != "isotropic":  # one [rows, d_model] slice per shard
+                acts, labels, problems = datamodule.split_slice_problems(
+                    "train", best["position"], self.layers.index(best["layer"]))  # fmt: skip
+            return null_directions(self.hparams.null_kind, r, n, self.hparams.seed, acts=acts, labels=labels,
+                                   problems=problems)  # fmt: skip
 
         return make
 
@@ -375,6 +394,7 @@ class ReasoningDirectionModule(L.LightningModule):
             for name, index in (("selection", result.selection_problems), ("report", result.report_problems))
         }  # fmt: skip
         self.null_directions = result.null_directions
+        n_null = 0 if self.null_directions is None else len(self.null_directions)
         report = None
         if result.report is not None:
             report = {**result.report, "problems": "report",
@@ -382,13 +402,15 @@ class ReasoningDirectionModule(L.LightningModule):
         self.selection_stats = {
             "split": "val", "protocol": PROTOCOL, "problems": self.problem_sets,
             "n_selection_prompts": hp.n_selection_prompts, "n_report_prompts": self.n_report,
+            "n_selection_used": len(result.selection_problems), "n_report_used": len(result.report_problems),
             "selection_table_scores": "means over the selection problems; used only to choose",
             "candidate_layers": layers, "metric": hp.selection_metric,
             "metric_definition": metric_definition(hp.selection_metric, hp.k_first_tokens),
             "kl_threshold": hp.kl_threshold, "max_layer_fraction": hp.max_layer_fraction,
             "add_strength": hp.add_strength, "n_bootstrap": n_boot, "alpha": 0.05, "seed": hp.seed,
-            "null": hp.null_kind, "n_null": 0 if self.null_directions is None else len(self.null_directions),
-            "null_definition": NULL_DEFINITIONS[hp.null_kind], "report": report,
+            "null": hp.null_kind, "n_null": n_null,
+            "null_definition": NULL_DEFINITIONS[hp.null_kind], "pvalue_definitions": pvalue_definitions(n_null),
+            "report": report,
         }  # fmt: skip
         return self.selected
 

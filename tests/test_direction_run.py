@@ -3,8 +3,8 @@ checkpoints, configs.
 
 Independent references: `compute_contrastive_directions` (float64) on the same rows and a planted shift;
 the metrics of `interp.metrics` run by hand inside hand-built `InterventionHandler`s; `interp.selection`
-applied by hand to the saved table; the placebo null recomputed from the cached train rows read through the
-DataLoader; the files read back with `load_directions`.
+applied by hand to the saved table; the paired placebo null recomputed from the cached train rows read through
+the DataLoader (problem ids from the prompt rows); the files read back with `load_directions`.
 """
 
 import json
@@ -64,7 +64,7 @@ def _split(dm, split: str) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="module")
 def fitted(dm, tmp_path_factory):
     """One directions run on the tiny cache: 2 val problems choose, the other 2 report; candidates at layers 4, 9
-    (and 28: too late); 2 placebo null directions."""
+    (and 28: too late); 2 paired sign-flip placebo null directions."""
     L.seed_everything(0, verbose=False)
     module = ReasoningDirectionModule(n_selection_prompts=2, n_report_prompts=2, kl_threshold=10.0, n_random=2,
                                       n_bootstrap=200, batch_size=4, candidate_layers=[4, 9, 28])  # fmt: skip
@@ -268,7 +268,8 @@ def test_files_round_trip(fitted, tmp_path):
     report = meta["selection"]["report"]
     assert report["problems"] == "report" and set(report["zscores"]) == {"ablation_score", "induction_score", "kl"}
     assert meta["null"] == meta["selection"]["null"] == "placebo" and meta["n_null"] == meta["selection"]["n_null"] == 2
-    assert "partition" in meta["selection"]["null_definition"]
+    assert "sign-flip" in meta["selection"]["null_definition"]
+    assert meta["selection"]["n_selection_used"] == meta["selection"]["n_report_used"] == 2
     assert "first 8 gold-solution tokens" in meta["selection"]["metric_definition"]
     torch.testing.assert_close(torch.tensor(meta["norms"]), module.directions.double().norm(dim=-1).float(),
                                rtol=1e-6, atol=1e-6, check_dtype=False)  # fmt: skip
@@ -288,14 +289,17 @@ def test_files_round_trip(fitted, tmp_path):
     assert meta["selection"]["n_selection_prompts"] == meta["selection"]["n_report_prompts"] == 2
 
 
-def test_null_directions_are_placebo_splits_of_the_cached_train_rows(fitted, dm):
+def test_null_directions_are_paired_placebos_of_the_cached_train_rows(fitted, dm):
     module, _ = fitted
     x, y = _split(dm, "train")  # [n, 7, 4, 64] through the DataLoader
     position, slot = module.selected["position"], module.selected["slot"]
-    acts, labels = dm.split_slice("train", position, slot)  # one cached slice per shard
+    acts, labels, problems = dm.split_slice_problems("train", position, slot)  # one cached slice per shard
     assert torch.equal(acts, x[:, position, slot]) and torch.equal(labels, y)
+    rows = [dm.prompts.rows[i] for i in dm.row_index["train"].tolist()]
+    assert problems.tolist() == [row.problem_index for row in rows]
     r = module.selected_direction()
-    expected = null_directions("placebo", r, 2, generator=0, acts=x[:, position, slot], labels=y)
+    expected = null_directions("placebo", r, 2, generator=0, acts=x[:, position, slot], labels=y,
+                               problems=torch.tensor([row.pair_index for row in rows]))  # fmt: skip
     torch.testing.assert_close(module.null_directions, expected, rtol=0, atol=0)
     torch.testing.assert_close(module.null_directions.double().norm(dim=-1), r.double().norm().expand(2),
                                rtol=1e-6, atol=0)  # fmt: skip
@@ -337,14 +341,7 @@ def test_needs_all_positions(dm, tmp_path):
 
 
 # ---- configs through train.py -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("config_name", ["directions_tiny.yaml", "directions_qwq.yaml"])
-def test_config_runs_fast_dev_run(config_name, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    config = tiny_config(config_name, tmp_path, limit=5, layers=[0, 2, 4, 30])  # 2 val problems: 1 chooses
-    train.main(["--config", str(config), "--trainer.fast_dev_run", "true", "--run_name", "dev"])
-    assert list((tmp_path / "cache").glob("*/manifest.json"))
-
-
+# (every config parsed as written, and one fast_dev_run of this module: tests/test_configs.py)
 def test_one_epoch_writes_the_directions_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = tiny_config("directions_tiny.yaml", tmp_path, limit=5)

@@ -1,0 +1,101 @@
+"""ReasoningDirectionModule.run_selection + save_directions_file with a synthetic scorer and a fake datamodule (no
+backbone): the numbers of problems actually used, the paired null read from one train slice with problem ids,
+and standard JSON when a number is undefined.
+
+Independent references: the problem sets the split actually produced; `null_directions` on the fake train slice;
+a strict JSON parser that rejects NaN / Infinity.
+"""
+
+import json
+import types
+
+import pytest
+import torch
+
+import lightning_modules.directions as directions_module
+from interp.directions import null_directions
+
+D, N_LAYERS, N_POS, N_TRAIN_PAIRS = 8, 10, 2, 16
+
+
+def _strict(text: str) -> dict:
+    def reject(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+class _FlatScorer:
+    """Scores every direction 0.1 on every prompt except the first direction of a call (r): a zero-spread null."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, directions, layers, problems):
+        out = []
+        for i in range(len(directions)):
+            values = torch.full((len(problems),), 0.1 + (1e-3 if i == 0 else 0.0), dtype=torch.float64)
+            out.append({"ablation_score": float(values.mean()), "induction_score": float(values.mean()),
+                        "kl": 0.0, "ablation_per_prompt": values, "induction_per_prompt": values,
+                        "kl_per_prompt": torch.zeros(len(problems), dtype=torch.float64)})  # fmt: skip
+        return out
+
+
+def _fake_datamodule(n_val: int):
+    rows, row_index = [], {"train": [], "val": []}
+    for p in range(n_val + N_TRAIN_PAIRS):
+        split = "val" if p < n_val else "train"
+        for kind in ("reasoning", "control"):
+            rows.append(types.SimpleNamespace(pair_index=p, kind=kind, prompt=f"{kind}-{p}", gold_solution=f"s{p}",
+                                              row_index=len(rows), split=split))  # fmt: skip
+            row_index[split].append(rows[-1].row_index)
+    train = [rows[i] for i in row_index["train"]]
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(len(train), N_POS, N_LAYERS, D, generator=g)  # [rows, n_pos, n_layers, d]
+    labels = torch.tensor([int(row.kind == "reasoning") for row in train])
+    problems = torch.tensor([row.pair_index for row in train])
+    reads = []
+
+    class DM:
+        prompts = types.SimpleNamespace(rows=rows)
+
+        def __init__(self):
+            self.row_index = {k: torch.tensor(v) for k, v in row_index.items()}
+
+        def split_slice_problems(self, split, position, slot):
+            reads.append((split, position, slot))
+            return acts[:, position, slot], labels, problems
+
+    return DM(), acts, labels, problems, reads
+
+
+@pytest.mark.parametrize("n_val", [5, 8])
+def test_json_records_the_problems_used_the_paired_null_and_only_standard_numbers(n_val, tmp_path, monkeypatch):
+    monkeypatch.setattr(directions_module, "PromptScorer", _FlatScorer)
+    dm, acts, labels, problems, reads = _fake_datamodule(n_val)
+    module = directions_module.ReasoningDirectionModule(n_selection_prompts=4, n_report_prompts=4, n_random=4,
+                                                        kl_threshold=10.0, seed=0)  # fmt: skip
+    module.layers, module.n_model_layers, module.position_labels = list(range(N_LAYERS)), N_LAYERS, ["a", "b"]
+    module.positions, module._backbone, module._move_backbone = "last", (None, None), False
+    module.directions = (acts[labels == 1].mean(0) - acts[labels == 0].mean(0)).float()
+    module.n_train = {"reasoning": N_TRAIN_PAIRS, "control": N_TRAIN_PAIRS}
+    selected = module.run_selection(dm)
+    assert selected is not None and reads == [("train", selected["position"], selected["slot"])]
+    expected = null_directions("placebo", module.selected_direction(), 4, 0, acts=acts[:, selected["position"],
+                               selected["slot"]], labels=labels, problems=problems)  # fmt: skip
+    torch.testing.assert_close(module.null_directions, expected, rtol=0, atol=0)
+
+    module.save_directions_file(tmp_path)
+    meta = _strict((tmp_path / "reasoning_directions.json").read_text())
+    stats = meta["selection"]
+    used = {name: len(stats["problems"][name]["pair_indices"]) for name in ("selection", "report")}
+    assert (stats["n_selection_prompts"], stats["n_report_prompts"]) == (4, 4)
+    assert (stats["n_selection_used"], stats["n_report_used"]) == (used["selection"], used["report"])
+    assert (used["selection"], used["report"]) == ((3, 2) if n_val == 5 else (4, 4))
+    # every null scores 0.1, r 0.101: a zero-spread null, so z and p_t are undefined (JSON null) with a reason
+    report = stats["report"]
+    assert report["zscores"]["ablation_score"] is None and report["pvalues"]["ablation_score"]["t"] is None
+    assert "zero-spread null" in report["pvalues"]["ablation_score"]["reason"]
+    assert report["pvalues"]["ablation_score"]["rank"] == pytest.approx(1 / 5)
+    assert "m = 4" in stats["pvalue_definitions"]["rank"] and "0.2" in stats["pvalue_definitions"]["rank"]
+    assert "sign-flip" in stats["null_definition"]
