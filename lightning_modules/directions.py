@@ -59,13 +59,27 @@ from lightning.pytorch.utilities import rank_zero_info
 from interp.activations import check_layers
 from interp.backbone import BackboneSpec, input_device
 from interp.direction_scoring import PromptScorer, check_metric, metric_definition
-from interp.directions import NULL_DEFINITIONS, NULLS, null_directions, save_directions
+from interp.directions import (
+    NULL_DEFINITIONS,
+    NULLS,
+    balanced_signs,
+    null_directions,
+    paired_differences,
+    save_directions,
+    signflip_directions,
+)
 from interp.errors import UserError
 from interp.positions import PositionSpec
 from interp.prompts import post_instruction_ids
 from interp.selection import PER_PROMPT_KEYS, SCORE_KEYS, select_reasoning_direction
 from interp.stats import RunningMoments
 
+SEARCHED_NULL_DEFINITION = (
+    "max-statistic null: per draw, one balanced within-pair sign-flip placebo candidate at every searched "
+    "(position, layer) (one sign vector shared by all sites, rescaled to the real candidate's norm there), "
+    "chosen by the same selection rule on the same selection problems; its winner's report-problem scores are "
+    "one draw of the best-of-search statistic r is compared with"
+)
 CLASSES = {"reasoning": 1, "control": 0}  # the datamodule's "reasoning" label encoding
 PROTOCOL = ("candidates scored and one selected on the selection problems; the selected direction and the null "
             "directions re-scored on the disjoint report problems, which alone give the reported scores, "
@@ -109,6 +123,7 @@ class ReasoningDirectionModule(L.LightningModule):
         k_first_tokens: int = 8,
         add_strength: float = 1.0,
         candidate_layers: list[int] | None = None,
+        n_searched_null: int = 0,
     ):
         """
         Args:
@@ -135,11 +150,19 @@ class ReasoningDirectionModule(L.LightningModule):
             add_strength: multiplier c of the induction intervention x + c r.
             candidate_layers: model layers to score (must be cached); null = cached layers below
                 max_layer_fraction of the depth.
+            n_searched_null: draws of the max-statistic null (0 = off, else >= 2): each draw puts one placebo
+                candidate per searched site (balanced within-pair sign flips, one sign vector shared by all sites,
+                rescaled to the real candidate's norm there) through the same selection and scores its winner on
+                the report problems; r's report scores are then compared with those winners
+                (`searched_zscores`, `searched_pvalues`), which accounts for the search over sites and
+                directions that the site null does not. Cost: n_searched_null more selection sweeps.
         """
         super().__init__()
         check_metric(selection_metric)
         if n_selection_prompts < 1 or batch_size < 1 or k_first_tokens < 1 or n_bootstrap < 1:
             raise UserError("n_selection_prompts, batch_size, k_first_tokens and n_bootstrap must be >= 1")
+        if n_searched_null == 1 or n_searched_null < 0:
+            raise UserError(f"n_searched_null must be 0 (off) or >= 2, got {n_searched_null}")
         if n_random == 1 or n_random < 0:
             raise UserError(f"n_random must be 0 (no null directions) or >= 2, got {n_random}")
         if null_kind not in NULLS:
@@ -360,6 +383,25 @@ class ReasoningDirectionModule(L.LightningModule):
 
         return make
 
+    def _searched_null_candidates(self, datamodule, full: torch.Tensor, layers: list[int], n: int):
+        """searched_null_candidates for select_reasoning_direction: draw j -> [n_pos, n_model_layers, d_model]
+        placebo candidates at every searched (position, layer): sum_i s_ji d_i / n_pairs over the train problems'
+        paired differences there, one balanced sign vector s_j per draw shared by all sites (as the real
+        candidates share their rows), each rescaled to the real candidate's norm at that site. Built once: one
+        [rows, d_model] slice per site and shard."""
+        out = torch.zeros(n, *full.shape)  # [n, n_pos, n_model_layers, d_model]
+        signs = None
+        for position in range(full.shape[0]):
+            for layer in layers:
+                acts, labels, problems = datamodule.split_slice_problems("train", position, self.layers.index(layer))
+                diffs = paired_differences(acts, labels, problems)  # [n_pairs, d_model], ascending problem id
+                if signs is None:
+                    signs = balanced_signs(len(diffs), n, self.hparams.seed + 1)  # [n, n_pairs]
+                nulls = signflip_directions(diffs, signs)  # [n, d_model] float64
+                norm = full[position, layer].double().norm()
+                out[:, position, layer] = (nulls / nulls.norm(dim=-1, keepdim=True) * norm).float()
+        return lambda j: out[j]
+
     def run_selection(self, datamodule, fast: bool = False) -> dict | None:
         """Choose on the selection problems, report on the disjoint report problems (module docstring);
         returns `selected`. fast=True: the fast_dev_run wiring check (<= 2 + 2 problems, 2 layers, <= 2
@@ -370,6 +412,7 @@ class ReasoningDirectionModule(L.LightningModule):
         if fast:
             layers = sorted({layers[0], layers[-1]})
             n_sel, n_rep, n_random, n_boot = min(n_sel, 2), min(n_rep, 2), min(n_random, 2), min(n_boot, 20)
+        n_searched = min(hp.n_searched_null, 2) if fast else hp.n_searched_null
         pairs = self.val_pairs(datamodule)
         problems = [(r.prompt, r.gold_solution, c.prompt, c.gold_solution) for r, c in pairs]
         scorer = PromptScorer(self.backbone_model, self.tokenizer, hp.selection_metric, hp.k_first_tokens,
@@ -379,6 +422,8 @@ class ReasoningDirectionModule(L.LightningModule):
             full, layers, problems, scorer, n_selection=n_sel, n_report=n_rep, seed=hp.seed,
             n_layers=self.n_model_layers, max_layer_fraction=hp.max_layer_fraction, kl_threshold=hp.kl_threshold,
             null_factory=self._null_factory(datamodule, n_random) if n_random else None, n_bootstrap=n_boot,
+            searched_null_candidates=self._searched_null_candidates(datamodule, full, layers, n_searched)
+            if n_searched else None, n_searched_null=n_searched,
         )  # fmt: skip
         for row in result.table:
             row.update(slot=self.layers.index(row["layer"]), position_label=self.position_labels[row["position"]])
@@ -408,7 +453,8 @@ class ReasoningDirectionModule(L.LightningModule):
             "metric_definition": metric_definition(hp.selection_metric, hp.k_first_tokens),
             "kl_threshold": hp.kl_threshold, "max_layer_fraction": hp.max_layer_fraction,
             "add_strength": hp.add_strength, "n_bootstrap": n_boot, "alpha": 0.05, "seed": hp.seed,
-            "null": hp.null_kind, "n_null": n_null,
+            "null": hp.null_kind, "n_null": n_null, "n_searched_null": n_searched,
+            "searched_null_definition": SEARCHED_NULL_DEFINITION if n_searched else None,
             "null_definition": NULL_DEFINITIONS[hp.null_kind], "pvalue_definitions": pvalue_definitions(n_null),
             "report": report,
         }  # fmt: skip

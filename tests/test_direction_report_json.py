@@ -99,3 +99,54 @@ def test_json_records_the_problems_used_the_paired_null_and_only_standard_number
     assert report["pvalues"]["ablation_score"]["rank"] == pytest.approx(1 / 5)
     assert "m = 4" in stats["pvalue_definitions"]["rank"] and "0.2" in stats["pvalue_definitions"]["rank"]
     assert "sign-flip" in stats["null_definition"]
+
+
+class _RecordingScorer(_FlatScorer):
+    """Like _FlatScorer, but keeps every call's (directions, layers, problems)."""
+
+    calls: list = []
+
+    def __call__(self, directions, layers, problems):
+        _RecordingScorer.calls.append((directions.clone(), list(layers), list(problems)))
+        return super().__call__(directions, layers, problems)
+
+
+def test_searched_null_candidates_are_shared_sign_flips_at_every_searched_site(tmp_path, monkeypatch):
+    """n_searched_null = 3: three more selection sweeps over placebo candidates; each draw's candidate at a site is
+    the sign-flip of that site's paired train differences with ONE sign vector per draw, scaled to |r| there."""
+    from interp.directions import balanced_signs, paired_differences
+
+    _RecordingScorer.calls = []
+    monkeypatch.setattr(directions_module, "PromptScorer", _RecordingScorer)
+    dm, acts, labels, problems, reads = _fake_datamodule(8)
+    module = directions_module.ReasoningDirectionModule(n_selection_prompts=4, n_report_prompts=4, n_random=0,
+                                                        kl_threshold=10.0, seed=0, n_searched_null=3)  # fmt: skip
+    module.layers, module.n_model_layers, module.position_labels = list(range(N_LAYERS)), N_LAYERS, ["a", "b"]
+    module.positions, module._backbone, module._move_backbone = "last", (None, None), False
+    module.directions = (acts[labels == 1].mean(0) - acts[labels == 0].mean(0)).float()
+    module.n_train = {"reasoning": N_TRAIN_PAIRS, "control": N_TRAIN_PAIRS}
+    module.run_selection(dm)
+    layers = module.default_candidate_layers()
+    # calls: selection (real), report (real), 3 selection sweeps (nulls), report (null winners)
+    assert len(_RecordingScorer.calls) == 6
+    selection_problems = _RecordingScorer.calls[0][2]
+    signs = balanced_signs(N_TRAIN_PAIRS, 3, 1)  # the module's seed + 1
+    for j in range(3):
+        directions, called_layers, called_problems = _RecordingScorer.calls[2 + j]
+        assert called_problems == selection_problems and called_layers == [layer for _ in range(N_POS) for layer in
+                                                                            layers]  # fmt: skip
+        k = 0
+        for position in range(N_POS):
+            for layer in layers:
+                diffs = paired_differences(acts[:, position, layer], labels, problems)
+                null = signs[j] @ diffs / N_TRAIN_PAIRS
+                r_norm = module.directions[position, layer].double().norm()
+                expected = (null / null.norm() * r_norm).float()
+                torch.testing.assert_close(directions[k], expected, rtol=4 * 2.0**-24 * 8, atol=0)
+                k += 1
+    module.save_directions_file(tmp_path)
+    stats = _strict((tmp_path / "reasoning_directions.json").read_text())["selection"]
+    assert stats["n_searched_null"] == 3 and "max-statistic" in stats["searched_null_definition"]
+    assert len(stats["report"]["searched_null"]) == 3
+    with pytest.raises(Exception, match="n_searched_null"):
+        directions_module.ReasoningDirectionModule(n_searched_null=1)
