@@ -1,21 +1,11 @@
 """Only a final answer is graded: output cut off inside <think> has none (so it is incorrect and counts as
 truncated), and dashes used as minus signs are read as signs."""
 
-import json
-from pathlib import Path
 
 import pytest
+from grading_cases import R, embedded_rows
 
 from interp.grading import extract_answer, grade_answer, has_final_answer
-
-EMBEDDED = Path(__file__).resolve().parents[1] / "datamodules" / "embedded"
-R = "ok\n</think>\n\n"  # a finished generation: its final part follows
-
-
-def _rows(name):
-    with open(EMBEDDED / name, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
 
 # ------------------------------------------------------------------------------------ truncated reasoning
 
@@ -42,7 +32,7 @@ def test_reasoning_cut_off_while_thinking_has_no_answer(text, dataset, gold):
 def test_real_gsm8k_rationales_without_their_answer_line_are_truncated():
     """All 1319 GSM8K rationales, cut before "#### <answer>" (their last number is the answer for 1282 of
     them): none is a final answer inside thinking; after "</think>" the last-number rule reads them again."""
-    rows = _rows("gsm8k_test.jsonl")
+    rows = embedded_rows("gsm8k_test.jsonl")
     cut = [(row["answer"].rsplit("####", 1)[0], row["answer"].split("####")[1].strip()) for row in rows]
     assert not any(has_final_answer(text, "gsm8k") for text, _ in cut)
     assert not any(grade_answer(text, answer, "gsm8k") for text, answer in cut)
@@ -52,7 +42,7 @@ def test_real_gsm8k_rationales_without_their_answer_line_are_truncated():
 def test_real_math500_solutions_cut_before_their_box_are_truncated():
     """MATH-500 solutions cut right before their first \\boxed: no box, no marker -> no answer in thinking;
     the full solutions (boxed) all have one as final parts, and inside thinking when they end with the box."""
-    rows = _rows("math500.jsonl")
+    rows = embedded_rows("math500.jsonl")
     solutions = [row["solution"] for row in rows]
     cut = [text[: text.index("\\boxed")] for text in solutions if "\\boxed" in text]
     cut = [text for text in cut if "answer" not in text.lower() and "####" not in text]  # no marker either

@@ -2,27 +2,17 @@
 answers, the answer-marker / box / "####" priority of a final part, GSM8K number spellings, the SIGALRM timer
 and power towers no timer can stop; and the real-data self-checks (all GSM8K / MATH-500 golds)."""
 
-import json
 import re
 import signal
 import time
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
+from grading_cases import R, embedded_rows
 
 import interp.grading as grading
 from interp.errors import UserError
 from interp.grading import extract_answer, grade_answer, has_final_answer
-
-EMBEDDED = Path(__file__).resolve().parents[1] / "datamodules" / "embedded"
-R = "ok\n</think>\n\n"  # a finished generation: its final part follows
-
-
-def _rows(name):
-    with open(EMBEDDED / name, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
 
 # ------------------------------------------------------------------- without </think>: only how a text ends
 
@@ -234,7 +224,7 @@ def test_small_powers_still_use_math_verify():
 
 
 def test_every_gsm8k_gold_grades_its_own_forms_and_not_its_neighbour():
-    rows = _rows("gsm8k_test.jsonl")
+    rows = embedded_rows("gsm8k_test.jsonl")
     assert len(rows) == 1319
     for row in rows:
         solution, gold = row["answer"], row["answer"].rsplit("####", 1)[1].strip()
@@ -263,7 +253,7 @@ def _first_digit_changed(answer):
 def test_every_math500_gold_grades_its_own_unboxed_form():
     """The final part "The answer is $<gold>$." (math-verify's extraction) for all 500 golds; the boxed form
     and other rows' answers are checked in tests/test_grading.py. Changing the first digit breaks it."""
-    rows = _rows("math500.jsonl")
+    rows = embedded_rows("math500.jsonl")
     assert len(rows) == 500
     assert all(grade_answer(f"{R}The answer is ${row['answer']}$.", row["answer"], "math") for row in rows)
     changed = [(row["answer"], _first_digit_changed(row["answer"])) for row in rows[::4]]
