@@ -16,6 +16,11 @@ $(VENV_STAMP): pyproject.toml
 
 install: $(VENV_STAMP)
 
+# One intra-op thread: the tiny backbone and the probes are dispatch-bound (idle, 1 or 2 threads: same time), but
+# on a 2-core machine busy with other jobs two OpenMP threads wait on each other: train.py took 219 s instead
+# of ~20 s, most of it in 0.5 s backward passes of an 8K-parameter probe.
+# Override: make quickstart OMP_NUM_THREADS=N.
+quickstart: export OMP_NUM_THREADS ?= 1
 quickstart: $(VENV_STAMP)
 	$(PY) train.py --config configs/quickstart.yaml --run_name quickstart
 	$(PY) evaluate.py --ckpt checkpoints/quickstart/best.ckpt

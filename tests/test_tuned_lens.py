@@ -210,13 +210,6 @@ def test_checkpoint_holds_only_translators_and_reloads(trained, lens_data):
         assert torch.equal(reloaded.kl_per_layer(x), module.kl_per_layer(x))
 
 
-def test_config_runs_fast_dev_run(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    config = tiny_config("tuned_lens_tiny.yaml", tmp_path, limit=2)
-    train.main(["--config", str(config), "--trainer.fast_dev_run", "true", "--run_name", "dev"])
-    assert list((tmp_path / "cache").glob("*/manifest.json"))
-
-
 @pytest.mark.slow
 def test_train_and_resume_through_train_py(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
