@@ -8,7 +8,12 @@ rank writes the shards of the rows it computed; rank zero writes the manifest af
 
 from __future__ import annotations
 
+import contextlib
+import random
+
 import lightning as L
+import numpy as np
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -37,6 +42,21 @@ class ActivationCacheWriter(BasePredictionWriter):
         trainer.strategy.barrier()
 
 
+@contextlib.contextmanager
+def _random_state_kept():
+    """Restore Python's, numpy's and torch's (CPU and CUDA) random states on exit."""
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)  # fmt: skip
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state_all(states[3])
+
+
 def extract_activations(trainer: L.Trainer, datamodule: CachedActivationDataModule) -> ActivationCache:
     """Make sure `datamodule.cache` is complete, extracting what is missing with `trainer`."""
     cache = datamodule.cache
@@ -61,7 +81,8 @@ def extract_activations(trainer: L.Trainer, datamodule: CachedActivationDataModu
     saved_limit, trainer.limit_predict_batches = trainer.limit_predict_batches, 1.0
     trainer.callbacks.append(writer)
     try:
-        trainer.predict(extractor, datamodule=prompts, return_predictions=False)
+        with _random_state_kept():  # a run that extracts first trains exactly like one that reuses the cache
+            trainer.predict(extractor, datamodule=prompts, return_predictions=False)
     finally:
         trainer.callbacks.remove(writer)
         trainer.limit_predict_batches = saved_limit

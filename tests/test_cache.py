@@ -99,3 +99,24 @@ def test_ddp_cache_equals_single_process_cache(tmp_path):
     meta_single, _ = _contents(single.cache)
     assert all(torch.equal(meta_single[k], meta_ddp[k]) for k in meta_single)
     torch.testing.assert_close(acts_ddp, acts_single, atol=1e-5, rtol=1e-5)
+
+
+def test_extraction_leaves_the_random_state_as_it_found_it(tmp_path):
+    """Training after an extraction in the same process shuffles exactly like training on a reused cache."""
+    import random
+
+    import lightning as L
+    import numpy as np
+    from pipeline_utils import build_datamodule
+
+    from callbacks.cache_writer import extract_activations
+
+    dm = build_datamodule(tmp_path, limit=2, positions="last", batch_size=4)
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    extract_activations(L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                                  enable_model_summary=False), dm)  # fmt: skip
+    assert dm.cache.complete
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert np.random.rand() == expected[2]
