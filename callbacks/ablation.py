@@ -20,10 +20,10 @@ ablation/direction_zscore; TensorBoard figure ablation/metric_change_vs_layer.
 Written: <trainer.log_dir>/ablation_results.json
     {"epochs_completed", "global_step", "split": "val", "metric", "metric_definition", "method", "pair_indices",
      "row_indices", "excluded_selection_pairs": [pair_index] (the module's selection problems, never used here),
-     "null": "placebo" | "covariance" | "isotropic", "n_null", "n_bootstrap", "baseline": {"mean", "per_prompt"},
+     "null": a `interp.directions.NULLS` kind, "n_null", "n_bootstrap", "baseline": {"mean", "per_prompt"},
      "layers": [{"layer", "delta", "ci": [low, high], "delta_per_prompt"}],
      "direction": null | {"position", "layer", "norm", "delta", "ci", "delta_per_prompt", "random_deltas",
-                          "random_mean", "zscore", "pvalues": {"t", "rank"} (`interp.selection.null_pvalues`)}}
+                          "random_mean", "zscore", "pvalues": {"t", "rank", ["reason"]} (`null_pvalues`)}}
 fast_dev_run: 2 problems, the first and last layer, at most 2 random directions.
 """
 

@@ -24,7 +24,7 @@ Per condition:
     degeneration    means over the reasoning generations of `ngram_repetition` (4-grams) and `compression_ratio`
 JSON written by `write_intervention_report` (intervention_results.json; NaN -> null):
     {"selected_layer": int, "direction_norm": float, "strengths": [float], "n_random": int,
-     "null": "placebo" | "covariance" | "isotropic", "n_null": int (= n_random),
+     "null": a `interp.directions.NULLS` kind, "n_null": int (= n_random),
      "null_source": "the run's saved null directions" | "isotropic, drawn here (the run saved none)",
      "generation": {"max_new_tokens", "do_sample", "temperature", "top_p", "seed"},
      "n_bootstrap": int, "max_solution_tokens": int | null,
