@@ -31,7 +31,9 @@ def _supports_logits_to_keep(model: PreTrainedModel) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-def _last_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int):
+def last_position_logits(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int
+) -> torch.Tensor:
     """Logits of the last `keep` positions of a left-padded batch: [batch, keep, vocab] (model dtype)."""
     device = input_device(model)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -91,7 +93,7 @@ def _solution_logprobs(
         # The boundary lets an InterventionHandler with positions "prompt" / "generated" act on the prompt /
         # the solution tokens (it cannot tell them apart in a single teacher-forced forward).
         with prompt_boundary(model, [len(prompt_ids[i]) for i in chunk]):
-            logits = _last_logits(model, ids, mask, n_sol + 1)[:, :-1]  # [batch, n_sol, vocab]
+            logits = last_position_logits(model, ids, mask, n_sol + 1)[:, :-1]  # [batch, n_sol, vocab]
         targets = ids[:, -n_sol:].to(logits.device)  # [batch, n_sol]
         logprobs = -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # [batch, n_sol]
         for row, i in enumerate(chunk):
@@ -147,7 +149,7 @@ def next_token_logits(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         batch = tokenize_prompts(tokenizer, [prompts[i] for i in chunk])
-        logits = _last_logits(model, batch["input_ids"], batch["attention_mask"], 1)[:, -1]  # [batch, vocab]
+        logits = last_position_logits(model, batch["input_ids"], batch["attention_mask"], 1)[:, -1]  # [batch, vocab]
         if out is None:
             out = torch.empty((len(prompts), logits.shape[-1]), dtype=torch.float32)
         out[chunk] = logits.float().cpu()

@@ -27,6 +27,7 @@ from interp.activations import capture_residuals, check_layers, run_hooked_decod
 from interp.backbone import decoder_layers, input_device
 from interp.errors import UserError
 from interp.hooks import HookContext, HookFn, hooked, site_name
+from interp.metrics import last_position_logits
 from interp.patching_stats import (  # noqa: F401  (the metric factories are part of this module's API)
     MetricFn,
     PatchingResult,
@@ -36,7 +37,7 @@ from interp.patching_stats import (  # noqa: F401  (the metric factories are par
     summarise,
     target_log_prob,
 )
-from interp.positions import PositionSpec, padded_position_ids, position_index, select_positions
+from interp.positions import PositionSpec, position_index, select_positions
 from interp.prompts import post_instruction_ids, tokenize_prompts
 
 _POST = PositionSpec("post_instruction")
@@ -268,14 +269,7 @@ def _pair_batches(model, tokenizer, reasoning, control, batch_size, post) -> Ite
 def _last_logits(model, batch: dict, hooks=()) -> torch.Tensor:
     """Full forward of a left-padded batch under `hooks`; float32 logits at the last position [batch, vocab]."""
     with hooked(model, hooks):
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=padded_position_ids(batch["attention_mask"]),
-            use_cache=False,
-            logits_to_keep=1,
-        )
-    return out.logits[:, -1].float()
+        return last_position_logits(model, batch["input_ids"], batch["attention_mask"], 1)[:, -1].float()
 
 
 def _metric(metric_fn: MetricFn, logits: torch.Tensor, info: dict) -> torch.Tensor:
