@@ -198,13 +198,10 @@ class LayerProbeModule(L.LightningModule):
     def build_report(self, trainer: L.Trainer, datamodule, split: str, options, checkpoint: str) -> dict:
         """`callbacks.probe_report.probe_report` on the test split (the activation cache is extracted first if
         it is incomplete)."""
-        from callbacks.cache_writer import extract_activations
         from callbacks.probe_report import probe_report
+        from lightning_modules.protocol import cached_test_report
 
-        if split != "test":
-            raise UserError(f"the probe report is computed on the test split, not {split!r}")
-        extract_activations(trainer, datamodule)
-        return probe_report(trainer, self, datamodule, checkpoint)
+        return cached_test_report(probe_report, self, trainer, datamodule, split, checkpoint, "probe")
 
     @staticmethod
     def write_report(report: dict, output_dir: Path) -> dict[str, Path]:

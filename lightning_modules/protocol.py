@@ -66,3 +66,14 @@ def study_module_class(class_path: str) -> type[L.LightningModule]:
         raise UserError(f"{class_path} has no evaluation report: a study module needs build_report() and "
                         f"write_report() (lightning_modules/protocol.py)")  # fmt: skip
     return cls
+
+
+def cached_test_report(report_fn, module, trainer: L.Trainer, datamodule, split: str, checkpoint: str, what: str):
+    """`report_fn(trainer, module, datamodule, checkpoint)` of a module read from the activation cache: test split
+    only (UserError otherwise), the cache extracted first where it is incomplete."""
+    from callbacks.cache_writer import extract_activations
+
+    if split != "test":
+        raise UserError(f"the {what} report is computed on the test split, not {split!r}")
+    extract_activations(trainer, datamodule)
+    return report_fn(trainer, module, datamodule, checkpoint)

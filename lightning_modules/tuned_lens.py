@@ -287,13 +287,10 @@ class TunedLensModule(L.LightningModule):
     def build_report(self, trainer: L.Trainer, datamodule, split: str, options, checkpoint: str) -> dict:
         """`callbacks.tuned_lens_report.tuned_lens_report`: per-layer tuned / logit-lens KL on the test split
         (the activation cache is extracted first if it is incomplete)."""
-        from callbacks.cache_writer import extract_activations
         from callbacks.tuned_lens_report import tuned_lens_report
+        from lightning_modules.protocol import cached_test_report
 
-        if split != "test":
-            raise UserError(f"the tuned-lens report is computed on the test split, not {split!r}")
-        extract_activations(trainer, datamodule)
-        return tuned_lens_report(trainer, self, datamodule, checkpoint)
+        return cached_test_report(tuned_lens_report, self, trainer, datamodule, split, checkpoint, "tuned-lens")
 
     @staticmethod
     def write_report(report: dict, output_dir: Path) -> dict[str, Path]:
