@@ -52,6 +52,15 @@ class _CachedRows(Dataset):
 
 
 class CachedActivationDataModule(L.LightningDataModule):
+    """Residual-stream activations of the prompts' rows, extracted once into the activation cache
+    (`interp.cache`, keyed by backbone, data, layers and positions), then served per split as probe batches.
+
+    `train.py` fills an incomplete cache first (`extract_activations`: `Trainer.predict` over `prompts` with
+    `ActivationExtractor`); `setup` then reads the finished cache through memory-mapped shards. Batches:
+    {"x": [batch, n_layers, d_model] float32 (or [batch, n_pos, n_layers, d_model] with batch_position None),
+    "y": [batch] labels of `label`, "y_control": [batch] control-task labels}.
+    """
+
     def __init__(
         self,
         prompts: ReasoningPromptsDataModule,
@@ -81,7 +90,12 @@ class CachedActivationDataModule(L.LightningDataModule):
         super().__init__()
         self.backbone = backbone or BackboneSpec()
         self.prompts = prompts
-        self.prompts.backbone = self.backbone.name_or_path  # one model decides the tokenizer and the activations
+        # One model decides the tokenizer and the activations: fill in the prompts' backbone, never overwrite it.
+        if prompts.backbone is None:
+            prompts.backbone = self.backbone.name_or_path
+        elif prompts.backbone != self.backbone.name_or_path:
+            raise UserError(f"data.prompts.backbone {prompts.backbone!r} differs from data.backbone "
+                            f"{self.backbone.name_or_path!r}: leave data.prompts.backbone unset")  # fmt: skip
         self.layers = check_layers(layers, self.backbone.num_layers())
         self.positions = PositionSpec.parse(positions)
         if label not in PROBE_LABELS:

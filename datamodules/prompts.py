@@ -252,7 +252,7 @@ class ReasoningPromptsDataModule(LightningDataModule):
 
     def __init__(
         self,
-        backbone: str = "tiny",
+        backbone: str | None = None,
         sources: list[DatasetSource] | None = None,
         control: str = "restate",
         reasoning_template: str | None = None,
@@ -267,7 +267,8 @@ class ReasoningPromptsDataModule(LightningDataModule):
         """
         Args:
             backbone: Whose tokenizer and chat template format the prompts: hub id, local directory or
-                built-in (tiny, tiny-qwq, tiny-r1-distill). Use the backbone the activations come from.
+                built-in (tiny, tiny-qwq, tiny-r1-distill). None: the backbone of the datamodule that reads
+                these prompts (`CachedActivationDataModule` fills it in), or "tiny" when used alone.
             sources: Problem sets; default: 64 GSM8K test + 64 MATH-500 problems from the embedded copies.
             control: Built-in control instruction: restate | copy | topic (any name if control_template is set).
             reasoning_template: Reasoning instruction with the placeholder {question}; default: step by step,
@@ -322,6 +323,8 @@ class ReasoningPromptsDataModule(LightningDataModule):
         """Load the tokenizer, the problems and the rows (once; later calls do nothing)."""
         if self.rows is not None:
             return
+        if self.backbone is None:
+            self.backbone = "tiny"
         self.tokenizer = load_tokenizer(self.backbone)
         self.problems = load_sources(self.sources, self.seed)
         self.rows = build_prompt_rows(

@@ -304,6 +304,9 @@ class BackboneSpec:
     revision: str | None = None
     """Hub revision (branch, tag or commit); part of the activation-cache key."""
     trust_remote_code: bool = False
+    """Let transformers run the Python files shipped in the model's repository (config, tokenizer, model).
+    Never needed for Qwen2 models (QwQ-32B, DeepSeek-R1-Distill-Qwen-32B); turn it on only for a repository you
+    trust: that code runs with your permissions."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -22,8 +22,15 @@ _LAST_K = re.compile(r"^last[_:](\d+)$")
 
 @dataclass(frozen=True)
 class PositionSpec:
+    """Which prompt tokens to read, parsed from a config string (module docstring) by `parse`.
+
+    `str(spec)` gives the config string back (it is part of the activation-cache key); `num_positions` says how
+    many vectors one prompt yields, `is_single` whether that is one (then the position axis is dropped).
+    Resolve a spec against a padded batch with `select_positions`.
+    """
+
     kind: str  # "last" | "post_instruction" | "mean"; "last" with k > 1 is last_k
-    k: int = 1
+    k: int = 1  # number of last tokens ("last" only)
 
     @classmethod
     def parse(cls, spec: str | int | PositionSpec) -> PositionSpec:
