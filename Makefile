@@ -29,8 +29,10 @@ quickstart: $(VENV_STAMP)
 	@echo "Checkpoints: checkpoints/quickstart/ (best.ckpt, last.ckpt)"
 	@echo "TensorBoard: .venv/bin/tensorboard --logdir logs"
 
+# pytest-xdist: one worker per core (PYTEST_WORKERS=0 runs in one process, e.g. for pdb).
+PYTEST_WORKERS ?= auto
 test: $(VENV_STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
 
 lint: $(VENV_STAMP)
 	$(PY) -m ruff check .

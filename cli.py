@@ -74,6 +74,12 @@ class ProjectCLI(LightningCLI):
             sources = [str(c) for c in (config.get("config") or [])]
             config.run_name = Path(sources[-1]).stem if sources else "run"
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        check_data = getattr(self.model, "check_data", None)  # a model / data mismatch fails before any model loads
+        if check_data is not None:
+            check_data(self.datamodule)
+
     @property
     def run_name(self) -> str:
         return self.config.run_name

@@ -6,12 +6,12 @@ The checkpoint carries the run's config, so the same prompts, backbone and activ
 (the cache is reused when complete, otherwise extracted first). The run's model class (its config's
 model.class_path) builds and writes its own report through the study-module protocol
 (lightning_modules/protocol.py); what each writes:
-- probe runs: probe_accuracies.json + visualizations/probe_accuracy.png (callbacks/probe_report.py)
+- probe runs: probe_accuracies.json + visualizations/probe_accuracy.png (lightning_modules/probe_report.py)
 - directions runs: the selected direction ablated / added / vs random directions, answer accuracy,
   gold-solution NLL, control KL, degeneration: intervention_results.json + visualizations/interventions.png
-  (callbacks/intervention_report.py). Options below marked [directions].
+  (lightning_modules/direction_report.py, interp/intervention_eval.py). Options below marked [directions].
 - tuned-lens runs: tuned- and logit-lens KL per layer: tuned_lens_results.json + visualizations/tuned_lens_kl.png
-  (callbacks/tuned_lens_report.py)
+  (lightning_modules/tuned_lens_report.py)
 """
 
 import argparse

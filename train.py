@@ -6,8 +6,8 @@
 2. fit the module on the cache (checkpoints/<run>/, TensorBoard in logs/<run>/).
 """
 
-from callbacks.cache_writer import extract_activations
 from cli import ProjectCLI, run_main
+from lightning_modules.cache_writer import extract_activations
 
 
 def main(args: list[str] | None = None) -> None:

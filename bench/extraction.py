@@ -91,11 +91,11 @@ def rss_child(n_prompts: int, model_dir: str, cache_dir: str) -> None:
     """Extract n_prompts through the real pipeline and print this process's peak RSS (MiB) as JSON."""
     import lightning as L
 
-    from callbacks.cache_writer import extract_activations
     from datamodules.activations import CachedActivationDataModule
     from datamodules.problems import DatasetSource
     from datamodules.prompts import ReasoningPromptsDataModule
     from interp.backbone import BackboneSpec
+    from lightning_modules.cache_writer import extract_activations
 
     prompts = ReasoningPromptsDataModule(sources=[DatasetSource("gsm8k", limit=n_prompts // 2)], batch_size=8,
                                          val_fraction=0.1, test_fraction=0.1, max_prompt_tokens=None)  # fmt: skip

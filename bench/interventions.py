@@ -39,7 +39,8 @@ from interp.ablation import LayerAblator  # noqa: E402
 from interp.backbone import load_tokenizer  # noqa: E402
 from interp.generation import generate_token_ids  # noqa: E402
 from interp.interventions import InterventionHandler  # noqa: E402
-from interp.patching import attribution_patching, patching_sweep, target_log_prob  # noqa: E402
+from interp.patching_stats import target_log_prob  # noqa: E402
+from interp.patching_sweep import attribution_patching, patching_sweep  # noqa: E402
 from interp.positions import padded_position_ids  # noqa: E402
 from interp.prompts import format_chat_prompt, tokenize_prompts  # noqa: E402
 

@@ -32,15 +32,15 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from callbacks.intervention_report import HeldOutEvaluation, problem_pairs
+from callbacks.held_out import HeldOutEvaluation
+from datamodules.prompts import problem_pairs
 from interp.ablation import LayerAblator
 from interp.activations import check_layers
 from interp.backbone import decoder_layers
-from interp.direction_scoring import check_metric, metric_definition
+from interp.direction_scoring import check_metric, metric_definition, solution_metric
 from interp.directions import random_directions
 from interp.errors import UserError
 from interp.interventions import InterventionHandler
-from interp.metrics import first_tokens_logprob, gold_solution_nll
 from interp.plots import plot_layer_curves
 from interp.selection import bootstrap_ci, null_pvalues, zscore
 
@@ -103,9 +103,7 @@ class AblationCallback(HeldOutEvaluation):
         solutions = [reasoning.gold_solution for reasoning, _ in pairs]
 
         def score() -> torch.Tensor:  # float64 [n_prompts], higher = gold reasoning less likely
-            if metric == "first_tokens":
-                return -first_tokens_logprob(model, tokenizer, prompts, solutions, k=k, batch_size=self.batch_size)
-            return gold_solution_nll(model, tokenizer, prompts, solutions, batch_size=self.batch_size)
+            return solution_metric(model, tokenizer, prompts, solutions, metric, k, batch_size=self.batch_size)
 
         def summary(delta: torch.Tensor) -> dict:
             ci = bootstrap_ci(delta, self.n_bootstrap, seed=self.seed)

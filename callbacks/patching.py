@@ -1,7 +1,7 @@
 """PatchingCallback: where the reasoning prompt's residual stream carries what makes the gold solution likely.
 
 At the end of fit (or every N epochs), on up to `n_pairs` VAL problems (a seeded sample, `problem_pairs`),
-each a (reasoning prompt, control prompt) pair: `interp.patching.patching_sweep` (method "exact") or
+each a (reasoning prompt, control prompt) pair: `interp.patching_sweep.patching_sweep` (method "exact") or
 `attribution_patching` (method "attribution", its first-order estimate) patches the reasoning run's
 `blocks.{l}.resid_post` at one post-instruction token into the control run, for every (layer, token).
 METRIC: log-probability of the first token of the problem's gold solution at the last prompt position
@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import lightning as L
 
-from callbacks.intervention_report import HeldOutEvaluation, problem_pairs
+from callbacks.held_out import HeldOutEvaluation
+from datamodules.prompts import problem_pairs
 from interp.activations import check_layers
 from interp.backbone import decoder_layers
 from interp.errors import UserError
-from interp.patching import attribution_patching, patching_sweep, target_log_prob
-from interp.patching_stats import check_summary_settings
+from interp.patching_stats import check_summary_settings, target_log_prob
+from interp.patching_sweep import attribution_patching, patching_sweep
 from interp.plots import plot_heatmap
 
 METHODS = {"exact": patching_sweep, "attribution": attribution_patching}

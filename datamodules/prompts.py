@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +35,12 @@ from datamodules.problems import DATASETS, DatasetSource, Problem, load_sources
 from interp.backbone import load_tokenizer
 from interp.cache import SPLITS  # the "split" tensor encoding in batches
 from interp.errors import UserError
-from interp.prompts import format_chat_prompt, post_instruction_ids, tokenize_prompts
+from interp.prompts import (
+    check_ends_with_template,
+    format_chat_prompt,
+    post_instruction_ids,
+    tokenize_prompts,
+)
 
 # Templates: the literal "{question}" is replaced by the question; every other character (braces included) is
 # kept as written, so "\boxed{}" needs no escaping in a YAML config.
@@ -145,14 +151,13 @@ def build_prompt_rows(
     control_text = resolve_control_template(control, control_template)
     pairs = [(format_chat_prompt(tokenizer, fill_template(reasoning_template, p.question)),
               format_chat_prompt(tokenizer, fill_template(control_text, p.question))) for p in problems]  # fmt: skip
-    ids = tokenizer([text for pair in pairs for text in pair], add_special_tokens=False)["input_ids"]
-    post = post_instruction_ids(tokenizer)
+    texts = [text for pair in pairs for text in pair]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
-    for text, token_ids in zip([t for pair in pairs for t in pair], ids):
+    for text, token_ids in zip(texts, ids):
         if bos is not None and token_ids.count(bos) > 1:
             raise UserError(f"a prompt holds the BOS token {tokenizer.bos_token!r} twice: {text[:80]!r}")
-        if token_ids[len(token_ids) - len(post) :] != post:
-            raise UserError(f"a prompt does not end with the chat template's post-instruction tokens: {text[-80:]!r}")
+    check_ends_with_template(ids, post_instruction_ids(tokenizer), texts=texts)
     lengths = [max(len(ids[2 * i]), len(ids[2 * i + 1])) for i in range(len(problems))]
     kept = [i for i, n in enumerate(lengths) if max_prompt_tokens is None or n <= max_prompt_tokens]
     if not kept:
@@ -382,3 +387,36 @@ class ReasoningPromptsDataModule(LightningDataModule):
             "rows_sha256": hashlib.sha256(rows_json.encode()).hexdigest(),
         }
         return self._spec
+
+
+def problem_pairs(
+    datamodule,
+    split: str,
+    n: int | None = None,
+    seed: int = 0,
+    exclude: Sequence[int] = (),
+    rows: Sequence[int] | None = None,
+) -> list[tuple[PromptRow, PromptRow]]:
+    """Up to n (reasoning PromptRow, control PromptRow) pairs of `split`, a seeded sample of its problems in
+    pair order (n None: all), leaving out the problems whose pair_index is in `exclude` (e.g. those that chose
+    a direction). `rows` (row indices, e.g. the rows an activation cache holds): only pairs with both rows in it.
+    `datamodule`: a ReasoningPromptsDataModule or one holding it as `.prompts`. No pair left: UserError."""
+    prompts = getattr(datamodule, "prompts", datamodule)
+    prompts.setup()
+    by_pair: dict[int, dict[str, PromptRow]] = {}
+    for row in prompts.rows if rows is None else [prompts.rows[i] for i in rows]:
+        if row.split == split:
+            by_pair.setdefault(row.pair_index, {})[row.kind] = row
+    pairs = sorted(p for p, kinds in by_pair.items() if {"reasoning", "control"} <= set(kinds))
+    if pairs and not set(pairs) - set(exclude):
+        raise UserError(f"no {split} problems left once the {len(set(exclude))} used to select the direction are "
+                        f"excluded: raise the prompts' {split}_fraction")  # fmt: skip
+    pairs = [p for p in pairs if p not in set(exclude)]
+    if not pairs:
+        raise UserError(f"no {split} problems: set the prompts' {split}_fraction > 0")
+    if n is not None:
+        if n < 1:
+            raise UserError(f"the number of prompts must be >= 1, got {n}")
+        chosen = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[:n]
+        pairs = [pairs[i] for i in sorted(chosen.tolist())]
+    return [(by_pair[p]["reasoning"], by_pair[p]["control"]) for p in pairs]

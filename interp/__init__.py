@@ -2,7 +2,7 @@
 
 Backbones and hooks: load_backbone, hooked, collect_activations. Directions and interventions:
 compute_contrastive_directions, InterventionHandler, apply_direction_intervention, LayerAblator, PathPatcher.
-Lenses: LogitLens. Grading: grade_answer, has_final_answer.
+Lenses: LogitLens, TunedLens. Grading: grade_answer, has_final_answer.
 """
 
 from interp.ablation import LayerAblator
@@ -11,21 +11,17 @@ from interp.backbone import BUILTIN_BACKBONES, BackboneSpec, decoder_layers, loa
 from interp.directions import compute_contrastive_directions, load_directions, pca_directions, save_directions
 from interp.errors import UserError
 from interp.generation import apply_direction_intervention, generate
-from interp.grading import (
-    compression_ratio,
-    extract_answer,
-    grade_answer,
-    has_final_answer,
-    ngram_repetition,
-)
+from interp.grading import extract_answer, grade_answer, has_final_answer
 from interp.hooks import hooked, site_name
 from interp.interventions import InterventionHandler, orthogonalize_weights
-from interp.lens import LogitLens
+from interp.lens import LogitLens, TunedLens
 from interp.metrics import first_tokens_logprob, gold_solution_nll, last_token_kl, next_token_logits
-from interp.patching import PathPatcher, attribution_patching, capture_sites, patching_sweep
+from interp.patching import PathPatcher, capture_sites
+from interp.patching_sweep import attribution_patching, patching_sweep
 from interp.positions import PositionSpec
 from interp.prompts import format_chat_prompt, post_instruction_ids
 from interp.selection import bootstrap_ci, select_direction, zscore
+from interp.text_metrics import compression_ratio, ngram_repetition
 from interp.token_roles import prompt_boundary
 
 __all__ = [
@@ -36,6 +32,7 @@ __all__ = [
     "LogitLens",
     "PathPatcher",
     "PositionSpec",
+    "TunedLens",
     "UserError",
     "apply_direction_intervention",
     "attribution_patching",

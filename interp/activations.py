@@ -11,7 +11,12 @@ from interp.backbone import base_decoder, decoder_layers, input_device
 from interp.errors import UserError
 from interp.hooks import hooked, run_until, site_name
 from interp.positions import PositionSpec, padded_position_ids, select_positions
-from interp.prompts import post_instruction_ids, tokenize_prompts
+from interp.prompts import (
+    check_ends_with_template,
+    length_sorted_chunks,
+    post_instruction_ids,
+    tokenize_prompts,
+)
 
 
 def check_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
@@ -67,22 +72,13 @@ def capture_residuals(
     Returns:
         float32 [batch, n_pos, n_layers, d_model] on the CPU.
     """
-    device = input_device(model)
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     n_post = None
     if positions.kind == "post_instruction":
-        n_post = len(post_instruction or ())
-        expected = torch.tensor(list(post_instruction or ()), device=device)
-        ends_with_template = (
-            0 < n_post <= input_ids.shape[1]
-            and bool(attention_mask[:, -1].all())
-            and bool((input_ids[:, -n_post:] == expected).all())
-        )
-        if not ends_with_template:
-            raise UserError(
-                "positions 'post_instruction' need left-padded prompts formatted with the chat template "
-                "(see interp.format_chat_prompt)"
-            )
+        n_post = positions.num_positions(len(post_instruction or ()))  # raises when the template adds none
+        rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]  # padding removed
+        check_ends_with_template(rows, post_instruction, "prompt read at positions 'post_instruction'")
+    device = input_device(model)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     captured: dict[int, torch.Tensor] = {}
 
     def capture(layer: int):
@@ -119,10 +115,8 @@ def collect_activations(
     layers = check_layers(layers, len(decoder_layers(model)))
     post = post_instruction_ids(tokenizer) if spec.kind == "post_instruction" else None
     lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     out: torch.Tensor | None = None
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    for chunk in length_sorted_chunks(lengths, batch_size):
         batch = tokenize_prompts(tokenizer, [prompts[i] for i in chunk])
         acts = capture_residuals(model, batch["input_ids"], batch["attention_mask"], layers, spec, post)
         if out is None:

@@ -61,6 +61,24 @@ def check_metric(metric: str) -> None:
         raise UserError(f"unknown selection metric {metric!r}; expected one of {', '.join(METRICS)}")
 
 
+def solution_metric(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    solutions: Sequence[str],
+    metric: str = "first_tokens",
+    k_first_tokens: int = 8,
+    max_solution_tokens: int | None = 256,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """METRIC (module docstring) of each prompt with its gold solution: float64 [n_prompts], higher = the model
+    finds the gold reasoning less likely. Runs the full model, so active interventions apply."""
+    check_metric(metric)
+    if metric == "first_tokens":
+        return -first_tokens_logprob(model, tokenizer, prompts, solutions, k=k_first_tokens, batch_size=batch_size)
+    return gold_solution_nll(model, tokenizer, prompts, solutions, batch_size, max_solution_tokens)
+
+
 @dataclass
 class _Scorer:
     """The selection prompts and how to score them; `metric` is float64 [n] (higher = worse reasoning)."""
@@ -89,13 +107,8 @@ class _Scorer:
                             f"{self.batch_size}")  # fmt: skip
 
     def metric(self, prompts: Sequence[str], solutions: Sequence[str]) -> torch.Tensor:
-        if self.metric_name == "first_tokens":
-            return -first_tokens_logprob(
-                self.model, self.tokenizer, prompts, solutions, k=self.k_first_tokens, batch_size=self.batch_size
-            )
-        return gold_solution_nll(
-            self.model, self.tokenizer, prompts, solutions, self.batch_size, self.max_solution_tokens
-        )
+        return solution_metric(self.model, self.tokenizer, prompts, solutions, self.metric_name,
+                               self.k_first_tokens, self.max_solution_tokens, self.batch_size)  # fmt: skip
 
     def baselines(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(metric on reasoning [n_r], metric on control [n_c], control next-token logits [n_c, vocab])."""

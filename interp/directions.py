@@ -1,24 +1,19 @@
-"""Reasoning directions: contrastive means, PCA of paired differences, null directions, and their file format.
+"""Reasoning directions: contrastive means, PCA of paired differences, shape checks, and their file format.
 
 Activations come from `interp.activations.collect_activations`: [n, n_layers, d_model] for one-vector
 position specs, [n, n_pos, n_layers, d_model] otherwise. Every function here also takes an ITERABLE of such
 batches (a generator over an activation cache, a DataLoader, ...), so any number of prompts fits in memory.
 Directions come back without the prompt axis: [n_layers, d_model] or [n_pos, n_layers, d_model], float32.
 
-Null directions for testing one direction r built from activations (`null_directions`, NULL_DEFINITIONS).
-The rows are matched pairs (a reasoning and a control prompt per problem), so r = mean of the within-pair
-differences d_i and problem content cancels out of it; the nulls are built from the same d_i:
-balanced sign-flip placebos (sum_i s_i d_i / n_pairs, half the signs +1, half -1: the class difference cancels
-exactly, the noise is r's) and covariance-shaped Gaussians (covariance of the d_i). Unlike isotropic noise, which
-any direction built from anisotropic activations beats, these are shaped like r's noise. A pooled random split
-of the rows ignoring the pairs (pooled_placebo) is kept only for comparison: it carries between-problem
-variance and part of the real class difference. Every null is rescaled to |r|.
+Null directions shaped like the data (placebo, covariance) for testing a direction: `interp.null_directions`;
+isotropic ones (`random_directions`) are here.
 
 File format (`save_directions` / `load_directions`):
     reasoning_directions.safetensors   tensor "directions" (float32) + optional extra named tensors; its
                                        header repeats the key metadata so a stray .json is caught on load
     reasoning_directions.json          metadata: model, layers, positions, d_model, shape, norms, selection
-                                       table, ... (whatever the caller passes, plus the computed fields)
+                                       table, ... (whatever the caller passes, plus the computed fields);
+                                       a selection's record: SCORE_DEFINITIONS, `problem_sets`, `selection_stats`
 """
 
 from __future__ import annotations
@@ -33,6 +28,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from interp.errors import UserError
+from interp.positions import PositionSpec
+from interp.prompts import post_instruction_ids
+from interp.selection import SCORE_KEYS, SelectionResult, pvalue_definitions
 from interp.stats import RunningMoments
 
 DIRECTIONS_FILE = "reasoning_directions.safetensors"
@@ -153,188 +151,11 @@ def random_directions(like: torch.Tensor, n: int, generator: torch.Generator | i
     return (unit * norms).to(device=like.device, dtype=like.dtype)
 
 
-NULLS = ("placebo", "covariance", "isotropic", "pooled_placebo")
-NULL_DEFINITIONS = {
-    "placebo": "balanced within-pair sign-flip placebo: sum_i s_i d_i / n_pairs over the train problems i with both a "
-    "reasoning and a control row, d_i = x(reasoning_i) - x(control_i) at the tested direction's (position, layer), "
-    "s_i in {-1, +1} seeded with exactly half +1 and half -1 (odd n_pairs: one random pair gets s_i = 0), so the "
-    "class difference cancels exactly and the noise is that of r; rescaled to |r|",
-    "covariance": "g = Dc^T z / sqrt(n_pairs - 1), z ~ N(0, I_n_pairs), Dc = the within-pair differences d_i = "
-    "x(reasoning_i) - x(control_i) of the train problems at the tested direction's (position, layer), centred on "
-    "their mean (the covariance of the paired differences), rescaled to |r|",
-    "isotropic": "uniform on the sphere (normalised N(0, I_d_model)), rescaled to |r|",
-    "pooled_placebo": "mean(A) - mean(B) over a seeded random partition of the pooled train rows at the tested "
-    "direction's (position, layer) into groups A, B of the two class sizes, ignoring the pairs (carries "
-    "between-problem variance and ~1/sqrt(n) of the real class difference; kept for comparison), rescaled to |r|",
-}
-PAIRED_NULLS = ("placebo", "covariance")  # need the rows' problem ids
-
-
-def _rows_and_labels(acts: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """acts [n, d] as float64 and labels [n] as bool (True = class 1), after checking both classes occur."""
-    acts = torch.as_tensor(acts).detach().cpu().to(torch.float64)
-    labels = torch.as_tensor(labels).detach().cpu()
-    if acts.ndim != 2 or labels.shape != (acts.shape[0],):
-        raise UserError(f"null directions need acts [n, d_model] and labels [n], got {tuple(acts.shape)} and "
-                        f"{tuple(labels.shape)}")  # fmt: skip
-    if not bool(((labels == 0) | (labels == 1)).all()) or int(labels.sum()) in (0, len(labels)):
-        raise UserError("null directions need labels 0 / 1 with at least one row of each class")
-    return acts, labels == 1
-
-
-def paired_differences(acts: torch.Tensor, labels: torch.Tensor, problems: torch.Tensor) -> torch.Tensor:
-    """d_i = x(reasoning_i) - x(control_i) for every problem i with one row of each class, float64 [n_pairs, d].
-
-    acts [n, d], labels [n] (1 = reasoning, 0 = control), problems [n] (the problem id of each row, e.g. the
-    cache's label.problem). Rows are in ascending problem id; problems with only one of their two rows are left
-    out; a problem with two rows of one class is an error. When every row is paired, mean(d_i) equals the
-    contrastive direction mean(reasoning) - mean(control) of the same rows.
-    """
-    acts, is_a = _rows_and_labels(acts, labels)
-    problems = torch.as_tensor(problems).detach().cpu().long()
-    if problems.shape != is_a.shape:
-        raise UserError(f"problem ids must be [{len(is_a)}] like the labels, got {tuple(problems.shape)}")
-    ids, inverse = torch.unique(problems, return_inverse=True)
-    counts = torch.zeros(len(ids), 2, dtype=torch.long)  # [problem, class]
-    counts.index_put_((inverse, is_a.long()), torch.ones_like(inverse), accumulate=True)
-    if bool((counts > 1).any()):
-        raise UserError("paired nulls need at most one reasoning and one control row per problem")
-    by_class = torch.zeros(2, len(ids), acts.shape[1], dtype=torch.float64)  # [class, problem, d]
-    by_class[is_a.long(), inverse] = acts
-    complete = (counts == 1).all(1)
-    if int(complete.sum()) < 2:
-        raise UserError(f"paired nulls need at least 2 problems with both a reasoning and a control row, got "
-                        f"{int(complete.sum())}")  # fmt: skip
-    return by_class[1, complete] - by_class[0, complete]
-
-
-def balanced_signs(n_pairs: int, n: int, generator: torch.Generator | int | None = None) -> torch.Tensor:
-    """n seeded sign vectors [n, n_pairs] float64: floor(n_pairs / 2) entries +1, as many -1, and (n_pairs odd)
-    one 0 at a random pair, so every row sums to exactly 0."""
-    if isinstance(generator, int):
-        generator = torch.Generator().manual_seed(generator)
-    half = n_pairs // 2
-    signs = torch.zeros(n, n_pairs, dtype=torch.float64)
-    for k in range(n):
-        order = torch.randperm(n_pairs, generator=generator)
-        signs[k, order[:half]], signs[k, order[half : 2 * half]] = 1.0, -1.0
-    return signs
-
-
-def signflip_directions(diffs: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """sum_i s_i d_i / n_pairs per sign vector: diffs [n_pairs, d], signs [n, n_pairs] -> float64 [n, d].
-
-    With all s_i = +1 this is r = mean(d_i); with balanced signs (sum s_i = 0) any common shift of the d_i (the
-    class difference) cancels exactly, and what is left has the covariance of the d_i, like r's noise.
-    """
-    diffs = torch.as_tensor(diffs).detach().cpu().to(torch.float64)
-    signs = torch.as_tensor(signs, dtype=torch.float64)
-    if signs.ndim != 2 or signs.shape[1] != diffs.shape[0]:
-        raise UserError(f"signs must be [n, {diffs.shape[0]}], got {tuple(signs.shape)}")
-    return signs @ diffs / diffs.shape[0]
-
-
-def placebo_partitions(labels: torch.Tensor, n: int, generator: torch.Generator | int | None = None) -> torch.Tensor:
-    """n random partitions of the rows into a group A of #(labels == 1) rows and a group B of the rest
-    (the pooled_placebo null, which ignores the pairs).
-
-    Returns [n, n_rows] bool (True = group A): row k is the first #A entries of a seeded permutation.
-    """
-    if isinstance(generator, int):
-        generator = torch.Generator().manual_seed(generator)
-    labels = torch.as_tensor(labels)
-    n_a = int((labels == 1).sum())
-    partitions = torch.zeros(n, len(labels), dtype=torch.bool)
-    for k in range(n):
-        partitions[k, torch.randperm(len(labels), generator=generator)[:n_a]] = True
-    return partitions
-
-
-def placebo_directions(acts: torch.Tensor, partitions: torch.Tensor) -> torch.Tensor:
-    """mean(acts[A]) - mean(acts[B]) per partition: acts [n_rows, d], partitions [n, n_rows] bool (True = A).
-
-    Returns float64 [n, d] (the pooled_placebo null). A random split is imbalanced across the true classes by
-    ~1/sqrt(n_rows), so these carry a share of the real class difference and, for paired rows, the
-    between-problem variance that r does not have: use the paired `signflip_directions` to test r.
-    """
-    acts = torch.as_tensor(acts).detach().cpu().to(torch.float64)
-    partitions = torch.as_tensor(partitions, dtype=torch.bool)
-    if partitions.ndim != 2 or partitions.shape[1] != acts.shape[0]:
-        raise UserError(f"partitions must be [n, {acts.shape[0]}], got {tuple(partitions.shape)}")
-    n_a = partitions.sum(1, keepdim=True).to(torch.float64)  # [n, 1]
-    if bool(((n_a == 0) | (n_a == acts.shape[0])).any()):
-        raise UserError("every placebo partition needs rows in both groups")
-    weights = partitions / n_a - (~partitions) / (acts.shape[0] - n_a)  # [n, n_rows]: 1/|A| on A, -1/|B| on B
-    return weights @ acts
-
-
-def covariance_directions(diffs: torch.Tensor, n: int, generator: torch.Generator | int | None = None) -> torch.Tensor:
-    """n Gaussian directions g = Dc^T z / sqrt(n_pairs - 1), z ~ N(0, I_n_pairs), float64 [n, d].
-
-    diffs [n_pairs, d] are the within-pair differences (`paired_differences`); Dc = diffs - mean(diffs), so
-    Cov(g) = Dc^T Dc / (n_pairs - 1), the covariance of the paired differences: the shape of r's noise, without
-    the class difference itself. The d x d matrix is never formed.
-    """
-    if isinstance(generator, int):
-        generator = torch.Generator().manual_seed(generator)
-    diffs = torch.as_tensor(diffs).detach().cpu().to(torch.float64)
-    if diffs.ndim != 2 or diffs.shape[0] < 2:
-        raise UserError(f"covariance null needs paired differences [n_pairs >= 2, d], got {tuple(diffs.shape)}")
-    centred = diffs - diffs.mean(0)
-    z = torch.randn((n, diffs.shape[0]), generator=generator, dtype=torch.float64)  # [n, n_pairs]
-    return z @ centred / math.sqrt(diffs.shape[0] - 1)
-
-
-def null_directions(
-    kind: str,
-    like: torch.Tensor,
-    n: int,
-    generator: torch.Generator | int | None = None,
-    acts: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
-    problems: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """n null directions of `kind` (NULL_DEFINITIONS), each rescaled to the norm of `like` (the tested r [d]).
-
-    kind: "placebo" (`signflip_directions` of `balanced_signs` over `paired_differences`), "covariance"
-    (`covariance_directions` of the paired differences), "isotropic" (`random_directions`), "pooled_placebo"
-    (`placebo_directions` of `placebo_partitions(labels)`). acts [m, d] / labels [m] (1 / 0) / problems [m]
-    (problem id per row): the rows r was built from, at r's (position, layer); placebo and covariance need all
-    three, pooled_placebo acts and labels. Returns [n, d] in like's dtype; every row has norm |like| (float64 math).
-    """
-    if kind not in NULLS:
-        raise UserError(f"unknown null {kind!r}; expected one of {', '.join(NULLS)}")
-    if n < 1 or like.ndim != 1:
-        raise UserError(f"null_directions needs n >= 1 and one [d_model] direction, got n={n}, {tuple(like.shape)}")
-    if isinstance(generator, int):
-        generator = torch.Generator().manual_seed(generator)
-    if kind == "isotropic":
-        return random_directions(like, n, generator)
-    if acts is None or labels is None or (kind in PAIRED_NULLS and problems is None):
-        what = "activations, labels and problem ids" if kind in PAIRED_NULLS else "activations and labels"
-        raise UserError(f"the {kind} null needs the {what} the direction was built from")
-    acts, is_a = _rows_and_labels(acts, labels)
-    if acts.shape[1] != like.shape[0]:
-        raise UserError(f"null activations have d_model {acts.shape[1]}, the direction {like.shape[0]}")
-    if kind == "pooled_placebo":
-        raw = placebo_directions(acts, placebo_partitions(is_a.long(), n, generator))
-    else:
-        diffs = paired_differences(acts, is_a.long(), problems)  # [n_pairs, d]
-        if kind == "placebo":
-            raw = signflip_directions(diffs, balanced_signs(len(diffs), n, generator))
-        else:
-            raw = covariance_directions(diffs, n, generator)
-    norms = raw.norm(dim=-1, keepdim=True)  # [n, 1]
-    if not bool((norms > 0).all()):
-        raise UserError(f"a {kind} null direction has zero norm (are the activations constant?)")
-    scale = float(like.detach().cpu().to(torch.float64).norm())
-    return (raw / norms * scale).to(device=like.device, dtype=like.dtype)
-
-
 def check_directions(
     directions: torch.Tensor, n_layers: int, d_model: int, layers: Sequence[int] | None = None
 ) -> None:
-    """Raise UserError unless `directions` ([n_layers, d] or [n_pos, n_layers, d]) fit a model.
+    """Raise UserError unless `directions` ([n_layers, d] or [n_pos, n_layers, d]) fit a model of n_layers layers
+    of width d_model (`interp.interventions.intervention_directions` prepares directions for an intervention).
 
     `layers`: the model layers the rows stand for (default: all n_layers, in order).
     """
@@ -351,6 +172,17 @@ def check_directions(
     bad = [layer for layer in (layers or ()) if not 0 <= layer < n_layers]
     if bad:
         raise UserError(f"direction layers {bad} out of range: the model has {n_layers} layers")
+
+
+def position_labels(spec: str, tokenizer, n_pos: int) -> list[str]:
+    """A name per position of a directions tensor's position axis (n_pos positions of PositionSpec `spec`): the
+    template token strings for post_instruction, else last[-k] / mean."""
+    spec = PositionSpec.parse(spec)
+    if spec.kind == "post_instruction":
+        return [tokenizer.decode([token]) for token in post_instruction_ids(tokenizer)]
+    if spec.kind == "mean":
+        return ["mean"]
+    return [f"last[{j - n_pos}]" for j in range(n_pos)]
 
 
 def check_nonzero_norm(directions: torch.Tensor, layers: Sequence[int] | None = None, eps: float = 0.0) -> None:
@@ -380,14 +212,14 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
     return tensors, tensors.with_suffix(".json")
 
 
-def _finite(value):
+def finite_json(value):
     """A copy of a JSON-able value with every non-finite float (NaN, +-inf) replaced by None (JSON null)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
+        return {key: finite_json(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(item) for item in value]
+        return [finite_json(item) for item in value]
     return value
 
 
@@ -430,7 +262,7 @@ def save_directions(
     tensor_path.parent.mkdir(parents=True, exist_ok=True)
     header = {"format": "pt", "metadata": json.dumps({k: meta.get(k) for k in _CHECKED_KEYS}, sort_keys=True)}
     save_file(tensors, str(tensor_path), metadata=header)
-    json_path.write_text(json.dumps(_finite(meta), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    json_path.write_text(json.dumps(finite_json(meta), indent=2, sort_keys=True, allow_nan=False) + "\n")
     return tensor_path
 
 
@@ -471,3 +303,74 @@ def _load(path: str | Path) -> tuple[torch.Tensor, dict, dict[str, torch.Tensor]
     if list(directions.shape) != meta.get("shape"):
         raise UserError(f"{tensor_path.name}: directions shape {list(directions.shape)} != metadata {meta.get('shape')}")
     return directions, meta, tensors
+
+
+# ---- what reasoning_directions.json records about a selection (`interp.selection.select_reasoning_direction`) -----
+SCORE_DEFINITIONS = {
+    "ablation_score": "mean over reasoning prompts of metric(direction ablated everywhere) - metric(baseline); > 0: "
+    "ablation hurts reasoning",
+    "induction_score": "mean over control prompts of metric(baseline) - metric(add_strength * r at "
+    "blocks.{layer}.resid_post); > 0: adding moves control prompts toward reasoning",
+    "kl": "mean over control prompts of KL(baseline || ablated) of the next-token distribution",
+}
+SELECTION_PROTOCOL = ("candidates scored and one selected on the selection problems; the selected direction and the "
+                      "null directions re-scored on the disjoint report problems, which alone give the reported "
+                      "scores, z-scores and CIs")  # fmt: skip
+
+
+def problem_sets(pairs: Sequence[tuple], result: SelectionResult) -> dict[str, dict[str, list[int]]]:
+    """The problems of each set of a selection ("selection", "report"): pair_indices, reasoning_rows, control_rows.
+
+    pairs: (reasoning row, control row) of every problem the selection was given (rows with .pair_index, .row_index).
+    """
+    return {
+        name: {"pair_indices": [pairs[i][0].pair_index for i in index],
+               "reasoning_rows": [pairs[i][0].row_index for i in index],
+               "control_rows": [pairs[i][1].row_index for i in index]}
+        for name, index in (("selection", result.selection_problems), ("report", result.report_problems))
+    }  # fmt: skip
+
+
+def selection_stats(result: SelectionResult, problems: dict, settings: dict) -> dict:
+    """The "selection" record of reasoning_directions.json: the protocol, the problem sets (`problem_sets`) and how
+    many were used, the run's `settings` (as given), the p-value definitions for its number of null directions and
+    the report-set numbers (per-prompt values as lists; None when nothing was selected)."""
+    n_null = 0 if result.null_directions is None else len(result.null_directions)
+    report = None
+    if result.report is not None:
+        report = {**result.report, "problems": "report",
+                  "per_prompt": {key: v.tolist() for key, v in result.report["per_prompt"].items()}}  # fmt: skip
+    return {
+        "split": "val", "protocol": SELECTION_PROTOCOL, "problems": problems,
+        "n_selection_used": len(result.selection_problems), "n_report_used": len(result.report_problems),
+        "selection_table_scores": "means over the selection problems; used only to choose",
+        **settings, "n_null": n_null, "pvalue_definitions": pvalue_definitions(n_null), "report": report,
+    }  # fmt: skip
+
+
+def selection_summary(table: list[dict], report: dict | None) -> dict[str, float]:
+    """A selection in one number per name, for logging. table: the annotated selection table; report: the
+    selection_stats "report" (None when nothing was selected).
+
+    Per scored layer, the position with the highest ablation_score there (filters ignored): {key}/L{layer:02d} for
+    the SCORE_KEYS and best_position/L{layer:02d}; selected_layer / selected_position (-1 when nothing was
+    selected), selected_{key} (selection set; NaN when nothing was selected), report_{key} and z_{key} (report set;
+    NaN when undefined), n_kept (candidates that passed the filters).
+    """
+    summary: dict[str, float] = {}
+    for layer in sorted({row["layer"] for row in table}):
+        rows = [row for row in table if row["layer"] == layer]
+        top = max(rows, key=lambda r: -math.inf if math.isnan(r["ablation_score"]) else r["ablation_score"])
+        for key in SCORE_KEYS:
+            summary[f"{key}/L{layer:02d}"] = float(top[key])
+        summary[f"best_position/L{layer:02d}"] = float(top["position"])
+    best = next((row for row in table if row["selected"]), None)
+    summary["selected_layer"] = float(best["layer"]) if best else -1.0
+    summary["selected_position"] = float(best["position"]) if best else -1.0
+    zscores = (report or {}).get("zscores")
+    for key in SCORE_KEYS:
+        summary[f"selected_{key}"] = float(best[key]) if best else math.nan
+        summary[f"report_{key}"] = float(report["scores"][key]) if report else math.nan
+        summary[f"z_{key}"] = float(zscores[key]) if zscores else math.nan
+    summary["n_kept"] = float(sum(row["filtered"] is None for row in table))
+    return summary

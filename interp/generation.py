@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from interp.backbone import input_device
 from interp.errors import UserError
 from interp.interventions import InterventionHandler
-from interp.prompts import tokenize_prompts
+from interp.prompts import length_sorted_chunks, tokenize_prompts
 
 # Reasoning traces of QwQ-32B / R1-Distill-Qwen-32B run to thousands of tokens (see `generate`).
 DEFAULT_MAX_NEW_TOKENS = 8192
@@ -60,14 +60,13 @@ def generate_token_ids(
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
     eos = _eos_ids(model, tokenizer)
     lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    chunks = length_sorted_chunks(lengths, batch_size)
     out: list[list[int]] = [[] for _ in prompts]
     devices = list(range(torch.cuda.device_count())) if seed is not None else []
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+        for chunk in chunks:
             batch = tokenize_prompts(tokenizer, [prompts[i] for i in chunk], device=input_device(model))
             ids = model.generate(
                 **batch,

@@ -1,8 +1,8 @@
-"""Grading generated answers (GSM8K, MATH) and measuring degenerate, repetitive generations.
+"""Grading generated answers (GSM8K, MATH).
 
 `extract_answer` finds a model's final answer in its text, `grade_answer` compares it with the gold answer
-(numbers for GSM8K, LaTeX equivalence through math-verify for MATH), and `ngram_repetition` /
-`compression_ratio` score the "Wait, hold on" loops that late-layer steering can produce.
+(numbers for GSM8K, LaTeX equivalence through math-verify for MATH). Degeneration measures of generated text
+(`ngram_repetition`, `compression_ratio`) are in `interp.text_metrics`.
 
 Only a FINAL answer counts. Reasoning models write "<think> ... </think> answer"; the project generates
 from a prompt that already ends in "<think>\\n" (the chat template), so a finished generation holds "</think>"
@@ -47,10 +47,9 @@ Grading never raises on malformed model output (it returns False); mistakes in w
 (unknown dataset, gold answer without an answer in it, bad timeout) raise `UserError`.
 
 Time limits: math-verify bounds its own work with signal.alarm, which only works in the main thread. We pass
-it no timeout and bound the whole call ourselves instead, the same way in every thread: in the main thread a
-SIGALRM interval timer, started inside the protected region (any previous timer and handler are restored
-afterwards, also when the limit is tiny), elsewhere the work runs in a daemon thread that is abandoned when it
-overruns. Either way a timeout counts as "no answer" / "not graded correct". Both mechanisms interrupt Python
+it no timeout and bound the whole call ourselves instead, the same way in every thread
+(`interp.timeouts.run_with_timeout`: a SIGALRM timer in the main thread, an abandoned daemon thread elsewhere).
+A timeout counts as "no answer" / "not graded correct". Both mechanisms interrupt Python
 code only, and sympy can spend unbounded C-level time on a power tower (10^{10^{10}}, 2^{2^{30}}). So a MATH
 answer or gold with a huge power (`_huge_power`: a "^" whose exponent, the brace group or the token after it,
 contains another "^" or a run of four or more digits, or a second "^" right after a one-token exponent as
@@ -61,29 +60,22 @@ in "2^3^4") is never given to math-verify: it is compared as a normalised string
 from __future__ import annotations
 
 import logging
-import math
 import re
-import signal
-import threading
-import time
-import zlib
-from collections.abc import Callable
 from fractions import Fraction
-from typing import TypeVar
 
 from math_verify import parse, verify
 
 from interp.errors import UserError
+from interp.timeouts import check_timeout, run_with_timeout
 
 DATASETS = ("gsm8k", "math")
 THINK_END = "</think>"
 RELATIVE_TOLERANCE = 1e-6  # GSM8K, when a side is a fraction: |a - b| <= 1e-6 * max(|a|, |b|)
 
-T = TypeVar("T")
-
 
 class _DropTimeoutDisabledWarning(logging.Filter):
-    """math-verify warns once that with no timeout "you must provide the logic" yourself: we do (_bounded)."""
+    """math-verify warns once that with no timeout "you must provide the logic" yourself: we do
+    (`run_with_timeout`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Timeout is disabled")
@@ -295,13 +287,6 @@ def _check_dataset(dataset: str) -> str:
     return name
 
 
-def _check_timeout(timeout_s: float) -> float:
-    number = isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool)
-    if not number or not math.isfinite(timeout_s) or not timeout_s > 0:
-        raise UserError(f"timeout_s must be a finite positive number of seconds, got {timeout_s!r}")
-    return float(timeout_s)
-
-
 def extract_answer(text: str, dataset: str, timeout_s: float = 5.0) -> str | None:
     """The final answer in a model's output, or None when it has none (or on timeout).
 
@@ -312,10 +297,10 @@ def extract_answer(text: str, dataset: str, timeout_s: float = 5.0) -> str | Non
     math-verify matched. `timeout_s` (finite, > 0) bounds the whole call.
     """
     name = _check_dataset(dataset)
-    timeout_s = _check_timeout(timeout_s)
+    timeout_s = check_timeout(timeout_s)
     if not isinstance(text, str):
         return None
-    return _bounded(lambda: _extract(text, name), timeout_s, None)
+    return run_with_timeout(lambda: _extract(text, name), timeout_s, None, thread_name="grade_answer")
 
 
 def has_final_answer(text: str, dataset: str, timeout_s: float = 5.0) -> bool:
@@ -404,102 +389,9 @@ def grade_answer(prediction: str, gold: str, dataset: str, timeout_s: float = 5.
     not a finite number > 0.
     """
     name = _check_dataset(dataset)
-    timeout_s = _check_timeout(timeout_s)
+    timeout_s = check_timeout(timeout_s)
     reference = _gold_answer(gold, name)
     if not isinstance(prediction, str):
         return False
     grade = _grade_gsm8k if name == "gsm8k" else _grade_math
-    return _bounded(lambda: grade(prediction, reference), timeout_s, False)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Time limits
-
-
-class _Timeout(BaseException):
-    """Raised by our SIGALRM handler; a BaseException so math-verify's `except Exception` cannot swallow it."""
-
-
-def _bounded(work: Callable[[], T], timeout_s: float, default: T) -> T:
-    """work() if it finishes within timeout_s seconds and does not raise, else `default`."""
-    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
-        return _bounded_by_alarm(work, timeout_s, default)
-    result: list = []
-
-    def run() -> None:
-        try:
-            result.append(work())
-        except BaseException:  # noqa: BLE001 - malformed output must grade as False, never raise
-            pass
-
-    worker = threading.Thread(target=run, name="grade_answer", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    return result[0] if result else default
-
-
-def _bounded_by_alarm(work: Callable[[], T], timeout_s: float, default: T) -> T:
-    """The SIGALRM variant. Our handler raises _Timeout at most once and only while armed, and arming,
-    work and disarming all happen inside the `try`, so the timeout can only surface there; a signal that
-    arrives before arming is the caller's (its timer ran out meanwhile) and goes to its handler."""
-    state = {"phase": "before"}
-    previous_handler = signal.getsignal(signal.SIGALRM)
-
-    def on_alarm(signum, frame):
-        if state["phase"] == "armed":
-            state["phase"] = "done"
-            raise _Timeout
-        if state["phase"] == "before" and callable(previous_handler):
-            previous_handler(signum, frame)
-
-    start = time.monotonic()
-    previous_delay, previous_interval = signal.setitimer(signal.ITIMER_REAL, 0)  # pause the caller's timer
-    signal.signal(signal.SIGALRM, on_alarm)
-    try:
-        try:
-            state["phase"] = "armed"
-            signal.setitimer(signal.ITIMER_REAL, timeout_s)
-            return work()
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            state["phase"] = "done"
-    except (_Timeout, Exception):  # a timeout, or malformed output: "no answer" either way
-        return default
-    finally:
-        signal.signal(signal.SIGALRM, previous_handler)
-        if previous_delay > 0:  # re-arm a caller's timer with what was left of it
-            remaining = max(previous_delay - (time.monotonic() - start), 1e-3)
-            signal.setitimer(signal.ITIMER_REAL, remaining, previous_interval)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Degeneration measures
-
-
-def ngram_repetition(text: str, n: int = 4) -> float:
-    """Share of repeated word n-grams: 1 - (#distinct n-grams / #n-grams), in [0, 1).
-
-    Tokens are `text.split()` (runs of whitespace separate them, case and punctuation are kept); the
-    n-grams are the len(tokens) - n + 1 overlapping windows. 0.0 when there are fewer than n tokens (no
-    n-gram) and when no n-gram repeats; it approaches 1 for a loop of one phrase ("a b a b a b", n=2:
-    5 bigrams, 2 distinct -> 1 - 2/5 = 0.6). Raises UserError for n < 1.
-    """
-    if not isinstance(n, int) or n < 1:
-        raise UserError(f"n-gram size must be a positive integer, got {n!r}")
-    tokens = text.split()
-    if len(tokens) < n:
-        return 0.0
-    ngrams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-    return 1.0 - len(set(ngrams)) / len(ngrams)
-
-
-def compression_ratio(text: str) -> float:
-    """len(utf-8 bytes of text) / len(zlib.compress(those bytes, level 9)); higher = more repetitive.
-
-    The empty string gives 0.0 (0 bytes over zlib's 8-byte empty stream). zlib adds 6 bytes of framing
-    (header + Adler-32) to the deflate data, so short texts score below 1 ("a": 1/9). A GSM8K question with
-    its worked solution scores about 1.4-2.2; a loop of one phrase grows with the number of repeats
-    ("Wait, hold on. " x 5: ~2.9, x 20: ~10.7, x 100: ~42).
-    """
-    data = text.encode("utf-8")
-    return len(data) / len(zlib.compress(data, 9))
+    return run_with_timeout(lambda: grade(prediction, reference), timeout_s, False, thread_name="grade_answer")

@@ -41,8 +41,10 @@ def _d_model(model: PreTrainedModel) -> int:
     return model.config.get_text_config().hidden_size
 
 
-def check_directions(model: PreTrainedModel, directions) -> torch.Tensor:
-    """float32 CPU copy of `directions`, either [d_model] or [n_layers, d_model]; UserError otherwise."""
+def intervention_directions(model: PreTrainedModel, directions) -> torch.Tensor:
+    """What an intervention on `model` applies: a float32 CPU copy of `directions`, one [d_model] vector or one per
+    layer [n_layers, d_model], finite; UserError otherwise. (`interp.directions.check_directions` checks stored
+    [n_pos,] n_layers, d_model directions against a model's size instead.)"""
     directions = torch.as_tensor(directions).detach().to("cpu", torch.float32)
     d_model, n_layers = _d_model(model), len(decoder_layers(model))
     if directions.ndim not in (1, 2):
@@ -134,7 +136,7 @@ class InterventionHandler(HookContext):
             )
         if prompt_lengths is not None and positions == "all":
             raise UserError("prompt_lengths are only used with positions 'prompt' or 'generated'")
-        directions = check_directions(model, directions)
+        directions = intervention_directions(model, directions)
         n_layers = len(decoder_layers(model))
         self.model, self.mode, self.positions = model, mode, positions
         self.prompt_lengths = None if prompt_lengths is None else _check_prompt_lengths(prompt_lengths)
@@ -228,7 +230,7 @@ def orthogonalize_weights(model: PreTrainedModel, direction) -> None:
     first (the LM head keeps the original matrix; `config.tie_word_embeddings` is set to False).
     Takes a [d_model] vector. Use a `copy.deepcopy` of the model to keep the original.
     """
-    direction = check_directions(model, direction)
+    direction = intervention_directions(model, direction)
     if direction.ndim != 1:
         raise UserError(
             f"orthogonalize_weights takes one [d_model] direction; got shape {tuple(direction.shape)}"

@@ -8,16 +8,23 @@ direct child of the base model: `norm` in Qwen2 / Llama, `ln_f` in GPT-2) and th
     target_rank_and_prob(acts, target_token_id)         -> rank (0 = top) and probability per layer
     last_position_logits(prompts, layers)               -> [n_prompts, n_layers, vocab] at the last token
 Applied to the last layer's `blocks.{L-1}.resid_post` (before the final norm) the lens gives the model's
-own logits exactly. Per-layer loops keep memory at one [..., vocab] block at a time.
+own logits exactly. Per-layer loops keep memory at one [..., vocab] block at a time. `LensReadout` is that
+readout (final norm + unembedding) as a module of its own.
+
+`TunedLens` (Belrose et al. 2023) puts a trained affine translator per layer (`AffineTranslators`) in front of
+the same readout and measures KL(model's final distribution || lens) per layer; `lightning_modules/tuned_lens.py`
+trains it on an activation cache.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from interp.activations import collect_activations
@@ -50,11 +57,14 @@ class LensTopK:
     tokens: list  # decoded strings, nested like ids: [n_layers][k] or [batch][n_layers][k]
 
 
-class LogitLens:
-    """The model's final norm + unembedding applied to any layer's residual stream (weights untouched)."""
+class LensReadout(nn.Module):
+    """The model's final norm + unembedding and nothing else: [..., d_model] -> [..., vocab] float32 logits.
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
-        self.model, self.tokenizer = model, tokenizer
+    Holding only these two modules lets a lens keep its readout while the rest of the backbone is freed.
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
         self.norm = final_norm(model)
         self.unembed = model.get_output_embeddings()
         if self.unembed is None:
@@ -62,8 +72,8 @@ class LogitLens:
                 f"{type(model).__name__} has no output embedding (LM head) to read the lens through"
             )
 
-    def logits(self, resid: torch.Tensor) -> torch.Tensor:
-        """[..., d_model] residual stream -> [..., vocab] float32 logits (on the LM head's device).
+    def forward(self, resid: torch.Tensor) -> torch.Tensor:
+        """Logits on the LM head's device; inputs are moved to the norm's device and the LM head's dtype.
 
         Differentiable (no no_grad here), so lenses trained on top of it can backpropagate.
         """
@@ -71,6 +81,19 @@ class LogitLens:
         norm_param = next(self.norm.parameters(), weight)
         hidden = self.norm(resid.to(device=norm_param.device, dtype=weight.dtype))
         return self.unembed(hidden.to(weight.device)).float()
+
+
+class LogitLens:
+    """The model's final norm + unembedding applied to any layer's residual stream (weights untouched)."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.readout = LensReadout(model)
+        self.norm, self.unembed = self.readout.norm, self.readout.unembed
+
+    def logits(self, resid: torch.Tensor) -> torch.Tensor:
+        """[..., d_model] residual stream -> [..., vocab] float32 logits (on the LM head's device)."""
+        return self.readout(resid)
 
     def _check(self, acts: torch.Tensor) -> None:
         d_model = self.model.config.get_text_config().hidden_size
@@ -142,3 +165,143 @@ class LogitLens:
             raise UserError("last_position_logits needs the tokenizer: LogitLens(model, tokenizer)")
         acts = collect_activations(self.model, self.tokenizer, prompts, layers, "last", batch_size)
         return torch.stack([self.logits(acts[:, i]).cpu() for i in range(acts.shape[1])], dim=1)
+
+
+# ---- the tuned lens ------------------------------------------------------------------------------------------------
+# At most this many logits (batch x layers-per-block x vocab) per readout block: 128 MB in float32.
+READOUT_BLOCK_ELEMENTS = 1 << 25
+
+
+class AffineTranslators(nn.Module):
+    """x [batch, n_layers, d_model] -> x + (A_l x_l + b_l) per layer l, the identity at initialisation.
+
+    Full rank: weight [n_layers, d_model(out), d_model(in)]. Low rank (`rank=r`): A_l = up_l @ down_l^T with
+    up [n_layers, d_model, r] (zeros) and down [n_layers, d_model, r] (random, scale 1/sqrt(d_model)).
+    """
+
+    def __init__(self, n_layers: int, d_model: int, rank: int | None = None):
+        super().__init__()
+        self.rank = rank
+        if rank is None:
+            self.weight = nn.Parameter(torch.zeros(n_layers, d_model, d_model))
+        else:
+            self.up = nn.Parameter(torch.zeros(n_layers, d_model, rank))
+            self.down = nn.Parameter(torch.randn(n_layers, d_model, rank) / math.sqrt(d_model))
+        self.bias = nn.Parameter(torch.zeros(n_layers, d_model))
+
+    def matrices(self) -> torch.Tensor:
+        """A_l as dense matrices [n_layers, d_model(out), d_model(in)] (for inspection; d^2 per layer)."""
+        if self.rank is None:
+            return self.weight
+        return torch.einsum("ler,ldr->led", self.up, self.down)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rank is None:
+            delta = torch.einsum("bld,led->ble", x, self.weight)  # [batch, n_layers, d_model]
+        else:
+            low = torch.einsum("bld,ldr->blr", x, self.down)  # [batch, n_layers, rank]
+            delta = torch.einsum("blr,ler->ble", low, self.up)
+        return x + (delta + self.bias)
+
+
+def final_layer_slot(layers: Sequence[int], n_backbone_layers: int) -> int:
+    """Index in `layers` of the backbone's last layer, the tuned lens's target; UserError unless `layers` hold it
+    and at least one other layer."""
+    layers = list(layers)
+    if n_backbone_layers - 1 not in layers:
+        raise UserError(
+            f"the tuned lens needs the last layer ({n_backbone_layers - 1}) in data.layers: its "
+            f"resid_post gives the model's own logits (the training target); got layers {layers}"
+        )
+    if len(layers) < 2:
+        raise UserError(f"the tuned lens needs a layer besides the last in data.layers: {layers}")
+    return layers.index(n_backbone_layers - 1)
+
+
+class TunedLens:
+    """The tuned lens (Belrose et al. 2023) over residuals cached at several layers, the backbone's last among them.
+
+    Each cached layer l has an affine translator h -> h + (A_l h + b_l) (`AffineTranslators`, the identity at
+    initialisation, so the untrained tuned lens IS the logit lens), read through the frozen final norm and
+    unembedding (`LensReadout`). It is trained to minimise, per layer,
+        KL(p_final || q_l),   p_final = softmax(unembed(norm(resid_post of the LAST layer))), the model's own
+                              next-token distribution at the cached position;  q_l = the tuned lens at layer l.
+    At the last layer the lens IS the model (KL 0), so its translator is left out of training (`trained_slots`)
+    and stays the identity. Log-softmaxes and the KL sum over the vocabulary are float32 (a float64
+    [batch, vocab] block would double the largest tensors).
+
+    Memory (d_model = 5120, 64 layers, vocab 152064): a full translator is d^2 + d = 26.2M parameters (105 MB
+    float32), 64 of them 1.68B (about 27 GB with gradients and AdamW state); rank r uses A_l = U_l V_l^T instead
+    (2 d r + d per layer: 0.66M at r = 64). The readout makes [batch, k, vocab] float32 blocks, k layers at a
+    time with at most READOUT_BLOCK_ELEMENTS logits per block (one pass over the LM head weight serves k layers);
+    with gradients each block is recomputed in the backward pass (activation checkpointing), so only one block is
+    alive at a time instead of batch x n_layers x vocab logits and their softmaxes.
+
+    translators: trained by the caller (it owns their parameters); final_slot: `final_layer_slot(layers, ...)`.
+    Inputs go to the translators' device; KLs come back there, logits on the LM head's.
+    """
+
+    def __init__(self, translators: AffineTranslators, readout: LensReadout, final_slot: int):
+        self.translators, self.readout, self.final_slot = translators, readout, final_slot
+
+    @classmethod
+    def for_model(cls, model: PreTrainedModel, layers: Sequence[int], rank: int | None = None) -> TunedLens:
+        """An untrained tuned lens for residuals of `model` cached at `layers` (translators on the CPU)."""
+        config = model.config.get_text_config()
+        final_slot = final_layer_slot(layers, config.num_hidden_layers)
+        return cls(AffineTranslators(len(layers), config.hidden_size, rank), LensReadout(model), final_slot)
+
+    @property
+    def trained_slots(self) -> list[int]:
+        """Every slot but the last layer's (whose translator stays the identity)."""
+        return [slot for slot in range(self.translators.bias.shape[0]) if slot != self.final_slot]
+
+    @property
+    def device(self) -> torch.device:
+        return self.translators.bias.device
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Tuned-lens logits [batch, n_layers, vocab] float32 of cached residuals [batch, n_layers, d_model].
+
+        Memory: batch x n_layers x vocab floats; use `kl_per_layer` for anything large.
+        """
+        return self.readout(self.translators(x.to(self.device)))
+
+    @torch.no_grad()
+    def final_log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's own next-token log-probabilities [batch, vocab] float32, from the last layer in x."""
+        return self.readout(x[:, self.final_slot].to(self.device)).log_softmax(-1)
+
+    def kl_per_layer(self, x: torch.Tensor, tuned: bool = True, slots: Sequence[int] | None = None) -> torch.Tensor:
+        """KL(final distribution || lens distribution) [batch, n_slots] float32 (tuned=False: the logit lens).
+
+        x: cached residuals [batch, n_layers, d_model]; slots: indices into the cached layers (None = all).
+        Layers are read out a few at a time (at most READOUT_BLOCK_ELEMENTS logits per block); with gradients
+        enabled each block is checkpointed, i.e. recomputed in the backward pass instead of kept.
+        """
+        x = x.to(self.device)
+        slots = list(range(x.shape[1])) if slots is None else list(slots)
+        log_p = self.final_log_probs(x)[:, None]  # [batch, 1, vocab]
+        p = log_p.exp()
+        h = self.translators(x) if tuned else x  # [batch, n_layers, d_model]
+        vocab = self.readout.unembed.weight.shape[0]
+        per_block = max(1, READOUT_BLOCK_ELEMENTS // (x.shape[0] * vocab))
+
+        def block_kl(h_block: torch.Tensor) -> torch.Tensor:  # [batch, k, d_model] -> [batch, k]
+            log_q = self.readout(h_block).log_softmax(-1)  # [batch, k, vocab]
+            return (p * (log_p - log_q)).sum(-1).to(self.device)
+
+        # The last layer is read alone, exactly like log_p (same shapes, same kernels), so its logit-lens KL
+        # is exactly 0 rather than float32 noise of a differently blocked matmul.
+        others = [slot for slot in slots if slot != self.final_slot]
+        blocks = [others[i : i + per_block] for i in range(0, len(others), per_block)]
+        blocks += [[self.final_slot]] if self.final_slot in slots else []
+        kls = []
+        for block in blocks:
+            h_block = h[:, block]
+            if torch.is_grad_enabled() and h_block.requires_grad:
+                kls.append(checkpoint(block_kl, h_block, use_reentrant=False))
+            else:
+                kls.append(block_kl(h_block))
+        order = [slot for block in blocks for slot in block]
+        return torch.cat(kls, dim=1)[:, [order.index(slot) for slot in slots]]

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from interp.backbone import input_device
 from interp.errors import UserError
 from interp.positions import padded_position_ids
-from interp.prompts import tokenize_prompts
+from interp.prompts import length_sorted_chunks, tokenize_prompts
 from interp.token_roles import prompt_boundary
 
 
@@ -82,10 +82,8 @@ def _solution_logprobs(
             raise UserError(f"example {i}: the {'prompt' if not p else 'solution'} has no tokens")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     lengths = [len(p) + len(s) for p, s in zip(prompt_ids, solution_ids)]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     out = torch.empty(len(prompts), dtype=torch.float64)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    for chunk in length_sorted_chunks(lengths, batch_size):
         ids, mask = _left_pad([prompt_ids[i] + solution_ids[i] for i in chunk], pad_id)
         n_sol = max(len(solution_ids[i]) for i in chunk)
         # With left padding every row ends at the last column: the solution tokens are each row's last
@@ -144,10 +142,8 @@ def next_token_logits(
     if len(prompts) == 0:
         raise UserError("no prompts to score")
     lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     out: torch.Tensor | None = None
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    for chunk in length_sorted_chunks(lengths, batch_size):
         batch = tokenize_prompts(tokenizer, [prompts[i] for i in chunk])
         logits = last_position_logits(model, batch["input_ids"], batch["attention_mask"], 1)[:, -1]  # [batch, vocab]
         if out is None:

@@ -4,12 +4,8 @@
   `{layer: [batch, pos, d_model]}` float32 on the CPU, the form `PathPatcher` takes.
 - `PathPatcher(model, source, layers, positions, attention_mask=...)`: a context manager (built on
   `interp.hooks.hooked`) that replaces `blocks.{l}.resid_post` at the given positions with the source values.
-- `patching_sweep(...)`: for matched (reasoning, control) prompt pairs, patch the reasoning run's value at ONE
-  layer and ONE post-instruction position into the control run, for every (layer, position): the fraction of
-  a metric's reasoning-control gap recovered, a [n_layers, n_post] heatmap (a ratio of means over pairs with
-  Fieller's CI; defined in `interp.patching_stats`, which also holds the metric factories).
-- `attribution_patching(...)`: the same heatmap from a first-order (gradient) approximation, one
-  forward + backward on the control prompts and one forward on the reasoning prompts per batch.
+The sweeps over prompt pairs built on these (`patching_sweep`, `attribution_patching`) are in
+`interp.patching_sweep`.
 
 Positions of a left-padded batch are resolved only through `interp.positions` on the TARGET batch's
 attention mask, so a source captured from differently padded prompts lands on the same roles (e.g. "the
@@ -18,30 +14,16 @@ last token", "the k-th post-instruction token").
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from interp.activations import capture_residuals, check_layers, run_hooked_decoder
 from interp.backbone import decoder_layers, input_device
 from interp.errors import UserError
-from interp.hooks import HookContext, HookFn, hooked, site_name
-from interp.metrics import last_position_logits
-from interp.patching_stats import (  # noqa: F401  (the metric factories are part of this module's API)
-    MetricFn,
-    PatchingResult,
-    check_summary_settings,
-    logit_difference,
-    mean_gap_is_cut,
-    summarise,
-    target_log_prob,
-)
-from interp.positions import PositionSpec, position_index, select_positions
-from interp.prompts import post_instruction_ids, tokenize_prompts
-
-_POST = PositionSpec("post_instruction")
-
+from interp.hooks import HookContext, HookFn, site_name
+from interp.positions import PositionSpec, position_index
 
 # --------------------------------------------------------------------------------------------- positions
 
@@ -229,213 +211,3 @@ class PathPatcher(HookContext):
 
     def _on_enter(self) -> None:
         self._patched = set()
-
-
-# --------------------------------------------------------------------------------------------- sweeps
-
-
-def _check_ends_with_template(batch: dict, post: list[int], which: str) -> None:
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    n = len(post)
-    ok = 0 < n <= ids.shape[1] and bool(mask[:, -1].all())
-    ok = ok and bool((ids[:, -n:] == torch.tensor(post, device=ids.device)).all())
-    if not ok:
-        raise UserError(
-            f"every {which} prompt must end with the chat template's post-instruction tokens "
-            "(format it with interp.format_chat_prompt)"
-        )
-
-
-def _pair_batches(model, tokenizer, reasoning, control, batch_size, post) -> Iterator[tuple]:
-    """(pair_index [b] long CPU, reasoning batch, control batch); pairs sorted by control length."""
-    if len(reasoning) != len(control) or len(reasoning) == 0:
-        raise UserError(
-            f"need matched reasoning/control pairs; got {len(reasoning)} and {len(control)} prompts"
-        )
-    if batch_size < 1:
-        raise UserError(f"batch_size must be >= 1, got {batch_size}")
-    lengths = [len(ids) for ids in tokenizer(list(control), add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(control)), key=lambda i: lengths[i])
-    device = input_device(model)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        r_batch = tokenize_prompts(tokenizer, [reasoning[i] for i in chunk], device=device)
-        c_batch = tokenize_prompts(tokenizer, [control[i] for i in chunk], device=device)
-        _check_ends_with_template(r_batch, post, "reasoning")
-        _check_ends_with_template(c_batch, post, "control")
-        yield torch.tensor(chunk), r_batch, c_batch
-
-
-def _last_logits(model, batch: dict, hooks=()) -> torch.Tensor:
-    """Full forward of a left-padded batch under `hooks`; float32 logits at the last position [batch, vocab]."""
-    with hooked(model, hooks):
-        return last_position_logits(model, batch["input_ids"], batch["attention_mask"], 1)[:, -1].float()
-
-
-def _metric(metric_fn: MetricFn, logits: torch.Tensor, info: dict) -> torch.Tensor:
-    value = metric_fn(logits, info)
-    if not isinstance(value, torch.Tensor) or tuple(value.shape) != (logits.shape[0],):
-        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-        raise UserError(f"metric_fn must return a tensor [batch] = [{logits.shape[0]}], got {got}")
-    return value
-
-
-def _info(pair_index, batch, run, layer=None, position=None) -> dict:
-    """What metric_fn sees besides the logits: which pairs, which run, which patch."""
-    return {"pair_index": pair_index, "run": run, "layer": layer, "position": position, **batch}
-
-
-def _post_capture(store: dict, layer: int, mask: torch.Tensor, n_post: int):
-    def keep(hidden: torch.Tensor) -> None:  # store[layer]: float32 [batch, n_post, d_model]
-        store[layer] = select_positions(hidden.detach(), mask, _POST, n_post)
-
-    return keep
-
-
-def _add_zero_leaf(store: dict, layer: int):
-    def add(hidden: torch.Tensor) -> torch.Tensor:  # the gradient w.r.t. the leaf is d metric / d hidden
-        store[layer] = torch.zeros_like(hidden, requires_grad=True)
-        return hidden + store[layer]
-
-    return add
-
-
-def _setup(model, tokenizer, layers):
-    layers = check_layers(layers, len(decoder_layers(model)))
-    post = post_instruction_ids(tokenizer)
-    if not post:
-        raise UserError("the chat template puts no tokens after the user's text: nothing to patch")
-    return layers, post, [tokenizer.decode([token]) for token in post]
-
-
-@torch.no_grad()
-def patching_sweep(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    reasoning_prompts: Sequence[str],
-    control_prompts: Sequence[str],
-    metric_fn: MetricFn,
-    layers: Sequence[int] | None = None,
-    batch_size: int = 8,
-    rel_tol: float = 0.1,
-    alpha: float = 0.05,
-) -> PatchingResult:
-    """Exact activation patching, reasoning -> control, at every (layer, post-instruction position).
-
-    Pair i is (reasoning_prompts[i], control_prompts[i]), both chat-formatted (ending with the template's
-    post-instruction tokens). Position k is the k-th of those tokens in both prompts (aligned by role).
-    metric_fn(logits_last [batch, vocab] float32, batch_info) -> [batch]; batch_info holds "pair_index" [batch]
-    (indices into the prompt lists), "run" ("reasoning" | "control" | "patched"), "layer", "position" (k)
-    and the batch's "input_ids" / "attention_mask".
-
-    The result (`interp.patching_stats.PatchingResult`): recovered[l, k] = (mean_i patched - mean_i control) /
-    (mean_i reasoning - mean_i control) over all pairs, NaN with a `cut_reason` when |mean gap| <= rel_tol *
-    mean_i |reasoning_i - control_i|; Fieller's level 1 - alpha CI for the ratio of the paired means (NaN, with a
-    `ci_reason`, for < 2 pairs or when the mean gap is not significantly non-zero at level alpha).
-
-    Cost: 2 forwards per batch for the unpatched metrics, then (unless the mean gap is cut, which leaves
-    metric_patched NaN) 1 reasoning forward + n_layers x n_post patched forwards per batch (full forwards,
-    LM head at the last position only).
-    """
-    check_summary_settings(rel_tol, alpha)
-    layers, post, post_tokens = _setup(model, tokenizer, layers)
-    n_post, n_pairs = len(post), len(control_prompts)
-    metric_r = torch.zeros(n_pairs, dtype=torch.float64)
-    metric_c = torch.zeros(n_pairs, dtype=torch.float64)
-    for pair_index, r_batch, c_batch in _pair_batches(
-        model, tokenizer, reasoning_prompts, control_prompts, batch_size, post
-    ):
-        logits = _last_logits(model, r_batch)
-        metric_r[pair_index] = (
-            _metric(metric_fn, logits, _info(pair_index, r_batch, "reasoning")).double().cpu()
-        )
-        logits = _last_logits(model, c_batch)
-        metric_c[pair_index] = (
-            _metric(metric_fn, logits, _info(pair_index, c_batch, "control")).double().cpu()
-        )
-    metric_patched = torch.full((n_pairs, len(layers), n_post), float("nan"), dtype=torch.float64)
-    summary = dict(layers=layers, post_tokens=post_tokens, rel_tol=rel_tol, alpha=alpha)
-    if mean_gap_is_cut(metric_r, metric_c, rel_tol):  # every cell would be NaN: skip the patched forwards
-        return summarise("exact", metric_r, metric_c, metric_patched, **summary)
-    for pair_index, r_batch, c_batch in _pair_batches(
-        model, tokenizer, reasoning_prompts, control_prompts, batch_size, post
-    ):
-        # [batch, n_post, n_layers, d_model]: the reasoning run at its post-instruction tokens (early exit)
-        acts = capture_residuals(model, r_batch["input_ids"], r_batch["attention_mask"], layers, _POST, post)
-        mask_c = c_batch["attention_mask"]
-        target = position_index(_POST, mask_c, n_post)  # [batch, n_post] the same roles in the control batch
-        for i, layer in enumerate(layers):
-            for k in range(n_post):
-                source = {layer: acts[:, k : k + 1, i]}  # [batch, 1, d_model]
-                with PathPatcher(model, source, [layer], target[:, k : k + 1], mask_c):
-                    logits = _last_logits(model, c_batch)
-                info = _info(pair_index, c_batch, "patched", layer, k)
-                metric_patched[pair_index, i, k] = _metric(metric_fn, logits, info).double().cpu()
-    return summarise("exact", metric_r, metric_c, metric_patched, **summary)
-
-
-def attribution_patching(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    reasoning_prompts: Sequence[str],
-    control_prompts: Sequence[str],
-    metric_fn: MetricFn,
-    layers: Sequence[int] | None = None,
-    batch_size: int = 8,
-    rel_tol: float = 0.1,
-    alpha: float = 0.05,
-) -> PatchingResult:
-    """Attribution patching: the first-order estimate of `patching_sweep`, same arguments and result.
-
-    metric_patched[i, l, k] ~ metric_control + (a_reasoning - a_control) . d metric / d a, with a the
-    `blocks.{l}.resid_post` value at post-instruction token k and the gradient taken on the control run.
-    The gradient is the total derivative (through every later layer): each layer's output gets a zero
-    "delta" leaf added by a hook and the gradients land on those; the backbone's weights stay frozen.
-    Per batch: one forward on the reasoning prompts, one forward + backward on the control prompts (the
-    backward keeps every layer's activations of the batch: lower batch_size for large models).
-    metric_fn must be differentiable in the logits. The estimate is exact when the metric is linear in the
-    patched value (e.g. the last layer without a final norm) and degrades as patches move further.
-    recovered, its cutoff and its Fieller CI are computed from these estimates exactly as in
-    `patching_sweep` (a ratio of means normalised by the mean reasoning - control gap).
-    """
-    check_summary_settings(rel_tol, alpha)
-    layers, post, post_tokens = _setup(model, tokenizer, layers)
-    n_post, n_pairs = len(post), len(control_prompts)
-    metric_r = torch.zeros(n_pairs, dtype=torch.float64)
-    metric_c = torch.zeros(n_pairs, dtype=torch.float64)
-    metric_patched = torch.zeros((n_pairs, len(layers), n_post), dtype=torch.float64)
-    for pair_index, r_batch, c_batch in _pair_batches(
-        model, tokenizer, reasoning_prompts, control_prompts, batch_size, post
-    ):
-        mask_r, mask_c = r_batch["attention_mask"], c_batch["attention_mask"]
-        acts_r: dict[int, torch.Tensor] = {}
-        with torch.no_grad():
-            hooks = [(site_name(layer), _post_capture(acts_r, layer, mask_r, n_post)) for layer in layers]
-            logits = _last_logits(model, r_batch, hooks)
-            metric_r[pair_index] = (
-                _metric(metric_fn, logits, _info(pair_index, r_batch, "reasoning")).double().cpu()
-            )
-        acts_c: dict[int, torch.Tensor] = {}
-        deltas: dict[int, torch.Tensor] = {}  # layer -> zero leaf [batch, seq, d_model] added to resid_post
-        with torch.enable_grad():
-            hooks = []
-            for layer in layers:
-                hooks += [
-                    (site_name(layer), _post_capture(acts_c, layer, mask_c, n_post)),
-                    (site_name(layer), _add_zero_leaf(deltas, layer)),
-                ]
-            logits = _last_logits(model, c_batch, hooks)
-            metric = _metric(metric_fn, logits, _info(pair_index, c_batch, "control"))
-            if not metric.requires_grad:
-                raise UserError("attribution_patching needs a metric_fn that is differentiable in the logits")
-            grads = torch.autograd.grad(metric.sum(), [deltas[layer] for layer in layers], allow_unused=True)
-        metric_c[pair_index] = metric.detach().double().cpu()
-        for i, (layer, grad) in enumerate(zip(layers, grads)):
-            if grad is None:
-                continue  # the metric does not depend on this layer: estimate 0
-            grad = select_positions(grad, mask_c, _POST, n_post).double()  # [batch, n_post, d_model]
-            diff = acts_r[layer].double() - acts_c[layer].double()
-            metric_patched[pair_index, i] = (diff * grad).sum(-1).cpu()  # [batch, n_post]
-    metric_patched = metric_patched + metric_c[:, None, None]
-    summary = dict(layers=layers, post_tokens=post_tokens, rel_tol=rel_tol, alpha=alpha)
-    return summarise("attribution", metric_r, metric_c, metric_patched, **summary)

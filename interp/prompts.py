@@ -1,6 +1,9 @@
-"""Chat-template formatting and the template's post-instruction tokens (for "post_instruction" positions)."""
+"""Chat-template formatting, the template's post-instruction tokens (for "post_instruction" positions), and
+tokenizing prompts into left-padded batches of similar length."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -26,9 +29,37 @@ def post_instruction_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return tokenizer(suffix, add_special_tokens=False)["input_ids"]
 
 
+def check_ends_with_template(
+    token_ids: Sequence[Sequence[int]], post: Sequence[int], what: str = "prompt", texts: Sequence[str] | None = None
+) -> None:
+    """UserError unless every row of `token_ids` (one prompt's tokens, no padding) ends with `post`, the
+    template's post-instruction ids (`post_instruction_ids`). `what` names the prompts in the message;
+    `texts` (the prompts, when at hand) lets it quote the end of the offending one."""
+    post = list(post)
+    for i, row in enumerate(token_ids):
+        if len(row) < len(post) or list(row[len(row) - len(post) :]) != post:
+            shown = f": {texts[i][-80:]!r}" if texts is not None else f" ({what} {i} does not)"
+            raise UserError(
+                f"every {what} must end with the chat template's post-instruction tokens "
+                f"(format it with interp.format_chat_prompt){shown}"
+            )
+
+
 def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], device=None) -> dict:
     """Left-padded batch {"input_ids", "attention_mask"} ([batch, seq] each); no tokens added."""
     batch = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
     if tokenizer.padding_side != "left":
         raise UserError("tokenizer must pad on the left (load it with interp.load_tokenizer)")
     return {k: v.to(device) if device is not None else v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+
+def length_sorted_chunks(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices 0..n-1 sorted by length (ties keep input order), cut into chunks of `batch_size`.
+
+    Batching prompts of similar length wastes little on padding; write each chunk's results back at its
+    indices (`out[chunk] = ...`) and the output keeps the input order.
+    """
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]

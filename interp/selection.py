@@ -76,6 +76,15 @@ def null_pvalues(effect: float, null_effects: torch.Tensor) -> dict[str, float]:
     return {"t": float(2 * student_t.sf(abs(t), m - 1)), "rank": p_rank}
 
 
+def pvalue_definitions(m: int) -> dict[str, str]:
+    """What `null_pvalues` computes with m null directions, in words (for result files)."""
+    return {
+        "t": f"two-sided p of t = (score - mean(null)) / (std(null, ddof 1) * sqrt(1 + 1/m)) under Student's t "
+        f"with m - 1 degrees of freedom (m = {m}); null (with a reason) when the null scores have zero spread",
+        "rank": f"one-sided (1 + #{{null >= score}}) / (m + 1); with m = {m} it is >= {1 / (m + 1):.4g}",
+    }
+
+
 def _mean(samples: torch.Tensor) -> torch.Tensor:
     return samples.mean(-1)
 

@@ -14,99 +14,69 @@ Lightning's DistributedSampler may repeat up to world_size - 1 rows to even out 
 accommodations: each training batch counts as one global step (ModelCheckpoint saves only after steps), and an
 empty placeholder parameter (dropped from checkpoints) lets DDP wrap a module with nothing to train.
 
-Validation (once per epoch, not in the sanity check) chooses one candidate on some val problems and reports it
-on others (`interp.selection.select_reasoning_direction`, definitions there). The complete val problems are
-split by seed into disjoint SELECTION (n_selection_prompts) and REPORT (n_report_prompts) sets
-(`split_selection_report`). Every candidate is scored on the selection problems (reasoning + control prompt
-each, with their gold solution; `interp.direction_scoring.PromptScorer`) and `select_direction` picks one
-(kl_threshold, max_layer_fraction): these scores only choose. The selected r and `n_random` null directions
-of kind `null_kind` at its site, rescaled to |r| (`interp.directions.null_directions`, NULL_DEFINITIONS; placebo /
-covariance from the within-pair differences of the TRAIN rows' cached activations there,
-`CachedActivationDataModule.split_slice_problems`), are scored again on the report problems: reported scores,
-z-scores, p-values (`interp.selection.null_pvalues`) and bootstrap CIs come from these alone. With m = n_random
-nulls the rank p-value is >= 1 / (m + 1): the default m = 19 is the smallest that lets it reach 0.05. The validation batches
-are not used; every rank scores the same prompts, rank zero writes the files. Candidate layers:
-`candidate_layers`, or every cached layer below max_layer_fraction * n_layers. Cost: 3 forwards over the
-selection prompts per candidate (n_pos x n_candidate_layers) + 3 over the report prompts per direction
+Validation (once per epoch, not in the sanity check; the validation batches are not used) chooses one candidate on
+some val problems and reports it on others: `interp.selection.select_reasoning_direction` (the protocol, with
+definitions) over the complete val problem pairs, split by seed into disjoint SELECTION (n_selection_prompts) and
+REPORT (n_report_prompts) sets. Candidates are scored with `interp.direction_scoring.PromptScorer`; the selected r's
+`n_random` null directions of kind `null_kind` (`interp.null_directions.site_null_factory`) and the optional
+max-statistic null (`searched_placebo_candidates`) come from the TRAIN rows' cached activations
+(`CachedActivationDataModule.split_slice_problems`). Every rank scores the same prompts; rank zero writes the files.
+Candidate layers: `candidate_layers`, or every cached layer below max_layer_fraction * n_layers. Cost: 3 forwards over
+the selection prompts per candidate (n_pos x n_candidate_layers) + 3 over the report prompts per direction
 (1 + n_random). fast_dev_run checks the wiring: <= 2 + 2 problems, 2 layers, <= 2 nulls, 20 bootstraps.
 
-Logged (validation): for each scored layer, the position with the highest ablation_score at that layer
-(filters ignored): val/ablation_score/L{layer:02d}, val/induction_score/L.., val/kl/L.., val/best_position/L..;
-and val/selected_layer, val/selected_position (-1 when nothing passed the filters), val/selected_ablation_score
-(selection set; ModelCheckpoint monitors it; NaN when nothing was selected), val/selected_induction_score,
-val/selected_kl, val/report_{ablation_score,induction_score,kl} (report set), val/z_{...} (report set vs the
-null directions), val/n_kept.
+Logged (validation): `interp.directions.selection_summary` under val/, e.g. val/ablation_score/L{layer:02d},
+val/selected_layer, val/selected_ablation_score (selection set; ModelCheckpoint monitors it; NaN when nothing was
+selected), val/report_{ablation_score,induction_score,kl} and val/z_{...} (report set vs the null directions).
 Written to trainer.log_dir: reasoning_directions.safetensors + .json (`interp.directions.save_directions`):
 per-prompt selection-set scores of every candidate (rows in selection-table order) and "null_directions"
-[n_null, d_model] (also in the checkpoint, so evaluate.py uses the same null). The JSON names the problems
-(selection.problems.{selection,report}: pair_indices, reasoning_rows, control_rows), the requested and the
-actually used numbers of problems (selection.n_selection_prompts / n_report_prompts vs n_selection_used /
-n_report_used: fewer val problems shrink both sets), the null (null, n_null, null_definition, pvalue_definitions)
-and holds the report-set numbers under selection.report. Undefined numbers (NaN, e.g. a z-score against a
-zero-spread null) are written as JSON null.
+[n_null, d_model] (also in the checkpoint, so evaluate.py uses the same null). The JSON's "selection" record
+(`interp.directions.selection_stats`) names the problems of both sets, the requested and the actually used numbers
+of problems (fewer val problems shrink both sets), the null and its definitions, and holds the report-set numbers
+under selection.report. Undefined numbers (NaN, e.g. a z-score against a zero-spread null) are written as JSON null.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from datamodules.prompts import problem_pairs
 from interp.activations import check_layers
-from interp.backbone import BackboneSpec, input_device
+from interp.backbone import BackboneSpec
 from interp.direction_scoring import PromptScorer, check_metric, metric_definition
 from interp.directions import (
-    NULL_DEFINITIONS,
-    NULLS,
-    balanced_signs,
-    null_directions,
-    paired_differences,
+    SCORE_DEFINITIONS,
+    position_labels,
+    problem_sets,
     save_directions,
-    signflip_directions,
+    selection_stats,
+    selection_summary,
 )
 from interp.errors import UserError
-from interp.positions import PositionSpec
-from interp.prompts import post_instruction_ids
-from interp.selection import PER_PROMPT_KEYS, SCORE_KEYS, select_reasoning_direction
-from interp.stats import RunningMoments
-
-SEARCHED_NULL_DEFINITION = (
-    "max-statistic null: per draw, one balanced within-pair sign-flip placebo candidate at every searched "
-    "(position, layer) (one sign vector shared by all sites, rescaled to the real candidate's norm there), "
-    "chosen by the same selection rule on the same selection problems; its winner's report-problem scores are "
-    "one draw of the best-of-search statistic r is compared with"
+from interp.null_directions import (
+    NULL_DEFINITIONS,
+    NULLS,
+    SEARCHED_NULL_DEFINITION,
+    searched_placebo_candidates,
+    site_null_factory,
 )
+from interp.selection import PER_PROMPT_KEYS, select_reasoning_direction
+from interp.stats import RunningMoments
+from lightning_modules.direction_report import directions_report, write_intervention_report
+from lightning_modules.frozen_backbone import FrozenBackbone
+from lightning_modules.layout import LayerStudyModule
+
 CLASSES = {"reasoning": 1, "control": 0}  # the datamodule's "reasoning" label encoding
-PROTOCOL = ("candidates scored and one selected on the selection problems; the selected direction and the null "
-            "directions re-scored on the disjoint report problems, which alone give the reported scores, "
-            "z-scores and CIs")  # fmt: skip
 
 
-def pvalue_definitions(m: int) -> dict[str, str]:
-    """What report.pvalues hold with m null directions (`interp.selection.null_pvalues`)."""
-    return {
-        "t": f"two-sided p of t = (score - mean(null)) / (std(null, ddof 1) * sqrt(1 + 1/m)) under Student's t "
-        f"with m - 1 degrees of freedom (m = {m}); null (with a reason) when the null scores have zero spread",
-        "rank": f"one-sided (1 + #{{null >= score}}) / (m + 1); with m = {m} it is >= {1 / (m + 1):.4g}",
-    }
-
-
-def position_labels(spec: str, tokenizer, n_pos: int) -> list[str]:
-    """A name per cached position: the template token strings for post_instruction, else last[-k] / mean."""
-    spec = PositionSpec.parse(spec)
-    if spec.kind == "post_instruction":
-        return [tokenizer.decode([token]) for token in post_instruction_ids(tokenizer)]
-    if spec.kind == "mean":
-        return ["mean"]
-    return [f"last[{j - n_pos}]" for j in range(n_pos)]
-
-
-class ReasoningDirectionModule(L.LightningModule):
+class ReasoningDirectionModule(LayerStudyModule):
     checkpoint_monitor = ("val/selected_ablation_score", "max")
+    layout_key = "direction_layout"
+    trained_keys = ("directions",)
 
     def __init__(
         self,
@@ -174,19 +144,15 @@ class ReasoningDirectionModule(L.LightningModule):
                             f"{kl_threshold}")  # fmt: skip
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.strict_loading = False
         self.register_buffer("directions", None)  # [n_pos, n_layers, d_model] after _build
         # DistributedDataParallel refuses a module without trainable parameters: an empty one (never used, dropped
         # from checkpoints) lets the same trainer run DDP extraction and then this fit.
         self._ddp_placeholder = torch.nn.Parameter(torch.empty(0))
-        self.layers: list[int] = []  # model layer index of each cached layer (the layer axis)
         self.n_model_layers: int | None = None
         self.positions: str | None = None  # the position spec, e.g. "post_instruction"
         self.position_labels: list[str] = []
         self.post_instruction_tokens: list[str] | None = None
-        self.backbone_spec: BackboneSpec | None = None
-        self._backbone: tuple | None = None  # (model, tokenizer): a tuple, so the model is never a submodule
-        self._move_backbone = False
+        self.backbone: FrozenBackbone | None = None  # scores the candidates; never a submodule
         self._moments: dict[int, RunningMoments] | None = None
         self.n_train: dict[str, int] = {}
         self.selected: dict | None = None  # {"position", "layer", "slot"}
@@ -208,78 +174,68 @@ class ReasoningDirectionModule(L.LightningModule):
         self.post_instruction_tokens = self.position_labels if self.positions == "post_instruction" else None
         self.directions = torch.zeros(len(self.position_labels), len(self.layers), layout["d_model"],
                                       device=self.device)  # fmt: skip
-        if layout.get("backbone") and self.backbone_spec is None:
-            self.backbone_spec = BackboneSpec(**layout["backbone"])
+        if self.backbone is None:  # loaded on first use (see `backbone_model`)
+            self.backbone = FrozenBackbone.from_layout(layout.get("backbone"))
 
     def layout(self) -> dict:
         return {
             "layers": self.layers, "n_model_layers": self.n_model_layers, "positions": self.positions,
             "position_labels": self.position_labels, "d_model": int(self.directions.shape[-1]),
-            "backbone": dataclasses.asdict(self.backbone_spec) if self.backbone_spec else None,
+            "backbone": self.backbone.layout_entry() if self.backbone else None,
         }  # fmt: skip
+
+    def check_data(self, datamodule) -> None:
+        if getattr(datamodule, "label", None) != "reasoning" or getattr(datamodule, "position", -1) is not None:
+            raise UserError("the directions run needs data.label: reasoning and data.position: null "
+                            "(batches with every cached position)")  # fmt: skip
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
-        if getattr(dm, "label", None) != "reasoning" or getattr(dm, "position", -1) is not None:
-            raise UserError("the directions run needs data.label: reasoning and data.position: null "
-                            "(batches with every cached position)")  # fmt: skip
+        self.check_data(dm)
         dm.prompts.setup()
         n_pos = int(dm.cache.manifest["n_positions"])
         layout = {
             "layers": list(dm.layers), "n_model_layers": dm.backbone.num_layers(), "positions": str(dm.positions),
-            "position_labels": position_labels(str(dm.positions), dm.prompts.tokenizer, n_pos),
-            "d_model": dm.d_model, "backbone": dataclasses.asdict(dm.backbone),
+            "position_labels": position_labels(str(dm.positions), dm.prompts.tokenizer, n_pos), "d_model": dm.d_model,
         }  # fmt: skip
-        if self.directions is None:
-            self._build(layout)
-        elif list(dm.layers) != self.layers or len(layout["position_labels"]) != len(self.position_labels):
-            raise UserError(f"data.layers / positions differ from the checkpoint's ({self.layers}, {self.positions})")
-        self.backbone_spec = dm.backbone
-        if self._backbone is None:
+        if self.layers and len(layout["position_labels"]) != len(self.position_labels):
+            raise UserError(f"data.positions differ from the checkpoint's ({self.positions})")
+        self.build_or_check(layout, "data.layers")
+        if self.backbone is None or not self.backbone.loaded:
             self.attach_backbone(dm.backbone)
+        self.backbone.model(self.trainer.strategy.root_device)  # load and place it now, not inside a no-grad step
 
-    def attach_backbone(self, backbone, tokenizer=None) -> None:
-        """Use `backbone` (a BackboneSpec, loaded here, or a loaded causal LM + its tokenizer) for scoring."""
-        if isinstance(backbone, BackboneSpec):
-            self.backbone_spec = backbone
-            model, tokenizer = backbone.load()
-            self._move_backbone = backbone.device_map is None
-        else:
-            model, self._move_backbone = backbone, False
-        self._backbone = (model, tokenizer)
+    def attach_backbone(self, backbone: BackboneSpec | torch.nn.Module, tokenizer=None) -> None:
+        """Score with `backbone`: a BackboneSpec (loaded on first use) or a loaded causal LM + its tokenizer
+        (moved to this module's device unless it has an hf_device_map)."""
+        self.backbone = FrozenBackbone(backbone, tokenizer)
+
+    @property
+    def backbone_spec(self) -> BackboneSpec | None:
+        return self.backbone.spec if self.backbone else None
 
     @property
     def backbone_model(self):
-        """The frozen backbone (loaded from the stored spec on first use after load_from_checkpoint)."""
-        if self._backbone is None:
-            if self.backbone_spec is None:
-                raise UserError("the directions module has no backbone: call attach_backbone() or fit it first")
-            self.attach_backbone(self.backbone_spec)
-        model = self._backbone[0]
-        if self._move_backbone and input_device(model) != self.device:
-            model.to(self.device)
-        return model
+        """The frozen backbone on this module's device (unless sharded), loaded on first use after loading."""
+        if self.backbone is None:
+            raise UserError("the directions module has no backbone: call attach_backbone() or fit it first")
+        return self.backbone.model(self.device)
 
     @property
     def tokenizer(self):
         self.backbone_model  # noqa: B018 (loads it if needed)
-        return self._backbone[1]
+        return self.backbone.tokenizer
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["direction_layout"] = self.layout()
         checkpoint["direction_selection"] = {
             "selected": self.selected, "table": self.selection_table, "stats": self.selection_stats,
             "n_train": self.n_train, "problem_sets": self.problem_sets, "null_directions": self.null_directions,
         }  # fmt: skip
         checkpoint["state_dict"].pop("_ddp_placeholder", None)
-        assert set(checkpoint["state_dict"]) == {"directions"}, "backbone keys leaked into the checkpoint"
+        super().on_save_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        layout = checkpoint["direction_layout"]
-        if self.directions is None:
-            self._build(layout)
-        elif list(layout["layers"]) != self.layers:
-            raise UserError(f"the checkpoint's layers {layout['layers']} differ from the run's {self.layers}")
+        super().on_load_checkpoint(checkpoint)
         selection = checkpoint.get("direction_selection", {})
         self.selected, self.selection_table = selection.get("selected"), selection.get("table", [])
         self.selection_stats, self.n_train = selection.get("stats", {}), selection.get("n_train", {})
@@ -349,12 +305,7 @@ class ReasoningDirectionModule(L.LightningModule):
 
     def val_pairs(self, datamodule, split: str = "val") -> list[tuple]:
         """Every (reasoning PromptRow, control PromptRow) pair of `split` in the cache, in pair order."""
-        by_pair: dict[int, dict] = {}
-        for row_index in datamodule.row_index[split].tolist():
-            row = datamodule.prompts.rows[row_index]
-            by_pair.setdefault(row.pair_index, {})[row.kind] = row
-        pairs = sorted(p for p, kinds in by_pair.items() if set(kinds) == set(CLASSES))
-        return [(by_pair[p]["reasoning"], by_pair[p]["control"]) for p in pairs]
+        return problem_pairs(datamodule, split, rows=datamodule.row_index[split].tolist())
 
     def default_candidate_layers(self) -> list[int]:
         if self.hparams.candidate_layers is not None:
@@ -368,39 +319,6 @@ class ReasoningDirectionModule(L.LightningModule):
         if not layers:
             raise UserError(f"no cached layer is below max_layer_fraction * n_layers = {limit:g}")
         return layers
-
-    def _null_factory(self, datamodule, n: int):
-        """null_factory for select_reasoning_direction: `n` nulls of kind null_kind at the selected site, from
-        the TRAIN rows' cached activations there (the rows the directions were built from)."""
-
-        def make(best: dict, r: torch.Tensor) -> torch.Tensor:
-            acts = labels = problems = None
-            if self.hparams.null_kind != "isotropic":  # one [rows, d_model] slice per shard
-                acts, labels, problems = datamodule.split_slice_problems(
-                    "train", best["position"], self.layers.index(best["layer"]))  # fmt: skip
-            return null_directions(self.hparams.null_kind, r, n, self.hparams.seed, acts=acts, labels=labels,
-                                   problems=problems)  # fmt: skip
-
-        return make
-
-    def _searched_null_candidates(self, datamodule, full: torch.Tensor, layers: list[int], n: int):
-        """searched_null_candidates for select_reasoning_direction: draw j -> [n_pos, n_model_layers, d_model]
-        placebo candidates at every searched (position, layer): sum_i s_ji d_i / n_pairs over the train problems'
-        paired differences there, one balanced sign vector s_j per draw shared by all sites (as the real
-        candidates share their rows), each rescaled to the real candidate's norm at that site. Built once: one
-        [rows, d_model] slice per site and shard."""
-        out = torch.zeros(n, *full.shape)  # [n, n_pos, n_model_layers, d_model]
-        signs = None
-        for position in range(full.shape[0]):
-            for layer in layers:
-                acts, labels, problems = datamodule.split_slice_problems("train", position, self.layers.index(layer))
-                diffs = paired_differences(acts, labels, problems)  # [n_pairs, d_model], ascending problem id
-                if signs is None:
-                    signs = balanced_signs(len(diffs), n, self.hparams.seed + 1)  # [n, n_pairs]
-                nulls = signflip_directions(diffs, signs)  # [n, d_model] float64
-                norm = full[position, layer].double().norm()
-                out[:, position, layer] = (nulls / nulls.norm(dim=-1, keepdim=True) * norm).float()
-        return lambda j: out[j]
 
     def run_selection(self, datamodule, fast: bool = False) -> dict | None:
         """Choose on the selection problems, report on the disjoint report problems (module docstring);
@@ -418,12 +336,16 @@ class ReasoningDirectionModule(L.LightningModule):
         scorer = PromptScorer(self.backbone_model, self.tokenizer, hp.selection_metric, hp.k_first_tokens,
                               hp.batch_size, hp.add_strength)  # fmt: skip
         full = torch.stack([self.directions_by_layer(p) for p in range(len(self.position_labels))])
+
+        def train_rows(position: int, layer: int) -> tuple:  # the rows the directions were built from, one site
+            return datamodule.split_slice_problems("train", position, self.layers.index(layer))  # one slice per shard
+
         result = select_reasoning_direction(
             full, layers, problems, scorer, n_selection=n_sel, n_report=n_rep, seed=hp.seed,
             n_layers=self.n_model_layers, max_layer_fraction=hp.max_layer_fraction, kl_threshold=hp.kl_threshold,
-            null_factory=self._null_factory(datamodule, n_random) if n_random else None, n_bootstrap=n_boot,
-            searched_null_candidates=self._searched_null_candidates(datamodule, full, layers, n_searched)
-            if n_searched else None, n_searched_null=n_searched,
+            null_factory=site_null_factory(hp.null_kind, n_random, hp.seed, train_rows) if n_random else None,
+            searched_null_candidates=searched_placebo_candidates(full, layers, train_rows, n_searched, hp.seed + 1)
+            if n_searched else None, n_searched_null=n_searched, n_bootstrap=n_boot,
         )  # fmt: skip
         for row in result.table:
             row.update(slot=self.layers.index(row["layer"]), position_label=self.position_labels[row["position"]])
@@ -432,54 +354,21 @@ class ReasoningDirectionModule(L.LightningModule):
         best = result.selected
         self.selected = None if best is None else {"position": best["position"], "layer": best["layer"],
                                                    "slot": self.layers.index(best["layer"])}  # fmt: skip
-        self.problem_sets = {
-            name: {"pair_indices": [pairs[i][0].pair_index for i in index],
-                   "reasoning_rows": [pairs[i][0].row_index for i in index],
-                   "control_rows": [pairs[i][1].row_index for i in index]}
-            for name, index in (("selection", result.selection_problems), ("report", result.report_problems))
-        }  # fmt: skip
-        self.null_directions = result.null_directions
-        n_null = 0 if self.null_directions is None else len(self.null_directions)
-        report = None
-        if result.report is not None:
-            report = {**result.report, "problems": "report",
-                      "per_prompt": {k: v.tolist() for k, v in result.report["per_prompt"].items()}}  # fmt: skip
-        self.selection_stats = {
-            "split": "val", "protocol": PROTOCOL, "problems": self.problem_sets,
+        self.problem_sets, self.null_directions = problem_sets(pairs, result), result.null_directions
+        self.selection_stats = selection_stats(result, self.problem_sets, {
             "n_selection_prompts": hp.n_selection_prompts, "n_report_prompts": self.n_report,
-            "n_selection_used": len(result.selection_problems), "n_report_used": len(result.report_problems),
-            "selection_table_scores": "means over the selection problems; used only to choose",
             "candidate_layers": layers, "metric": hp.selection_metric,
             "metric_definition": metric_definition(hp.selection_metric, hp.k_first_tokens),
             "kl_threshold": hp.kl_threshold, "max_layer_fraction": hp.max_layer_fraction,
             "add_strength": hp.add_strength, "n_bootstrap": n_boot, "alpha": 0.05, "seed": hp.seed,
-            "null": hp.null_kind, "n_null": n_null, "n_searched_null": n_searched,
+            "null": hp.null_kind, "null_definition": NULL_DEFINITIONS[hp.null_kind], "n_searched_null": n_searched,
             "searched_null_definition": SEARCHED_NULL_DEFINITION if n_searched else None,
-            "null_definition": NULL_DEFINITIONS[hp.null_kind], "pvalue_definitions": pvalue_definitions(n_null),
-            "report": report,
-        }  # fmt: skip
+        })  # fmt: skip
         return self.selected
 
     def _log_selection(self) -> None:
-        logged: dict[str, float] = {}
-        layers = sorted({row["layer"] for row in self.selection_table})
-        for layer in layers:
-            rows = [row for row in self.selection_table if row["layer"] == layer]
-            top = max(rows, key=lambda r: -math.inf if math.isnan(r["ablation_score"]) else r["ablation_score"])
-            for key in SCORE_KEYS:
-                logged[f"val/{key}/L{layer:02d}"] = float(top[key])
-            logged[f"val/best_position/L{layer:02d}"] = float(top["position"])
-        best = next((row for row in self.selection_table if row["selected"]), None)
-        logged["val/selected_layer"] = float(best["layer"]) if best else -1.0
-        logged["val/selected_position"] = float(best["position"]) if best else -1.0
-        for key in SCORE_KEYS:
-            logged[f"val/selected_{key}"] = float(best[key]) if best else math.nan
-        report = self.selection_stats.get("report")
-        zscores = (report or {}).get("zscores")
-        for key in SCORE_KEYS:
-            logged[f"val/report_{key}"] = float(report["scores"][key]) if report else math.nan
-            logged[f"val/z_{key}"] = float(zscores[key]) if zscores else math.nan
-        logged["val/n_kept"] = float(sum(row["filtered"] is None for row in self.selection_table))
+        summary = selection_summary(self.selection_table, self.selection_stats.get("report"))
+        logged = {f"val/{name}": value for name, value in summary.items()}
         for name, value in logged.items():
             self.log(name, value, prog_bar=name == "val/selected_ablation_score")
         self.last_metrics["val"] = logged
@@ -507,13 +396,7 @@ class ReasoningDirectionModule(L.LightningModule):
             "method": "contrastive: mean(reasoning) - mean(control) over the train split, float64 means",
             "n_train": self.n_train,
             "site": "blocks.{layer}.resid_post",
-            "score_definitions": {
-                "ablation_score": "mean over reasoning prompts of metric(direction ablated everywhere) - "
-                "metric(baseline); > 0: ablation hurts reasoning",
-                "induction_score": "mean over control prompts of metric(baseline) - metric(add_strength * r at "
-                "blocks.{layer}.resid_post); > 0: adding moves control prompts toward reasoning",
-                "kl": "mean over control prompts of KL(baseline || ablated) of the next-token distribution",
-            },
+            "score_definitions": SCORE_DEFINITIONS,
             "null": self.hparams.null_kind,
             "n_null": 0 if self.null_directions is None else len(self.null_directions),
             "selection": self.selection_stats,
@@ -523,10 +406,8 @@ class ReasoningDirectionModule(L.LightningModule):
 
     # ---- the evaluation protocol (lightning_modules/protocol.py) ------------------------------------------------
     def build_report(self, trainer: L.Trainer, datamodule, split: str, options, checkpoint: str) -> dict:
-        """`callbacks.intervention_report.directions_report` of the selected direction on `split` problems,
+        """`lightning_modules.direction_report.directions_report` of the selected direction on `split` problems,
         generating with the evaluate options; the trainer is not used (the backbone follows this module)."""
-        from callbacks.intervention_report import directions_report
-
         self.to("cuda" if torch.cuda.is_available() else "cpu")  # the backbone follows the module's device
         report = directions_report(
             self, datamodule, split=split, n_prompts=options.n_prompts, strengths=list(options.strengths),
@@ -538,8 +419,6 @@ class ReasoningDirectionModule(L.LightningModule):
     @staticmethod
     def write_report(report: dict, output_dir: Path) -> dict[str, Path]:
         """intervention_results.json + visualizations/interventions.png (`write_intervention_report`)."""
-        from callbacks.intervention_report import write_intervention_report
-
         return write_intervention_report(report, output_dir)
 
     def save_directions_file(self, directory) -> str:

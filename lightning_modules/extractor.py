@@ -1,7 +1,7 @@
 """Runs prompts through the frozen backbone under `Trainer.predict` and returns residual-stream activations.
 
-The backbone is deliberately NOT a registered submodule: Lightning must neither move a `device_map`-sharded
-model nor put its weights into a checkpoint. Without a device_map it is moved to the trainer's device here.
+The backbone is a `FrozenBackbone`, not a submodule (see frozen_backbone.py): loaded in `setup` on the trainer's
+device (where accelerate put it when sharded), freed in `teardown`.
 """
 
 from __future__ import annotations
@@ -15,38 +15,30 @@ from interp.activations import capture_residuals
 from interp.backbone import BackboneSpec
 from interp.positions import PositionSpec
 from interp.prompts import post_instruction_ids
+from lightning_modules.frozen_backbone import FrozenBackbone
 
 
 class ActivationExtractor(L.LightningModule):
     def __init__(self, backbone: BackboneSpec, layers: Sequence[int], positions: str = "last"):
         super().__init__()
-        self.backbone_spec = backbone
+        self.backbone = FrozenBackbone(backbone)
         self.layers = list(layers)
         self.positions = PositionSpec.parse(positions)
-        self._model = None  # the frozen backbone, loaded in setup
         self._post_ids: list[int] | None = None
 
-    @property
-    def backbone(self):
-        return self._model
-
     def setup(self, stage: str) -> None:
-        if self._model is not None:
-            return
-        model, tokenizer = self.backbone_spec.load()
-        if self.backbone_spec.device_map is None:
-            model.to(self.trainer.strategy.root_device)
-        self._model = model
+        self.backbone.model(self.trainer.strategy.root_device)
         if self.positions.kind == "post_instruction":
-            self._post_ids = post_instruction_ids(tokenizer)
+            self._post_ids = post_instruction_ids(self.backbone.tokenizer)
 
     def teardown(self, stage: str) -> None:
-        self._model = None  # free the backbone (GPU memory) before probes train on the cache
+        self.backbone.release()  # free the backbone (GPU memory) before probes train on the cache
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """batch: input_ids / attention_mask [b, s] (left padded), row_index [b], split [b], labels {name: [b]}."""
         activations = capture_residuals(
-            self._model, batch["input_ids"], batch["attention_mask"], self.layers, self.positions, self._post_ids
+            self.backbone.model(self.device), batch["input_ids"], batch["attention_mask"], self.layers,
+            self.positions, self._post_ids,
         )  # [b, n_pos, n_layers, d_model] float32 on the CPU
         return {
             "activations": activations,

@@ -33,6 +33,9 @@ from torchmetrics.utilities import dim_zero_cat
 
 from interp.errors import UserError
 from interp.probe_metrics import layer_accuracy, layer_balanced_accuracy, layer_macro_auroc, present_classes
+from lightning_modules.layout import LayerStudyModule
+from lightning_modules.probe_report import probe_report, write_probe_report
+from lightning_modules.protocol import cached_test_report
 
 
 class LinearProbe(nn.Module):
@@ -74,7 +77,10 @@ class _EvalOutputs(Metric):
         return {name: dim_zero_cat(getattr(self, name)) for name in self._names}
 
 
-class LayerProbeModule(L.LightningModule):
+class LayerProbeModule(LayerStudyModule):
+    layout_key = "probe_layout"
+    trained_keys = ("probe.", "control_probe.")
+
     def __init__(self, lr: float = 1e-2, weight_decay: float = 1e-3):
         """
         Args:
@@ -83,10 +89,8 @@ class LayerProbeModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.strict_loading = False
         self.probe: LinearProbe | None = None
         self.control_probe: LinearProbe | None = None
-        self.layers: list[int] = []
         self.class_names: list[str] = []
         self.train_class_counts: torch.Tensor | None = None  # [num_classes] from the datamodule: majority baseline
         # split -> name -> [n_layers] float64 per-layer scores, plus "majority_baseline" (0-dim, when the train
@@ -94,11 +98,14 @@ class LayerProbeModule(L.LightningModule):
         self.last_metrics: dict[str, dict] = {}
 
     # ---- building (from the datamodule when fitting, from the checkpoint when loading) -------------------------
-    def _build(self, layers: Sequence[int], d_model: int, class_names: Sequence[str]) -> None:
-        self.layers, self.class_names = list(layers), list(class_names)
+    def layout(self) -> dict:
+        return {"layers": self.layers, "d_model": self.probe.weight.shape[1], "class_names": self.class_names}
+
+    def _build(self, layout: dict) -> None:
+        self.layers, self.class_names = list(layout["layers"]), list(layout["class_names"])
         n_layers, num_classes = len(self.layers), len(self.class_names)
-        self.probe = LinearProbe(n_layers, d_model, num_classes)
-        self.control_probe = LinearProbe(n_layers, d_model, num_classes)
+        self.probe = LinearProbe(n_layers, layout["d_model"], num_classes)
+        self.control_probe = LinearProbe(n_layers, layout["d_model"], num_classes)
         self.outputs = nn.ModuleDict({split: _EvalOutputs() for split in ("val", "test")})
         self.to(self.device)
 
@@ -107,7 +114,7 @@ class LayerProbeModule(L.LightningModule):
         self.train_class_counts = getattr(dm, "train_class_counts", None)
         if self.probe is not None:
             return
-        self._build(dm.layers, dm.d_model, dm.class_names)
+        self._build({"layers": dm.layers, "d_model": dm.d_model, "class_names": dm.class_names})
         if stage == "fit":
             moments = dm.train_moments()
             bad = ~(torch.isfinite(moments.mean) & torch.isfinite(moments.var())).all(-1)  # [n_layers]
@@ -116,17 +123,6 @@ class LayerProbeModule(L.LightningModule):
                 raise UserError(f"the training activations of layer(s) {layers} hold NaN or inf values")
             for probe in (self.probe, self.control_probe):
                 probe.set_standardization(moments.mean.float(), moments.var().sqrt().float())
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["probe_layout"] = {
-            "layers": self.layers, "d_model": self.probe.weight.shape[1], "class_names": self.class_names,
-        }  # fmt: skip
-        assert not any(key.startswith(("backbone", "_model")) for key in checkpoint["state_dict"])
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.probe is None:
-            layout = checkpoint["probe_layout"]
-            self._build(layout["layers"], layout["d_model"], layout["class_names"])
 
     # ---- steps -----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,9 +169,7 @@ class LayerProbeModule(L.LightningModule):
             "control_acc": layer_accuracy(out["control_logits"], y_control),
         }
         values["selectivity"] = values["acc"] - values["control_acc"]
-        for name, per_layer in values.items():
-            for layer, value in zip(self.layers, per_layer):
-                self.log(f"{split}/{name}/L{layer:02d}", value, sync_dist=True)
+        self.log_per_layer(split, values)
         self.log(f"{split}/acc_best", values["acc"].max(), prog_bar=True, sync_dist=True)
         values = {name: v.detach().cpu() for name, v in values.items()}
         if self.train_class_counts is not None:
@@ -196,18 +190,13 @@ class LayerProbeModule(L.LightningModule):
 
     # ---- the evaluation protocol (lightning_modules/protocol.py) ------------------------------------------------
     def build_report(self, trainer: L.Trainer, datamodule, split: str, options, checkpoint: str) -> dict:
-        """`callbacks.probe_report.probe_report` on the test split (the activation cache is extracted first if
-        it is incomplete)."""
-        from callbacks.probe_report import probe_report
-        from lightning_modules.protocol import cached_test_report
-
+        """`lightning_modules.probe_report.probe_report` on the test split (the activation cache is extracted first
+        if it is incomplete)."""
         return cached_test_report(probe_report, self, trainer, datamodule, split, checkpoint, "probe")
 
     @staticmethod
     def write_report(report: dict, output_dir: Path) -> dict[str, Path]:
-        """probe_accuracies.json + visualizations/probe_accuracy.png (`callbacks.probe_report.write_probe_report`)."""
-        from callbacks.probe_report import write_probe_report
-
+        """probe_accuracies.json + visualizations/probe_accuracy.png (`write_probe_report`)."""
         return write_probe_report(report, output_dir)
 
 

@@ -12,7 +12,7 @@ A study module (a LightningModule named by a run config's `model.class_path`) pr
     write_report(report, output_dir) -> dict[str, Path]     (a staticmethod)
         writes the report's files under output_dir (JSON, visualizations/*.png), returns them by kind
         ("json", "figure", ...) in the order evaluate.py prints them.
-The report code itself lives in callbacks/*_report.py; the module's methods only call it.
+The report code itself lives in lightning_modules/*_report.py; the module's methods only call it.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import lightning as L
 
 from interp.errors import UserError
 from interp.generation import DEFAULT_MAX_NEW_TOKENS
+from lightning_modules.cache_writer import extract_activations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +72,6 @@ def study_module_class(class_path: str) -> type[L.LightningModule]:
 def cached_test_report(report_fn, module, trainer: L.Trainer, datamodule, split: str, checkpoint: str, what: str):
     """`report_fn(trainer, module, datamodule, checkpoint)` of a module read from the activation cache: test split
     only (UserError otherwise), the cache extracted first where it is incomplete."""
-    from callbacks.cache_writer import extract_activations
-
     if split != "test":
         raise UserError(f"the {what} report is computed on the test split, not {split!r}")
     extract_activations(trainer, datamodule)

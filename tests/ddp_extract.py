@@ -9,7 +9,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import lightning as L  # noqa: E402
 from pipeline_utils import build_datamodule  # noqa: E402
 
-from callbacks.cache_writer import extract_activations  # noqa: E402
+from lightning_modules.cache_writer import extract_activations  # noqa: E402
 
 if __name__ == "__main__":
     cache_dir, devices = sys.argv[1], int(sys.argv[2])

@@ -3,11 +3,17 @@
 import pytest
 import torch
 
-from interp.activations import collect_activations
+from interp.activations import capture_residuals, collect_activations
 from interp.backbone import decoder_layers
 from interp.errors import UserError
 from interp.hooks import hooked, site_name
-from interp.prompts import post_instruction_ids, tokenize_prompts
+from interp.positions import PositionSpec
+from interp.prompts import (
+    check_ends_with_template,
+    length_sorted_chunks,
+    post_instruction_ids,
+    tokenize_prompts,
+)
 
 
 def _reference(model, tokenizer, prompt):
@@ -126,3 +132,39 @@ def test_bad_layers_and_positions(tiny, chat_prompts):
         collect_activations(model, tokenizer, ["Hi"], positions="last_50")
     with pytest.raises(UserError, match="chat template"):
         collect_activations(model, tokenizer, ["plain text"], positions="post_instruction")
+
+
+def test_length_sorted_chunks():
+    lengths = [5, 2, 9, 2, 7, 5, 1]
+    chunks = length_sorted_chunks(lengths, batch_size=3)
+    assert chunks == [[6, 1, 3], [0, 5, 4], [2]]  # by length; ties (2, 2) and (5, 5) keep input order
+    flat = [i for chunk in chunks for i in chunk]
+    assert sorted(flat) == list(range(len(lengths)))  # every index exactly once
+    assert [lengths[i] for i in flat] == sorted(lengths)
+    assert length_sorted_chunks(lengths, batch_size=100) == [flat]
+    assert length_sorted_chunks([4, 4, 4], batch_size=1) == [[0], [1], [2]]
+    assert length_sorted_chunks([], batch_size=2) == []
+    for bad in (0, -1):
+        with pytest.raises(UserError, match="batch_size must be >= 1"):
+            length_sorted_chunks(lengths, batch_size=bad)
+
+
+def test_check_ends_with_template():
+    post = [7, 8]
+    check_ends_with_template([[1, 7, 8], [7, 8]], post)
+    check_ends_with_template([[1, 2]], [])  # a template with no suffix: every prompt ends with it
+    with pytest.raises(UserError, match=r"every control prompt must end with the chat template's .* \(control prompt 1 does"):
+        check_ends_with_template([[1, 7, 8], [7, 8, 1]], post, "control prompt")
+    with pytest.raises(UserError, match="post-instruction tokens .*: 'xyz'"):
+        check_ends_with_template([[8]], post, texts=["xyz"])  # shorter than the suffix
+
+
+def test_post_instruction_accepts_right_padding(tiny, chat_prompts):
+    model, tokenizer = tiny
+    post = post_instruction_ids(tokenizer)
+    left = tokenize_prompts(tokenizer, chat_prompts[:3])
+    right = tokenizer(chat_prompts[:3], padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False)
+    spec = PositionSpec("post_instruction")
+    expected = capture_residuals(model, left["input_ids"], left["attention_mask"], [0, 5], spec, post)
+    got = capture_residuals(model, right["input_ids"], right["attention_mask"], [0, 5], spec, post)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

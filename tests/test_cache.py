@@ -10,8 +10,8 @@ import pytest
 import torch
 from pipeline_utils import REPO, build_datamodule
 
-from callbacks.cache_writer import extract_activations
 from interp.activations import collect_activations
+from lightning_modules.cache_writer import extract_activations
 
 
 def _trainer():
@@ -109,7 +109,7 @@ def test_extraction_leaves_the_random_state_as_it_found_it(tmp_path):
     import numpy as np
     from pipeline_utils import build_datamodule
 
-    from callbacks.cache_writer import extract_activations
+    from lightning_modules.cache_writer import extract_activations
 
     dm = build_datamodule(tmp_path, limit=2, positions="last", batch_size=4)
     torch.manual_seed(123), random.seed(123), np.random.seed(123)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lightning_modules.directions as directions_module
-from interp.directions import null_directions
+from interp.null_directions import null_directions
 
 D, N_LAYERS, N_POS, N_TRAIN_PAIRS = 8, 10, 2, 16
 
@@ -57,7 +57,7 @@ def _fake_datamodule(n_val: int):
     reads = []
 
     class DM:
-        prompts = types.SimpleNamespace(rows=rows)
+        prompts = types.SimpleNamespace(rows=rows, setup=lambda stage=None: None)
 
         def __init__(self):
             self.row_index = {k: torch.tensor(v) for k, v in row_index.items()}
@@ -76,7 +76,8 @@ def test_json_records_the_problems_used_the_paired_null_and_only_standard_number
     module = directions_module.ReasoningDirectionModule(n_selection_prompts=4, n_report_prompts=4, n_random=4,
                                                         kl_threshold=10.0, seed=0)  # fmt: skip
     module.layers, module.n_model_layers, module.position_labels = list(range(N_LAYERS)), N_LAYERS, ["a", "b"]
-    module.positions, module._backbone, module._move_backbone = "last", (None, None), False
+    module.positions = "last"
+    module.attach_backbone(torch.nn.Identity())  # the fake scorers never run it
     module.directions = (acts[labels == 1].mean(0) - acts[labels == 0].mean(0)).float()
     module.n_train = {"reasoning": N_TRAIN_PAIRS, "control": N_TRAIN_PAIRS}
     selected = module.run_selection(dm)
@@ -114,7 +115,7 @@ class _RecordingScorer(_FlatScorer):
 def test_searched_null_candidates_are_shared_sign_flips_at_every_searched_site(tmp_path, monkeypatch):
     """n_searched_null = 3: three more selection sweeps over placebo candidates; each draw's candidate at a site is
     the sign-flip of that site's paired train differences with ONE sign vector per draw, scaled to |r| there."""
-    from interp.directions import balanced_signs, paired_differences
+    from interp.null_directions import balanced_signs, paired_differences
 
     _RecordingScorer.calls = []
     monkeypatch.setattr(directions_module, "PromptScorer", _RecordingScorer)
@@ -122,7 +123,8 @@ def test_searched_null_candidates_are_shared_sign_flips_at_every_searched_site(t
     module = directions_module.ReasoningDirectionModule(n_selection_prompts=4, n_report_prompts=4, n_random=0,
                                                         kl_threshold=10.0, seed=0, n_searched_null=3)  # fmt: skip
     module.layers, module.n_model_layers, module.position_labels = list(range(N_LAYERS)), N_LAYERS, ["a", "b"]
-    module.positions, module._backbone, module._move_backbone = "last", (None, None), False
+    module.positions = "last"
+    module.attach_backbone(torch.nn.Identity())  # the fake scorers never run it
     module.directions = (acts[labels == 1].mean(0) - acts[labels == 0].mean(0)).float()
     module.n_train = {"reasoning": N_TRAIN_PAIRS, "control": N_TRAIN_PAIRS}
     module.run_selection(dm)

@@ -18,19 +18,15 @@ import torch
 from pipeline_utils import REPO, build_datamodule, tiny_config
 
 import train
-from callbacks.cache_writer import extract_activations
 from interp.direction_scoring import PromptScorer, score_candidates
-from interp.directions import (
-    compute_contrastive_directions,
-    load_directions,
-    load_extra_tensors,
-    null_directions,
-)
+from interp.directions import compute_contrastive_directions, load_directions, load_extra_tensors
 from interp.errors import UserError
 from interp.interventions import InterventionHandler
 from interp.metrics import first_tokens_logprob, gold_solution_nll, last_token_kl, next_token_logits
+from interp.null_directions import null_directions
 from interp.prompts import format_chat_prompt
 from interp.selection import bootstrap_ci, select_reasoning_direction
+from lightning_modules.cache_writer import extract_activations
 from lightning_modules.directions import ReasoningDirectionModule
 
 CACHED_LAYERS = [1, 4, 9, 28]
@@ -317,7 +313,7 @@ def test_checkpoint_holds_no_backbone_and_reloads(fitted, tmp_path):
     assert reloaded.selection_table == module.selection_table
     assert reloaded.post_instruction_tokens == QWQ_POST_TOKENS
     torch.testing.assert_close(reloaded.selected_direction(), module.selected_direction())
-    assert reloaded._backbone is None and reloaded.backbone_spec.name_or_path == "tiny"
+    assert not reloaded.backbone.loaded and reloaded.backbone_spec.name_or_path == "tiny"
 
 
 def test_bad_settings():

@@ -14,7 +14,8 @@ import pytest
 
 import interp.grading as grading
 from interp.errors import UserError
-from interp.grading import compression_ratio, extract_answer, grade_answer, last_boxed, ngram_repetition
+from interp.grading import extract_answer, grade_answer, last_boxed
+from interp.text_metrics import compression_ratio, ngram_repetition
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "datamodules" / "embedded"
 R = "ok\n</think>\n\n"  # a finished generation: its final part follows

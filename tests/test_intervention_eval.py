@@ -7,6 +7,7 @@ accuracies; the callbacks' numbers are recomputed with LayerAblator / Interventi
 attribution_patching on the rows they name, and their TensorBoard events are read back.
 """
 
+import dataclasses
 import json
 import os
 
@@ -19,23 +20,26 @@ from pipeline_utils import tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
 
-import callbacks.intervention_report as report_module
 import evaluate
+import interp.intervention_eval as eval_module
 import train
 from callbacks.ablation import AblationCallback
-from callbacks.intervention_report import intervention_report, problem_pairs, write_intervention_report
 from callbacks.patching import PatchingCallback
 from datamodules.problems import DatasetSource
-from datamodules.prompts import ReasoningPromptsDataModule
+from datamodules.prompts import ReasoningPromptsDataModule, problem_pairs
 from interp.ablation import LayerAblator
 from interp.directions import random_directions
 from interp.errors import UserError
 from interp.generation import generate
-from interp.grading import compression_ratio, extract_answer, grade_answer, ngram_repetition
+from interp.grading import extract_answer, grade_answer
+from interp.intervention_eval import Condition, build_conditions, intervention_report
 from interp.interventions import InterventionHandler
 from interp.metrics import first_tokens_logprob, gold_solution_nll, last_token_kl, next_token_logits
-from interp.patching import attribution_patching, patching_sweep, target_log_prob
+from interp.patching_stats import target_log_prob
+from interp.patching_sweep import attribution_patching, patching_sweep
 from interp.selection import bootstrap_ci, zscore
+from interp.text_metrics import compression_ratio, ngram_repetition
+from lightning_modules.direction_report import write_intervention_report
 
 LAYER = 5
 SOLUTION_TOKENS = 12
@@ -84,6 +88,28 @@ def test_problem_pairs(prompts_dm):
     assert [r.pair_index for r, _ in problem_pairs(prompts_dm, "test", n=2, exclude=[first])] == [second]
     with pytest.raises(UserError, match="no test problems left once the 2 used to select"):
         problem_pairs(prompts_dm, "test", exclude=expected)
+
+
+def test_conditions_for_given_strengths_and_null_count():
+    conditions = build_conditions((1, -3.0, 2.5), n_random=2)
+    assert [c.name for c in conditions] == ["baseline", "ablated", "added@1", "added@-3", "added@2.5",
+                                            "random0_added@-3", "random0_ablated", "random1_added@-3",
+                                            "random1_ablated"]  # fmt: skip
+    assert conditions[:2] == [Condition("baseline", "none", "none", None, None),
+                              Condition("ablated", "ablate", "selected", None, None)]  # fmt: skip
+    assert [(c.strength, c.random_index) for c in conditions[2:5]] == [(1.0, None), (-3.0, None), (2.5, None)]
+    assert all(isinstance(c.strength, float) for c in conditions[2:5])
+    # random directions: added at the strength of largest magnitude (-3, not 2.5), ablated; index = k
+    assert [(c.intervention, c.direction, c.strength, c.random_index) for c in conditions[5:]] == [
+        ("add", "random", -3.0, 0), ("ablate", "random", None, 0), ("add", "random", -3.0, 1),
+        ("ablate", "random", None, 1)]  # fmt: skip
+    assert [c.name for c in build_conditions((2.0,), n_random=0)] == ["baseline", "ablated", "added@2"]
+
+
+def test_each_report_entry_opens_with_its_condition(greedy_report):
+    expected = [dataclasses.asdict(c) for c in build_conditions((0.0, 2.0), n_random=1)]
+    assert [dict(list(entry.items())[:5]) for entry in greedy_report["conditions"]] == expected
+    assert list(expected[0]) == ["name", "intervention", "direction", "strength", "random_index"]
 
 
 def test_report_numbers_equal_direct_calls(tiny, test_rows, direction_by_layer, greedy_report):
@@ -207,7 +233,7 @@ def test_accuracy_and_degeneration_of_planted_generations(tiny, test_rows, direc
         assert prompts == [r.prompt for r in reasoning]
         return list(planted)
 
-    monkeypatch.setattr(report_module, "generate", fake_generate)
+    monkeypatch.setattr(eval_module, "generate", fake_generate)
     report = intervention_report(model, tokenizer, test_rows, direction_by_layer, LAYER, strengths=(1.0,), n_random=0,
                                  max_new_tokens=3, temperature=0.7, top_p=0.9, n_bootstrap=10,
                                  max_solution_tokens=4, n_samples=1)  # fmt: skip
@@ -227,7 +253,7 @@ def test_truncated_reasoning_is_incorrect_and_counted(tiny, test_rows, direction
     reasoning = [r for r in test_rows if r.kind == "reasoning"]
     planted = [f"so</think> The answer is $\\boxed{{{reasoning[0].gold_answer}}}$.",
                f"Let me add these up step by step: {reasoning[1].gold_answer}"]  # fmt: skip
-    monkeypatch.setattr(report_module, "generate", lambda *args, **kwargs: list(planted))
+    monkeypatch.setattr(eval_module, "generate", lambda *args, **kwargs: list(planted))
     report = intervention_report(model, tokenizer, test_rows, direction_by_layer, LAYER, strengths=(1.0,), n_random=0,
                                  n_bootstrap=10, max_solution_tokens=4)  # fmt: skip
     for condition in report["conditions"]:

@@ -9,7 +9,7 @@ from torch import nn
 from interp.activations import collect_activations
 from interp.errors import UserError
 from interp.hooks import hooked, site_name
-from interp.lens import LogitLens, final_norm
+from interp.lens import LogitLens, TunedLens, final_norm
 from interp.positions import padded_position_ids
 from interp.prompts import tokenize_prompts
 
@@ -142,3 +142,24 @@ def test_lens_rejects_bad_inputs(tiny, acts):
     stub = types.SimpleNamespace(base_model=nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 4)))
     with pytest.raises(UserError, match="cannot find the final norm of Sequential"):
         final_norm(stub)
+
+
+def test_tuned_lens_without_lightning(tiny, acts):
+    """An untrained TunedLens is the logit lens: its KL(model's last layer || layer l) equals the float64 closed form,
+    it is exactly 0 at the last layer, and training touches every layer but the last."""
+    model, _ = tiny
+    lens = TunedLens.for_model(model, [0, 15, LAST], rank=2)
+    assert lens.final_slot == 2 and lens.trained_slots == [0, 1]
+    with torch.no_grad():
+        kl = lens.kl_per_layer(acts)  # [3, 3]
+        log_p = _closed_form(model, acts[:, 2]).log_softmax(-1)  # [3, vocab] float64
+        expected = torch.stack([(log_p.exp() * (log_p - _closed_form(model, acts[:, i]).log_softmax(-1))).sum(-1)
+                                for i in range(3)], dim=1)  # fmt: skip
+        torch.testing.assert_close(lens.logits(acts).double(), _closed_form(model, acts), atol=1e-4, rtol=1e-4)
+    assert bool((kl[:, 2] == 0).all()) and float(kl[:, 0].min()) > 1e-3
+    torch.testing.assert_close(kl.double(), expected, atol=1e-4, rtol=1e-4)
+    loss = lens.kl_per_layer(acts, slots=lens.trained_slots).mean()
+    loss.backward()
+    assert lens.translators.up.grad[:2].abs().sum() > 0 and not lens.translators.up.grad[2].any()
+    with pytest.raises(UserError, match="last layer"):
+        TunedLens.for_model(model, [0, 15])

@@ -11,14 +11,9 @@ import torch
 from interp.backbone import decoder_layers
 from interp.errors import UserError
 from interp.hooks import hooked, site_name
-from interp.patching import (
-    PathPatcher,
-    attribution_patching,
-    capture_sites,
-    logit_difference,
-    patching_sweep,
-    target_log_prob,
-)
+from interp.patching import PathPatcher, capture_sites
+from interp.patching_stats import logit_difference, target_log_prob
+from interp.patching_sweep import attribution_patching, patching_sweep
 from interp.positions import padded_position_ids
 from interp.prompts import format_chat_prompt, post_instruction_ids, tokenize_prompts
 

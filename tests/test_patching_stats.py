@@ -20,8 +20,8 @@ from datamodules.problems import DatasetSource
 from datamodules.prompts import ReasoningPromptsDataModule
 from interp.errors import UserError
 from interp.hooks import hooked, site_name
-from interp.patching import attribution_patching, logit_difference, patching_sweep, target_log_prob
-from interp.patching_stats import DEFINITION, fieller_ci, summarise
+from interp.patching_stats import DEFINITION, fieller_ci, logit_difference, summarise, target_log_prob
+from interp.patching_sweep import attribution_patching, patching_sweep
 from interp.positions import padded_position_ids
 from interp.prompts import format_chat_prompt, post_instruction_ids, tokenize_prompts
 

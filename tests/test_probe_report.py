@@ -9,12 +9,12 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from callbacks.cache_writer import extract_activations
-from callbacks.probe_report import probe_report, write_probe_report
 from datamodules.activations import CachedActivationDataModule
 from datamodules.problems import DatasetSource
 from datamodules.prompts import ReasoningPromptsDataModule
 from interp.backbone import BackboneSpec
+from lightning_modules.cache_writer import extract_activations
+from lightning_modules.probe_report import probe_report, write_probe_report
 from lightning_modules.probes import LayerProbeModule
 
 

@@ -30,7 +30,7 @@ def test_linear_probe_is_one_standardized_affine_map_per_layer():
 def identity_probe_module(layers, class_names) -> LayerProbeModule:
     """A built module whose probes return their input: x [n, n_layers, C] -> logits = x (to feed chosen logits)."""
     module = LayerProbeModule()
-    module._build(layers=layers, d_model=len(class_names), class_names=class_names)
+    module._build({"layers": layers, "d_model": len(class_names), "class_names": class_names})
     with torch.no_grad():
         for probe in (module.probe, module.control_probe):
             probe.weight.copy_(torch.eye(len(class_names)).expand(len(layers), -1, -1))

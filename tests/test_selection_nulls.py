@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from interp.directions import (
+from interp.directions import compute_contrastive_directions
+from interp.errors import UserError
+from interp.null_directions import (
     NULLS,
     balanced_signs,
-    compute_contrastive_directions,
     covariance_directions,
     null_directions,
     paired_differences,
@@ -23,7 +24,6 @@ from interp.directions import (
     placebo_partitions,
     signflip_directions,
 )
-from interp.errors import UserError
 from interp.selection import null_pvalues, zscore
 
 

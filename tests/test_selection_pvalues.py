@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from interp.directions import load_directions, save_directions
-from interp.selection import null_pvalues, zscore
+from interp.selection import null_pvalues, pvalue_definitions, zscore
 
 
 def test_t_pvalue_matches_the_closed_form_for_two_degrees_of_freedom():
@@ -69,7 +69,7 @@ def test_save_directions_writes_non_finite_numbers_as_json_null(tmp_path):
 
 def test_the_default_number_of_nulls_lets_the_rank_pvalue_reach_005():
     """With m nulls the rank p-value is >= 1 / (m + 1): the module's default m = 19 is the smallest with 0.05."""
-    from lightning_modules.directions import ReasoningDirectionModule, pvalue_definitions
+    from lightning_modules.directions import ReasoningDirectionModule
 
     m = ReasoningDirectionModule().hparams.n_random
     assert m == 19

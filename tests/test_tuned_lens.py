@@ -11,11 +11,13 @@ import torch
 from pipeline_utils import build_datamodule, tiny_config
 from tolerances import float32_kl_error, float32_readout_error, gamma
 
+import interp.backbone
 import train
-from callbacks.cache_writer import extract_activations
 from interp.errors import UserError
+from interp.lens import AffineTranslators
 from interp.prompts import tokenize_prompts
-from lightning_modules.tuned_lens import AffineTranslators, TunedLensModule
+from lightning_modules.cache_writer import extract_activations
+from lightning_modules.tuned_lens import TunedLensModule
 
 N_BACKBONE_LAYERS = 32
 
@@ -34,6 +36,10 @@ def lens_data(tmp_path_factory):
     dm.batch_size = 8
     dm.setup()
     return dm
+
+
+def _layout(layers, d_model: int) -> dict:
+    return {"layers": list(layers), "d_model": d_model, "n_backbone_layers": N_BACKBONE_LAYERS}
 
 
 def _split_x(dm, split: str) -> torch.Tensor:
@@ -116,11 +122,11 @@ def test_translators_closed_form():
 def test_untrained_tuned_lens_is_the_logit_lens(lens_data, tiny, rank):
     model, _ = tiny
     module = TunedLensModule(rank=rank)
-    module._build(lens_data.layers, lens_data.d_model, N_BACKBONE_LAYERS)
+    module._build(_layout(lens_data.layers, lens_data.d_model))
     module.attach_backbone(model)
     x = _split_x(lens_data, "val")
     with torch.no_grad():
-        kl_tuned, kl_logit = module.kl_per_layer(x, tuned=True), module.kl_per_layer(x, tuned=False)
+        kl_tuned, kl_logit = module.lens.kl_per_layer(x, tuned=True), module.lens.kl_per_layer(x, tuned=False)
     assert kl_tuned.shape == (len(x), N_BACKBONE_LAYERS)
     assert torch.equal(kl_tuned, kl_logit)
     assert kl_logit[:, -1].abs().max() < 1e-7  # the last layer's logit lens is the model itself
@@ -132,7 +138,7 @@ def test_untrained_tuned_lens_is_the_logit_lens(lens_data, tiny, rank):
 def test_last_layer_lens_logits_are_the_models_logits(lens_data, tiny):
     model, tokenizer = tiny
     module = TunedLensModule()
-    module._build(lens_data.layers, lens_data.d_model, N_BACKBONE_LAYERS)
+    module._build(_layout(lens_data.layers, lens_data.d_model))
     module.attach_backbone(model)
     x = _split_x(lens_data, "test")
     rows = lens_data.row_index["test"].tolist()
@@ -147,9 +153,9 @@ def test_last_layer_lens_logits_are_the_models_logits(lens_data, tiny):
 def test_needs_the_last_layer_and_another():
     module = TunedLensModule()
     with pytest.raises(UserError, match="last layer"):
-        module._build([0, 5], 64, N_BACKBONE_LAYERS)
+        module._build(_layout([0, 5], 64))
     with pytest.raises(UserError, match="besides the last"):
-        module._build([31], 64, N_BACKBONE_LAYERS)
+        module._build(_layout([31], 64))
     with pytest.raises(UserError, match="rank"):
         TunedLensModule(rank=0)
 
@@ -207,7 +213,7 @@ def test_checkpoint_holds_only_translators_and_reloads(trained, lens_data):
     x = _split_x(lens_data, "test")
     with torch.no_grad():
         assert torch.equal(reloaded(x), module(x))
-        assert torch.equal(reloaded.kl_per_layer(x), module.kl_per_layer(x))
+        assert torch.equal(reloaded.lens.kl_per_layer(x), module.lens.kl_per_layer(x))
 
 
 @pytest.mark.slow
@@ -226,8 +232,12 @@ def test_train_and_resume_through_train_py(tmp_path, monkeypatch):
     assert list((tmp_path / "logs" / "run").glob("events.out.tfevents.*"))
 
 
-def test_config_needs_the_last_layer(tmp_path, monkeypatch):
+def test_config_without_the_last_layer_fails_before_any_model_loads(tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was validated")
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(interp.backbone, "load_backbone", no_loading)
     config = tiny_config("tuned_lens_tiny.yaml", tmp_path, limit=2, layers=[0, 3])
     with pytest.raises(UserError, match="last layer"):
         train.main(["--config", str(config), "--trainer.fast_dev_run", "true", "--run_name", "dev"])

@@ -4,6 +4,8 @@
 it reuses a complete cache with the same key, resumes an interrupted one (finished rows are skipped), and
 otherwise runs the prompts through the backbone on the trainer's own accelerator/strategy. Under DDP every
 rank writes the shards of the rows it computed; rank zero writes the manifest after a barrier.
+`ActivationCacheWriter` is a callback, but only as the extractor's output stage: it lives beside the extraction
+so that the study modules' reports (protocol.py) extract a missing cache without importing callbacks/.
 """
 
 from __future__ import annotations

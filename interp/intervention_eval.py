@@ -1,0 +1,209 @@
+"""Answer-graded evaluation of a reasoning direction: generate under interventions, grade, score.
+
+`intervention_report` runs held-out problems (PromptRows: reasoning prompts with their gold answers and
+solutions, and the control prompts of the same problems) through the backbone under these CONDITIONS
+(`build_conditions`, one `Condition` each):
+    baseline                  no intervention
+    ablated                   the direction r projected out everywhere (InterventionHandler mode="ablate":
+                              embedding output and every attention / MLP output, all positions)
+    added@{s}                 x <- x + s * r at blocks.{selected_layer}.resid_post, on the prompt AND the
+                              generated tokens (InterventionHandler mode="add", positions="all"), per strength s
+    random{k}_added@{s_max}   the same with null direction k (norm |r|) at the strength of largest magnitude:
+                              the run's own null directions when given (`directions_report` passes the
+                              directions run's, e.g. placebo), else isotropic random directions
+    random{k}_ablated         null direction k ablated like r
+Per condition:
+    accuracy        on the reasoning prompts: share of generations that `grade_answer` marks correct against the
+                    row's gold_answer (its dataset's rules); generation with `interp.generation.generate`
+                    (sampling at temperature 0.6 / top_p 0.95 by default, greedy with do_sample=False) and the
+                    same seed in every condition, so conditions differ only by the intervention
+    gold_nll        on the reasoning prompts: teacher-forced mean NLL per token of the gold solution
+                    (`interp.metrics.gold_solution_nll`, first max_solution_tokens tokens); mean, percentile
+                    bootstrap 95% CI over prompts, per prompt; gold_nll_change = paired change vs baseline
+    control_kl      on the control prompts: KL(baseline || condition) of the next-token distribution after the
+                    prompt (`last_token_kl` of `next_token_logits`); 0 for the baseline
+    degeneration    means over the reasoning generations of `ngram_repetition` (4-grams) and `compression_ratio`
+JSON written by `lightning_modules.direction_report.write_intervention_report` (intervention_results.json;
+NaN -> null):
+    {"selected_layer": int, "direction_norm": float, "strengths": [float], "n_random": int,
+     "null": a `interp.directions.NULLS` kind, "n_null": int (= n_random),
+     "null_source": "the run's saved null directions" | "isotropic, drawn here (the run saved none)",
+     "generation": {"max_new_tokens", "do_sample", "temperature", "top_p", "seed"},
+     "n_bootstrap": int, "max_solution_tokens": int | null,
+     "reasoning_rows": [row_index], "control_rows": [row_index], "pair_indices": [pair_index],
+     "conditions": [{"name": str, "intervention": "none" | "ablate" | "add", "direction": "none" | "selected" |
+                     "random", "strength": float | null, "random_index": int | null,   (the `Condition`)
+                     "accuracy": float, "n_correct": int, "n_prompts": int, "correct": [bool per reasoning row],
+                     "extracted_answers": [str | null per reasoning row],
+                     "truncation_rate": float, "n_truncated": int, "truncated": [bool per reasoning row],
+                     "accuracy_among_finished": float | null (n_correct / generations with a final answer),
+                     "gold_nll": {"mean": float, "ci": [low, high], "per_prompt": [float]},
+                     "gold_nll_change": {"mean": float, "ci": [low, high]},
+                     "control_kl": {"mean": float, "max": float, "per_prompt": [float]},
+                     "ngram_repetition": float, "compression_ratio": float,
+                     "samples": [{"row_index", "pair_index", "dataset", "gold_answer", "generation",
+                                  "extracted_answer", "correct", "truncated"}, ... the first n_samples rows]}],
+     ... plus what the caller adds (`lightning_modules.direction_report.directions_report`: "checkpoint",
+     "backbone", "split", "position", "position_label", "layer")}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from interp.backbone import decoder_layers
+from interp.directions import random_directions
+from interp.errors import UserError
+from interp.generation import DEFAULT_MAX_NEW_TOKENS, generate
+from interp.grading import extract_answer, grade_answer
+from interp.interventions import InterventionHandler, intervention_directions
+from interp.metrics import gold_solution_nll, last_token_kl, next_token_logits
+from interp.selection import bootstrap_ci
+from interp.text_metrics import compression_ratio, ngram_repetition
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    """One of the CONDITIONS (module docstring). Its fields, in this order, open the condition's report entry."""
+
+    name: str
+    intervention: str  # "none" | "ablate" | "add"
+    direction: str  # "none" | "selected" | "random"
+    strength: float | None = None  # the multiplier s of an added direction
+    random_index: int | None = None  # which null direction, for direction "random"
+
+    def handler(self, model, direction: torch.Tensor, randoms: torch.Tensor, layer: int):
+        """The context manager that applies this condition (nullcontext for the baseline).
+        direction: [d_model] (r); randoms: [n, d_model] null directions; layer: where "add" adds."""
+        if self.intervention == "none":
+            return contextlib.nullcontext()
+        r = direction if self.direction == "selected" else randoms[self.random_index]
+        if self.intervention == "ablate":
+            return InterventionHandler(model, r, mode="ablate")
+        return InterventionHandler(model, r, self.strength, layers=[layer], mode="add", positions="all")
+
+
+def build_conditions(strengths: Sequence[float], n_random: int) -> list[Condition]:
+    """baseline, ablated, added@{s} per strength, then per null direction k: added at the strength of largest
+    magnitude and ablated."""
+    largest = float(max(strengths, key=abs))
+    conditions = [Condition("baseline", "none", "none"), Condition("ablated", "ablate", "selected")]
+    conditions += [Condition(f"added@{s:g}", "add", "selected", strength=float(s)) for s in strengths]
+    for k in range(n_random):
+        conditions += [Condition(f"random{k}_added@{largest:g}", "add", "random", strength=largest, random_index=k),
+                       Condition(f"random{k}_ablated", "ablate", "random", random_index=k)]  # fmt: skip
+    return conditions
+
+
+def intervention_report(
+    model,
+    tokenizer,
+    rows: Sequence,
+    direction_by_layer,
+    selected_layer: int,
+    strengths: Sequence[float] = (-1.0, 1.0, 2.0, 4.0),
+    n_random: int = 1,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    do_sample: bool = True,
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    seed: int = 0,
+    batch_size: int = 8,
+    n_samples: int | None = 4,
+    n_bootstrap: int = 1000,
+    max_solution_tokens: int | None = 256,
+    null_directions: torch.Tensor | None = None,
+    null: str = "isotropic",
+) -> dict:
+    """Evaluate the direction direction_by_layer[selected_layer] under every condition (module docstring).
+
+    Args:
+        rows: PromptRows (`datamodules.prompts.PromptRow`); kind "reasoning" rows are generated, graded and
+            NLL-scored, kind "control" rows give the KL. Both kinds are needed.
+        direction_by_layer: [n_model_layers, d_model] (e.g. `ReasoningDirectionModule.directions_by_layer`);
+            only row `selected_layer` is used, unnormalised (|r| sets the scale of the strengths).
+        strengths: multipliers s of the added conditions (0 reproduces the baseline exactly).
+        n_random: null directions, each added at the strength of largest magnitude and ablated: the first
+            n_random rows of `null_directions` ([n, d_model], named `null`, rescaled to |r|) when given, else
+            isotropic random directions of |r| seeded by `seed`.
+        n_samples: generations kept as text in "samples" per condition (None: all).
+    Returns:
+        the report dict (JSON shape in the module docstring).
+    """
+    reasoning = [row for row in rows if row.kind == "reasoning"]
+    control = [row for row in rows if row.kind == "control"]
+    if not reasoning or not control:
+        raise UserError(f"the report needs reasoning and control prompts; got {len(reasoning)} and {len(control)}")
+    if not strengths:
+        raise UserError("give at least one strength")
+    if n_random < 0 or n_bootstrap < 1:
+        raise UserError(f"n_random must be >= 0 and n_bootstrap >= 1, got {n_random}, {n_bootstrap}")
+    directions = intervention_directions(model, direction_by_layer)
+    if directions.ndim != 2:
+        raise UserError(f"direction_by_layer must be [n_layers, d_model], got {tuple(directions.shape)}")
+    if not 0 <= selected_layer < len(decoder_layers(model)):
+        raise UserError(f"selected_layer {selected_layer} out of range: the model has {directions.shape[0]} layers")
+    direction = directions[selected_layer]  # [d_model]
+    norm = float(direction.to(torch.float64).norm())
+    if norm == 0.0:
+        raise UserError(f"the direction at layer {selected_layer} has zero norm")
+    if null_directions is None:
+        randoms, null, source = random_directions(direction, max(n_random, 1), generator=seed), "isotropic", None
+    else:
+        randoms = torch.as_tensor(null_directions).detach().cpu().to(torch.float64)  # [n, d_model]
+        source = "the run's saved null directions"
+        if randoms.ndim != 2 or randoms.shape[1] != direction.shape[0] or len(randoms) < n_random:
+            raise UserError(f"the run saved null directions {tuple(randoms.shape)}: ask for at most {len(randoms)} "
+                            f"random directions of d_model {direction.shape[0]} (--n_random)")  # fmt: skip
+        randoms = (randoms / randoms.norm(dim=-1, keepdim=True) * norm).to(direction.dtype)  # [n, d_model], |r|
+    prompts = [row.prompt for row in reasoning]
+    solutions = [row.gold_solution for row in reasoning]
+    control_prompts = [row.prompt for row in control]
+    gen = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature, "top_p": top_p,
+           "seed": seed}  # fmt: skip
+    results, base_nll, base_logits = [], None, None
+    for condition in build_conditions(strengths, n_random):
+        with condition.handler(model, direction, randoms, selected_layer):
+            texts = generate(model, tokenizer, prompts, batch_size=batch_size, **gen)
+            nll = gold_solution_nll(model, tokenizer, prompts, solutions, batch_size, max_solution_tokens)  # [n]
+            logits = next_token_logits(model, tokenizer, control_prompts, batch_size)  # [n_control, vocab]
+        if base_nll is None:
+            base_nll, base_logits = nll, logits
+        kl = last_token_kl(base_logits, logits)  # [n_control] float64
+        correct = [grade_answer(text, row.gold_answer, row.dataset) for text, row in zip(texts, reasoning)]
+        answers = [extract_answer(text, row.dataset) for text, row in zip(texts, reasoning)]
+        truncated = [answer is None for answer in answers]  # no final answer (`has_final_answer` is False)
+        n_finished = len(truncated) - sum(truncated)
+        change = nll - base_nll
+        samples = [
+            {"row_index": row.row_index, "pair_index": row.pair_index, "dataset": row.dataset,
+             "gold_answer": row.gold_answer, "generation": text, "extracted_answer": answer, "correct": ok,
+             "truncated": answer is None}
+            for row, text, answer, ok in zip(reasoning, texts, answers, correct)
+        ][:n_samples]  # fmt: skip
+        results.append({
+            **dataclasses.asdict(condition),
+            "accuracy": sum(correct) / len(correct), "n_correct": sum(correct), "n_prompts": len(correct),
+            "correct": correct, "extracted_answers": answers,
+            "truncation_rate": sum(truncated) / len(truncated), "n_truncated": sum(truncated), "truncated": truncated,
+            "accuracy_among_finished": sum(correct) / n_finished if n_finished else None,
+            "gold_nll": {"mean": float(nll.mean()), "ci": list(bootstrap_ci(nll, n_bootstrap, seed=seed)),
+                         "per_prompt": nll.tolist()},
+            "gold_nll_change": {"mean": float(change.mean()), "ci": list(bootstrap_ci(change, n_bootstrap, seed=seed))},
+            "control_kl": {"mean": float(kl.mean()), "max": float(kl.max()), "per_prompt": kl.tolist()},
+            "ngram_repetition": sum(map(ngram_repetition, texts)) / len(texts),
+            "compression_ratio": sum(map(compression_ratio, texts)) / len(texts),
+            "samples": samples,
+        })  # fmt: skip
+    return {
+        "selected_layer": int(selected_layer), "direction_norm": norm, "strengths": [float(s) for s in strengths],
+        "n_random": n_random, "null": null, "n_null": n_random,
+        "null_source": source or "isotropic, drawn here (the run saved none)", "generation": gen,
+        "n_bootstrap": n_bootstrap, "max_solution_tokens": max_solution_tokens,
+        "reasoning_rows": [row.row_index for row in reasoning], "control_rows": [row.row_index for row in control],
+        "pair_indices": sorted({row.pair_index for row in rows}), "conditions": results,
+    }  # fmt: skip
