@@ -102,7 +102,7 @@ def generation(model, tokenizer, prompts: list[str], new_tokens: int, repeats: i
         "add, 1 layer (all positions)": with_handler(
             lambda: InterventionHandler(model, direction, 2.0, layers=[LAYER]), plain),
         "add, 1 layer (generated only)": with_handler(
-            lambda: InterventionHandler(model, direction, 2.0, layers=[LAYER], positions="generated"), plain),
+            lambda: InterventionHandler(model, direction, 2.0, layers=[LAYER], apply_to="generated"), plain),
         "ablate direction everywhere": with_handler(
             lambda: InterventionHandler(model, direction, mode="ablate"), plain),
         "LayerAblator zero, 1 layer": with_handler(lambda: LayerAblator(model, LAYER, "zero"), plain),

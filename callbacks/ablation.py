@@ -4,8 +4,8 @@ At the end of fit (or every N epochs), on up to `n_prompts` VAL problems that to
 module's direction (their reasoning prompts, each with its gold solution; a seeded sample, `problem_pairs`, of
 the val problems minus the module's `problem_sets["selection"]` problems, when it has them):
     (a) per layer l: metric(layer l ablated with `interp.interventions.LayerAblator`) - metric(baseline)
-        method "zero": the layer's contribution resid_post - resid_pre is removed (the layer is skipped);
-        method "mean": replaced by its mean over every token of the sampled val prompts (reasoning and control)
+        ablation_method "zero": the layer's contribution resid_post - resid_pre is removed (the layer is skipped);
+        ablation_method "mean": replaced by its mean over every token of the sampled val prompts (reasoning and control)
     (b) when the module has a selected direction (`selected_direction()`, e.g. ReasoningDirectionModule): the
         same change with that direction ablated everywhere (InterventionHandler mode="ablate") and with
         `n_random` null directions (z-score of the selected one among them when n_random >= 2): the first
@@ -18,7 +18,7 @@ Logged (every logger; rank zero): ablation/baseline_metric, ablation/layer_delta
 ablation/selected_direction_delta, ablation/random_direction_delta (mean over the random directions),
 ablation/direction_zscore; TensorBoard figure ablation/metric_change_vs_layer.
 Written: <trainer.log_dir>/ablation_results.json
-    {"epochs_completed", "global_step", "split": "val", "metric", "metric_definition", "method", "pair_indices",
+    {"epochs_completed", "global_step", "split": "val", "metric", "metric_definition", "ablation_method", "pair_indices",
      "row_indices", "excluded_selection_pairs": [pair_index] (the module's selection problems, never used here),
      "null": a `interp.directions.NULLS` kind, "n_null", "n_bootstrap", "baseline": {"mean", "per_prompt"},
      "layers": [{"layer", "delta", "ci": [low, high], "delta_per_prompt"}],
@@ -55,7 +55,7 @@ class AblationCallback(HeldOutEvaluation):
         n_prompts: int = 8,
         every_n_epochs: int | None = None,
         layers: list[int] | None = None,
-        method: str = "zero",
+        ablation_method: str = "zero",
         n_random: int = 4,
         metric: str | None = None,
         k_first_tokens: int | None = None,
@@ -68,7 +68,7 @@ class AblationCallback(HeldOutEvaluation):
             n_prompts: val problems whose reasoning prompts are scored.
             every_n_epochs: run after every N-th epoch; null = once, at the end of fit.
             layers: layers to ablate one at a time (null = all).
-            method: zero | mean (LayerAblator's ablation_method; "resample" needs equal shapes and is not offered).
+            ablation_method: zero | mean (as LayerAblator's; "resample" needs equal shapes and is not offered).
             n_random: null directions of the selected direction's norm (0 = none): the module's own (its null)
                 when it saved them, else isotropic.
             metric: first_tokens | gold_nll; null = the module's selection_metric (else first_tokens).
@@ -78,13 +78,13 @@ class AblationCallback(HeldOutEvaluation):
             seed: seeds the sample of problems and the random directions.
         """
         super().__init__(every_n_epochs)
-        if method not in METHODS:
-            raise UserError(f"unknown ablation method {method!r}; expected one of {', '.join(METHODS)}")
+        if ablation_method not in METHODS:
+            raise UserError(f"unknown ablation_method {ablation_method!r}; expected one of {', '.join(METHODS)}")
         if metric is not None:
             check_metric(metric)
         if n_prompts < 1 or batch_size < 1 or n_bootstrap < 1 or n_random < 0:
             raise UserError("n_prompts, batch_size and n_bootstrap must be >= 1 and n_random >= 0")
-        self.n_prompts, self.layers, self.method, self.n_random = n_prompts, layers, method, n_random
+        self.n_prompts, self.layers, self.ablation_method, self.n_random = n_prompts, layers, ablation_method, n_random
         self.metric, self.k_first_tokens, self.batch_size = metric, k_first_tokens, batch_size
         self.n_bootstrap, self.seed = n_bootstrap, seed
 
@@ -112,16 +112,16 @@ class AblationCallback(HeldOutEvaluation):
         baseline = score()
         layers = check_layers(self.layers, len(decoder_layers(model)))
         layers = sorted({layers[0], layers[-1]}) if fast else layers
-        reference = [row.prompt for pair in pairs for row in pair] if self.method == "mean" else None
+        reference = [row.prompt for pair in pairs for row in pair] if self.ablation_method == "mean" else None
         layer_rows = []
         for layer in layers:
-            ablator = LayerAblator(model, layer, self.method, reference_inputs=reference, tokenizer=tokenizer,
+            ablator = LayerAblator(model, layer, self.ablation_method, reference_inputs=reference, tokenizer=tokenizer,
                                    batch_size=self.batch_size)  # fmt: skip
             with ablator:
                 layer_rows.append({"layer": layer, **summary(score() - baseline)})
         direction, null = self._direction_ablation(pl_module, model, score, baseline, summary, fast)
         results = {
-            "split": "val", "metric": metric, "metric_definition": metric_definition(metric, k), "method": self.method,
+            "split": "val", "metric": metric, "metric_definition": metric_definition(metric, k), "ablation_method": self.ablation_method,
             "pair_indices": [r.pair_index for r, _ in pairs], "row_indices": [r.row_index for r, _ in pairs],
             "excluded_selection_pairs": list(excluded), "null": null,
             "n_null": 0 if direction is None else len(direction["random_deltas"]),
@@ -130,7 +130,7 @@ class AblationCallback(HeldOutEvaluation):
         }  # fmt: skip
         scalars = {"ablation/baseline_metric": float(baseline.mean())}
         scalars.update({f"ablation/layer_delta/L{row['layer']:02d}": row["delta"] for row in layer_rows})
-        curves = {f"layer ablated ({self.method})": [row["delta"] for row in layer_rows]}
+        curves = {f"layer ablated ({self.ablation_method})": [row["delta"] for row in layer_rows]}
         if direction is not None:
             scalars["ablation/selected_direction_delta"] = direction["delta"]
             curves["selected direction ablated"] = [direction["delta"]] * len(layers)

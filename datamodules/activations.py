@@ -67,7 +67,7 @@ class CachedActivationDataModule(L.LightningDataModule):
         backbone: BackboneSpec | None = None,
         layers: list[int] | None = None,
         positions: str = "last",
-        position: int | None = -1,
+        batch_position: int | None = -1,
         label: str = "reasoning",
         cache_dir: str = ".cache/activations",
         batch_size: int = 64,
@@ -80,7 +80,7 @@ class CachedActivationDataModule(L.LightningDataModule):
             backbone: the frozen model to read (its name also selects the prompts' tokenizer).
             layers: layer indices to cache and probe; None = all.
             positions: which tokens to cache: last | last_<k> | post_instruction | mean.
-            position: which cached position the batches hold (-1 = the last one; null = all cached positions,
+            batch_position: which cached position the batches hold (-1 = the last one; null = all cached positions,
                 x [batch, n_pos, n_layers, d_model], e.g. for directions per post-instruction position).
             label: what the probes predict: reasoning | dataset | subject | level.
             cache_dir: where activation caches live (one sub-directory per cache key).
@@ -100,7 +100,7 @@ class CachedActivationDataModule(L.LightningDataModule):
         self.positions = PositionSpec.parse(positions)
         if label not in PROBE_LABELS:
             raise UserError(f"data.label {label!r} is not one of {list(PROBE_LABELS)}")
-        self.position, self.label, self.cache_dir = position, label, Path(cache_dir)
+        self.batch_position, self.label, self.cache_dir = batch_position, label, Path(cache_dir)
         self.batch_size, self.num_workers, self.control_seed = batch_size, num_workers, control_seed
         self.datasets: dict[str, Dataset] = {}
 
@@ -174,7 +174,7 @@ class CachedActivationDataModule(L.LightningDataModule):
             keep = valid & (meta["split"] == split_id)
             self.row_index[split] = meta["row_index"][keep]
             self.datasets[split] = _CachedRows(
-                reader, meta["shard_id"][keep], meta["shard_offset"][keep], self.position, y[keep], y_control[keep]
+                reader, meta["shard_id"][keep], meta["shard_offset"][keep], self.batch_position, y[keep], y_control[keep]
             )
 
     def train_moments(self) -> RunningMoments:

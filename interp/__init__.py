@@ -13,9 +13,10 @@ from interp.errors import UserError
 from interp.generation import apply_direction_intervention, generate
 from interp.grading import extract_answer, grade_answer, has_final_answer
 from interp.hooks import hooked, site_name
-from interp.interventions import InterventionHandler, orthogonalize_weights
+from interp.interventions import AblateDirection, AddDirection, InterventionHandler
 from interp.lens import LogitLens, TunedLens
 from interp.metrics import first_tokens_logprob, gold_solution_nll, last_token_kl, next_token_logits
+from interp.orthogonalize import orthogonalize_weights
 from interp.patching import PathPatcher, capture_sites
 from interp.patching_sweep import attribution_patching, patching_sweep
 from interp.positions import PositionSpec
@@ -25,6 +26,8 @@ from interp.text_metrics import compression_ratio, ngram_repetition
 from interp.token_roles import prompt_boundary
 
 __all__ = [
+    "AblateDirection",
+    "AddDirection",
     "BUILTIN_BACKBONES",
     "BackboneSpec",
     "InterventionHandler",

@@ -17,7 +17,7 @@ SCORES of candidate (p, l), signed as in `interp.selection` (POSITIVE supports "
                      projected out of the embedding output and of every attention and MLP output, at every layer
                      and every position (prompt and solution tokens).
     induction_score  mean over control prompts of metric(baseline) - metric(added), where "added" runs inside
-                     InterventionHandler(mode="add", layers=[l]): x <- x + add_strength * r[p, l] at
+                     InterventionHandler(mode="add", layers=[l]): x <- x + intervention_strength * r[p, l] at
                      blocks.{l}.resid_post (the site r was read from), unnormalised, at every position.
     kl               mean over control prompts of last_token_kl(baseline, ablated): KL(p_base || p_ablated) of the
                      next-token distribution after the prompt (`interp.metrics.next_token_logits`), float64.
@@ -118,13 +118,13 @@ class _Scorer:
             next_token_logits(self.model, self.tokenizer, self.control_prompts, self.batch_size),
         )
 
-    def score(self, direction: torch.Tensor, layer: int, add_strength: float, baselines) -> dict:
+    def score(self, direction: torch.Tensor, layer: int, intervention_strength: float, baselines) -> dict:
         """Scores of one unnormalised direction [d_model] read at blocks.{layer}.resid_post."""
         base_reasoning, base_control, base_logits = baselines
         with InterventionHandler(self.model, direction, mode="ablate"):
             ablated = self.metric(self.reasoning_prompts, self.reasoning_solutions)  # [n_r]
             ablated_logits = next_token_logits(self.model, self.tokenizer, self.control_prompts, self.batch_size)
-        with InterventionHandler(self.model, direction, add_strength, layers=[layer], mode="add"):
+        with InterventionHandler(self.model, direction, intervention_strength, layers=[layer], mode="add"):
             added = self.metric(self.control_prompts, self.control_solutions)  # [n_c]
         per_prompt = {
             "ablation_score": ablated - base_reasoning,
@@ -158,7 +158,7 @@ def score_candidates(
     layers: Sequence[int] | None = None,
     k_first_tokens: int = 8,
     batch_size: int = 8,
-    add_strength: float = 1.0,
+    intervention_strength: float = 1.0,
     max_solution_tokens: int | None = 256,
 ) -> list[dict]:
     """Score every candidate direction (position p, layer l) as defined in the module docstring.
@@ -171,7 +171,7 @@ def score_candidates(
         metric: "first_tokens" | "gold_nll"; k_first_tokens: tokens scored by "first_tokens";
             max_solution_tokens: tokens scored by "gold_nll" (None: all).
         layers: candidate layers (model indices; default all). Their directions must have nonzero norm.
-        add_strength: the multiplier c of the induction intervention x + c r.
+        intervention_strength: the multiplier c of the induction intervention x + c r.
     Returns:
         one dict per candidate, position-major then in `layers` order: "position" (index into the position
         axis), "layer", "norm" (|r|), "ablation_score", "induction_score", "kl" (floats) and the per-prompt
@@ -191,7 +191,7 @@ def score_candidates(
     for position in range(directions.shape[0]):
         for layer in layers:
             direction = directions[position, layer]  # [d_model]
-            scores = scorer.score(direction, layer, add_strength, baselines)
+            scores = scorer.score(direction, layer, intervention_strength, baselines)
             norm = float(direction.to(torch.float64).norm())
             rows.append({"position": position, "layer": layer, "norm": norm, **scores})
     return rows
@@ -212,7 +212,7 @@ class PromptScorer:
     metric: str = "first_tokens"
     k_first_tokens: int = 8
     batch_size: int = 8
-    add_strength: float = 1.0
+    intervention_strength: float = 1.0
     max_solution_tokens: int | None = 256
 
     def __call__(self, directions: torch.Tensor, layers: Sequence[int], problems: Sequence[tuple]) -> list[dict]:
@@ -230,5 +230,5 @@ class PromptScorer:
         scorer = _Scorer(self.model, self.tokenizer, *columns, self.metric, self.k_first_tokens,
                          self.batch_size, self.max_solution_tokens)  # fmt: skip
         baselines = scorer.baselines()
-        return [scorer.score(direction, int(layer), self.add_strength, baselines)
+        return [scorer.score(direction, int(layer), self.intervention_strength, baselines)
                 for direction, layer in zip(directions, layers)]  # fmt: skip

@@ -309,7 +309,7 @@ def _load(path: str | Path) -> tuple[torch.Tensor, dict, dict[str, torch.Tensor]
 SCORE_DEFINITIONS = {
     "ablation_score": "mean over reasoning prompts of metric(direction ablated everywhere) - metric(baseline); > 0: "
     "ablation hurts reasoning",
-    "induction_score": "mean over control prompts of metric(baseline) - metric(add_strength * r at "
+    "induction_score": "mean over control prompts of metric(baseline) - metric(intervention_strength * r at "
     "blocks.{layer}.resid_post); > 0: adding moves control prompts toward reasoning",
     "kl": "mean over control prompts of KL(baseline || ablated) of the next-token distribution",
 }

@@ -129,18 +129,18 @@ def apply_direction_intervention(
     intervention_strength: float = 1.0,
     layers: Sequence[int] | None = None,
     mode: str = "add",
-    positions: str = "all",
+    apply_to: str = "all",
     ablation_layer: int | None = None,
     **generation_kwargs,
 ) -> str | list[str]:
-    """Generate under an `InterventionHandler` (see it for directions / strength / layers / mode / positions).
+    """Generate under an `InterventionHandler` (see it for directions / strength / layers / mode / apply_to).
 
     `prompt`: one prompt (returns one string) or a list (returns a list). `generation_kwargs` go to
     `generate` (max_new_tokens, temperature, top_p, do_sample, seed, batch_size, use_cache).
     """
     single = isinstance(prompt, str)
     handler = InterventionHandler(
-        model, directions, intervention_strength, layers=layers, mode=mode, positions=positions,
+        model, directions, intervention_strength, layers=layers, mode=mode, apply_to=apply_to,
         ablation_layer=ablation_layer,
     )  # fmt: skip
     with handler:

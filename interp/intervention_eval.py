@@ -7,7 +7,7 @@ solutions, and the control prompts of the same problems) through the backbone un
     ablated                   the direction r projected out everywhere (InterventionHandler mode="ablate":
                               embedding output and every attention / MLP output, all positions)
     added@{s}                 x <- x + s * r at blocks.{selected_layer}.resid_post, on the prompt AND the
-                              generated tokens (InterventionHandler mode="add", positions="all"), per strength s
+                              generated tokens (InterventionHandler mode="add", apply_to="all"), per strength s
     random{k}_added@{s_max}   the same with null direction k (norm |r|) at the strength of largest magnitude:
                               the run's own null directions when given (`directions_report` passes the
                               directions run's, e.g. placebo), else isotropic random directions
@@ -84,7 +84,7 @@ class Condition:
         r = direction if self.direction == "selected" else randoms[self.random_index]
         if self.intervention == "ablate":
             return InterventionHandler(model, r, mode="ablate")
-        return InterventionHandler(model, r, self.strength, layers=[layer], mode="add", positions="all")
+        return InterventionHandler(model, r, self.strength, layers=[layer], mode="add", apply_to="all")
 
 
 def build_conditions(strengths: Sequence[float], n_random: int) -> list[Condition]:

@@ -8,7 +8,7 @@ with `interp.prompts.format_chat_prompt` first. Prompt and solution are tokenize
 concatenated, so the boundary between them is exact (no BPE merge across it). Batches are left padded and
 get `padded_position_ids`, so a padded batch scores exactly like each prompt alone. The solution scores
 declare the prompt / solution boundary (`interp.token_roles.prompt_boundary`): inside an
-`InterventionHandler(..., positions="generated")` the solution tokens count as generated, the prompt's as prompt.
+`InterventionHandler(..., apply_to="generated")` the solution tokens count as generated, the prompt's as prompt.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def _solution_logprobs(
         n_sol = max(len(solution_ids[i]) for i in chunk)
         # With left padding every row ends at the last column: the solution tokens are each row's last
         # len(solution) tokens, predicted by the logits one position earlier.
-        # The boundary lets an InterventionHandler with positions "prompt" / "generated" act on the prompt /
+        # The boundary lets an InterventionHandler with apply_to "prompt" / "generated" act on the prompt /
         # the solution tokens (it cannot tell them apart in a single teacher-forced forward).
         with prompt_boundary(model, [len(prompt_ids[i]) for i in chunk]):
             logits = last_position_logits(model, ids, mask, n_sol + 1)[:, :-1]  # [batch, n_sol, vocab]

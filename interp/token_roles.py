@@ -1,10 +1,10 @@
 """Which tokens of a forward are prompt and which are generated: the token roles behind
-`InterventionHandler(positions="prompt" | "generated")` and role-aligned mean ablation.
+`InterventionHandler(apply_to="prompt" | "generated")` and role-aligned mean ablation.
 
 - `real_token_index`: each token's index among its row's real (non-padding) tokens, KV cache included.
 - `prompt_boundary(model, prompt_lengths)`: declares, for teacher-forced forwards (prompt + continuation in one
   sequence), where each row's prompt ends.
-- `_PromptTracker`: per forward, which tokens an intervention with positions "prompt" / "generated" touches.
+- `_PromptTracker`: per forward, which tokens an intervention with apply_to "prompt" / "generated" touches.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def prompt_boundary(model: nn.Module, prompt_lengths) -> Iterator[None]:
     """Declare, for the teacher-forced forwards of `model` inside the block, that row i's first
     `prompt_lengths[i]` real (non-padding) tokens are its prompt and its later real tokens are "generated".
 
-    Read by every active `InterventionHandler` with positions "prompt" / "generated" (it overrides the
+    Read by every active intervention with apply_to "prompt" / "generated" (it overrides the
     handler's own `prompt_lengths`) in every forward without a KV cache, which must have len(prompt_lengths)
     rows. Forwards with a KV cache (HF generate) keep the generation rule.
     """
@@ -108,7 +108,7 @@ def _inside_generate() -> bool:
 
 
 class _PromptTracker:
-    """Which tokens of the current forward are prompt, for positions "prompt" / "generated".
+    """Which tokens of the current forward are prompt, for apply_to "prompt" / "generated".
 
     - A forward without a KV cache under a declared boundary (`prompt_lengths`): row i's first
       prompt_lengths[i] real tokens are prompt, its later real tokens generated; padding is neither.
@@ -120,8 +120,8 @@ class _PromptTracker:
     - Any other forward (teacher forcing without a boundary) raises UserError: there is no prompt to tell.
     """
 
-    def __init__(self, model: nn.Module, positions: str, prompt_lengths: torch.Tensor | None = None):
-        self.decoder, self.positions, self.own_lengths = base_decoder(model), positions, prompt_lengths
+    def __init__(self, model: nn.Module, apply_to: str, prompt_lengths: torch.Tensor | None = None):
+        self.decoder, self.apply_to, self.own_lengths = base_decoder(model), apply_to, prompt_lengths
         self.prompt_len: int | None = None
         self.prompt_tokens: torch.Tensor | None = None  # [batch, prompt_len] ids (or [.., d] embeddings)
         self.start = 0  # absolute position of the current forward's first token
@@ -151,7 +151,7 @@ class _PromptTracker:
             return
         if cache is None and not _inside_generate():
             raise UserError(
-                f"positions={self.positions!r} on a forward outside generate: say where each prompt ends with "
+                f"apply_to={self.apply_to!r} on a forward outside generate: say where each prompt ends with "
                 "InterventionHandler(..., prompt_lengths=...) or interp.token_roles.prompt_boundary"
             )
         self.prompt_len, self.prompt_tokens = seq, tokens.detach().clone()
@@ -171,7 +171,7 @@ class _PromptTracker:
         """[batch or 1, pos] bool: which of the current forward's `seq` tokens the intervention applies to."""
         if self.declared is not None:
             is_prompt, real = (mask.to(device) for mask in self.declared)
-            return is_prompt if self.positions == "prompt" else real & ~is_prompt
+            return is_prompt if self.apply_to == "prompt" else real & ~is_prompt
         absolute = torch.arange(self.start, self.start + seq, device=device)
         is_prompt = absolute < (self.prompt_len if self.prompt_len is not None else seq)
-        return (is_prompt if self.positions == "prompt" else ~is_prompt)[None]
+        return (is_prompt if self.apply_to == "prompt" else ~is_prompt)[None]

@@ -1,6 +1,6 @@
 """The directions run: localize a reasoning direction per (cached position, layer) and select one.
 
-Data: `CachedActivationDataModule` with `label: reasoning` and `position: null`, so batches hold
+Data: `CachedActivationDataModule` with `label: reasoning` and `batch_position: null`, so batches hold
 x [batch, n_pos, n_layers, d_model] (every cached position, e.g. the post-instruction template tokens) and
 y [batch] (1 reasoning prompt, 0 control prompt).
 
@@ -91,7 +91,7 @@ class ReasoningDirectionModule(LayerStudyModule):
         batch_size: int = 8,
         seed: int = 0,
         k_first_tokens: int = 8,
-        add_strength: float = 1.0,
+        intervention_strength: float = 1.0,
         candidate_layers: list[int] | None = None,
         n_searched_null: int = 0,
     ):
@@ -117,7 +117,7 @@ class ReasoningDirectionModule(LayerStudyModule):
             batch_size: prompts per scoring forward.
             seed: seeds the selection / report split of the val problems, the null directions and the bootstrap.
             k_first_tokens: solution tokens scored by first_tokens.
-            add_strength: multiplier c of the induction intervention x + c r.
+            intervention_strength: multiplier c of the induction intervention x + c r.
             candidate_layers: model layers to score (must be cached); null = cached layers below
                 max_layer_fraction of the depth.
             n_searched_null: draws of the max-statistic null (0 = off, else >= 2): each draw puts one placebo
@@ -185,8 +185,8 @@ class ReasoningDirectionModule(LayerStudyModule):
         }  # fmt: skip
 
     def check_data(self, datamodule) -> None:
-        if getattr(datamodule, "label", None) != "reasoning" or getattr(datamodule, "position", -1) is not None:
-            raise UserError("the directions run needs data.label: reasoning and data.position: null "
+        if getattr(datamodule, "label", None) != "reasoning" or getattr(datamodule, "batch_position", -1) is not None:
+            raise UserError("the directions run needs data.label: reasoning and data.batch_position: null "
                             "(batches with every cached position)")  # fmt: skip
 
     def setup(self, stage: str) -> None:
@@ -334,7 +334,7 @@ class ReasoningDirectionModule(LayerStudyModule):
         pairs = self.val_pairs(datamodule)
         problems = [(r.prompt, r.gold_solution, c.prompt, c.gold_solution) for r, c in pairs]
         scorer = PromptScorer(self.backbone_model, self.tokenizer, hp.selection_metric, hp.k_first_tokens,
-                              hp.batch_size, hp.add_strength)  # fmt: skip
+                              hp.batch_size, hp.intervention_strength)  # fmt: skip
         full = torch.stack([self.directions_by_layer(p) for p in range(len(self.position_labels))])
 
         def train_rows(position: int, layer: int) -> tuple:  # the rows the directions were built from, one site
@@ -360,7 +360,7 @@ class ReasoningDirectionModule(LayerStudyModule):
             "candidate_layers": layers, "metric": hp.selection_metric,
             "metric_definition": metric_definition(hp.selection_metric, hp.k_first_tokens),
             "kl_threshold": hp.kl_threshold, "max_layer_fraction": hp.max_layer_fraction,
-            "add_strength": hp.add_strength, "n_bootstrap": n_boot, "alpha": 0.05, "seed": hp.seed,
+            "intervention_strength": hp.intervention_strength, "n_bootstrap": n_boot, "alpha": 0.05, "seed": hp.seed,
             "null": hp.null_kind, "null_definition": NULL_DEFINITIONS[hp.null_kind], "n_searched_null": n_searched,
             "searched_null_definition": SEARCHED_NULL_DEFINITION if n_searched else None,
         })  # fmt: skip

@@ -57,7 +57,7 @@ def _tiny(layers: list[int], **more) -> dict:
 
 
 _PROBE_FIELDS = {"model.hparams.lr": 0.01, "model.hparams.weight_decay": 0.001, "datamodule.label": "reasoning",
-                 "datamodule.positions.kind": "last", "datamodule.position": -1}  # fmt: skip
+                 "datamodule.positions.kind": "last", "datamodule.batch_position": -1}  # fmt: skip
 # What each shipped config must instantiate to: dotted attribute of the ProjectCLI -> value.
 EXPECTED: dict[str, dict] = {
     "quickstart.yaml": {"class_path": PROBES, **_PROBE_FIELDS, **_tiny(list(range(32)), sources=EMBEDDED_100),
@@ -72,14 +72,14 @@ EXPECTED: dict[str, dict] = {
         "class_path": DIRECTIONS, **_real("Qwen/QwQ-32B", EVEN_LAYERS), "model.hparams.n_selection_prompts": 32,
         "model.hparams.n_report_prompts": 32, "model.hparams.null_kind": "placebo", "model.hparams.n_random": 19,
         "model.hparams.selection_metric": "first_tokens", "model.hparams.candidate_layers": None,
-        "datamodule.positions.kind": "post_instruction", "datamodule.position": None, "trainer.max_epochs": 1,
+        "datamodule.positions.kind": "post_instruction", "datamodule.batch_position": None, "trainer.max_epochs": 1,
     },
     "directions_tiny.yaml": {
         "class_path": DIRECTIONS, **_tiny(list(range(32)), sources=[("gsm8k", "embedded", None, 20),
                                                                     ("math", "embedded", None, 20)]),
         "model.hparams.n_selection_prompts": 4, "model.hparams.n_report_prompts": 4, "model.hparams.n_random": 4,
         "model.hparams.null_kind": "placebo", "datamodule.positions.kind": "post_instruction",
-        "datamodule.position": None, "trainer.max_epochs": 1,
+        "datamodule.batch_position": None, "trainer.max_epochs": 1,
     },
     "tuned_lens_tiny.yaml": {"class_path": LENS, **_tiny(list(range(32)), sources=EMBEDDED_100),
                              "model.hparams.lr": 0.001, "model.hparams.weight_decay": 0.0,

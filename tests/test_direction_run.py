@@ -45,7 +45,7 @@ def dm(tmp_path_factory):
     """Tiny-backbone cache: post-instruction positions (7), layers 1, 4, 9, 28; 10 + 10 problems."""
     datamodule = build_datamodule(tmp_path_factory.mktemp("dir_cache"), limit=10, layers=CACHED_LAYERS,
                                   positions="post_instruction", batch_size=8)  # fmt: skip
-    datamodule.position = None
+    datamodule.batch_position = None
     extract_activations(_trainer(), datamodule)
     datamodule.batch_size = 5
     datamodule.setup()
@@ -140,7 +140,7 @@ def test_scores_equal_hand_computed_interventions(tiny, selection_prompts):
     model, tokenizer = tiny
     directions = _candidates()
     rows = score_candidates(model, tokenizer, directions, *selection_prompts, metric="first_tokens", layers=[3, 7],
-                            k_first_tokens=4, batch_size=2, add_strength=2.0)  # fmt: skip
+                            k_first_tokens=4, batch_size=2, intervention_strength=2.0)  # fmt: skip
     assert [(r["position"], r["layer"]) for r in rows] == [(0, 3), (0, 7), (1, 3), (1, 7)]
     nll = lambda m, t, p, s: -first_tokens_logprob(m, t, p, s, k=4, batch_size=2)  # noqa: E731
     for row in rows[1:3]:
@@ -328,12 +328,12 @@ def test_bad_settings():
 
 
 def test_needs_all_positions(dm, tmp_path):
-    dm.position = -1
+    dm.batch_position = -1
     try:
-        with pytest.raises(UserError, match="position: null"):
+        with pytest.raises(UserError, match="batch_position: null"):
             _trainer(limit_val_batches=0, default_root_dir=str(tmp_path)).fit(ReasoningDirectionModule(), datamodule=dm)
     finally:
-        dm.position = None
+        dm.batch_position = None
 
 
 # ---- configs through train.py -----------------------------------------------------------------------------------

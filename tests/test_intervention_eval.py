@@ -423,14 +423,14 @@ def test_callbacks_in_a_trainer(tiny, stand_in, prompts_dm, tmp_path):
 
 def test_callbacks_every_epoch_attribution_and_mean(tiny, stand_in, prompts_dm, tmp_path):
     model, tokenizer = tiny
-    ablation = AblationCallback(n_prompts=1, layers=[4], method="mean", n_random=0, metric="gold_nll",
+    ablation = AblationCallback(n_prompts=1, layers=[4], ablation_method="mean", n_random=0, metric="gold_nll",
                                 every_n_epochs=1, n_bootstrap=10)  # fmt: skip
     patching = PatchingCallback(n_pairs=2, layers=[1, 30], method="attribution", every_n_epochs=2)
     _, events = _fit(stand_in, PromptsOnly(prompts_dm), [ablation, patching], tmp_path, max_epochs=2)
     assert len(events.Scalars("ablation/layer_delta/L04")) == 2  # after both epochs
     assert len(events.Scalars("patching/recovered/L30")) == 1  # after the second only
     saved = json.loads((tmp_path / "run" / "ablation_results.json").read_text())
-    assert saved["epochs_completed"] == 2 and saved["method"] == "mean" and saved["direction"]["random_deltas"] == []
+    assert saved["epochs_completed"] == 2 and saved["ablation_method"] == "mean" and saved["direction"]["random_deltas"] == []
     prompts, solutions = _val_reasoning(prompts_dm, saved["row_indices"])
     reference = [row.prompt for row in prompts_dm.rows if row.pair_index in saved["pair_indices"]]
     baseline = gold_solution_nll(model, tokenizer, prompts, solutions)
@@ -461,8 +461,8 @@ def test_callbacks_under_fast_dev_run(stand_in, prompts_dm, tmp_path):
 
 
 def test_callback_settings_are_checked():
-    with pytest.raises(UserError, match="unknown ablation method"):
-        AblationCallback(method="resample")
+    with pytest.raises(UserError, match="unknown ablation_method"):
+        AblationCallback(ablation_method="resample")
     with pytest.raises(UserError, match="unknown selection metric"):
         AblationCallback(metric="accuracy")
     with pytest.raises(UserError, match="unknown patching method"):

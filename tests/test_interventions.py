@@ -14,7 +14,8 @@ from interp.backbone import decoder_layers
 from interp.errors import UserError
 from interp.generation import apply_direction_intervention, generate, generate_token_ids
 from interp.hooks import hooked, site_name
-from interp.interventions import InterventionHandler, orthogonalize_weights
+from interp.interventions import AblateDirection, AddDirection, InterventionHandler
+from interp.orthogonalize import orthogonalize_weights
 from interp.positions import padded_position_ids
 from interp.prompts import format_chat_prompt, tokenize_prompts
 
@@ -257,7 +258,7 @@ def test_positions_select_prompt_or_generated_tokens(tiny, batch, positions, use
     r = _randn(model.config.hidden_size)
     site = site_name(5)
     with _Recorder(model, [site]) as before:
-        with InterventionHandler(model, r, 2.0, layers=[5], positions=positions):
+        with InterventionHandler(model, r, 2.0, layers=[5], apply_to=positions):
             with _Recorder(model, [site]) as after:
                 _greedy(model, batch, use_cache)
     prompt_len = batch["input_ids"].shape[1]
@@ -281,7 +282,7 @@ def test_greedy_generation_with_cache_equals_without_cache(tiny, short_prompts, 
     r = _randn(model.config.hidden_size)
     kwargs = {"max_new_tokens": N_NEW, "do_sample": False, "batch_size": 3}
     baseline = generate_token_ids(model, tokenizer, short_prompts[:3], **kwargs)
-    with InterventionHandler(model, r, 4.0, layers=[5], positions=positions):
+    with InterventionHandler(model, r, 4.0, layers=[5], apply_to=positions):
         cached = generate_token_ids(model, tokenizer, short_prompts[:3], **kwargs)
         uncached = generate_token_ids(model, tokenizer, short_prompts[:3], use_cache=False, **kwargs)
     assert cached == uncached
@@ -302,7 +303,7 @@ def test_generated_positions_match_a_hand_rolled_loop(tiny, batch):
             logits = _logits(model, {"input_ids": ids, "attention_mask": mask})
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    with InterventionHandler(model, r, 4.0, layers=[5], positions="generated"):
+    with InterventionHandler(model, r, 4.0, layers=[5], apply_to="generated"):
         assert torch.equal(_greedy(model, batch, use_cache=True), ids)
 
 
@@ -311,7 +312,7 @@ def test_a_new_prompt_batch_restarts_the_prompt(tiny, short_prompts):
     model, tokenizer = tiny
     r = _randn(model.config.hidden_size)
     kwargs = {"max_new_tokens": 4, "do_sample": False, "use_cache": False}
-    with InterventionHandler(model, r, 4.0, layers=[5], positions="generated"):
+    with InterventionHandler(model, r, 4.0, layers=[5], apply_to="generated"):
         together = generate_token_ids(model, tokenizer, short_prompts[:4], batch_size=2, **kwargs)
         alone = [generate_token_ids(model, tokenizer, [p], **kwargs)[0] for p in short_prompts[:4]]
     assert together == alone
@@ -468,8 +469,8 @@ def test_hooks_are_removed_after_exceptions(tiny, batch):
     clean = _logits(model, batch)
     r = _randn(model.config.hidden_size)
     contexts = [
-        lambda: InterventionHandler(model, r, 2.0, positions="generated", prompt_lengths=[2, 2, 2]),
-        lambda: InterventionHandler(model, r, mode="ablate", positions="prompt", prompt_lengths=[2, 2, 2]),
+        lambda: InterventionHandler(model, r, 2.0, apply_to="generated", prompt_lengths=[2, 2, 2]),
+        lambda: InterventionHandler(model, r, mode="ablate", apply_to="prompt", prompt_lengths=[2, 2, 2]),
         lambda: LayerAblator(model, [1, 2]),
     ]
     for make in contexts:
@@ -495,7 +496,9 @@ def test_bad_inputs_raise_user_errors(tiny):
         "NaN": lambda: InterventionHandler(model, torch.full((d,), float("nan"))),
         "zero-norm": lambda: InterventionHandler(model, torch.zeros(d), mode="ablate"),
         "unknown intervention mode": lambda: InterventionHandler(model, torch.ones(d), mode="steer"),
-        "unknown intervention positions": lambda: InterventionHandler(model, torch.ones(d), positions="last"),
+        "unknown apply_to": lambda: InterventionHandler(model, torch.ones(d), apply_to="last"),
+        "prompt_lengths are only used": lambda: AddDirection(model, torch.ones(d), prompt_lengths=[3]),
+        "AblateDirection takes one": lambda: AblateDirection(model, torch.ones(n, d)),
         "out of range": lambda: InterventionHandler(model, torch.ones(d), layers=[n]),
         "ablation_layer is only used": lambda: InterventionHandler(model, torch.ones(d), ablation_layer=1),
         "needs one direction": lambda: InterventionHandler(model, torch.ones(n, d), mode="ablate"),
@@ -535,3 +538,20 @@ def test_an_active_intervention_cannot_be_entered_again(tiny, make):
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == n_hooks
     with intervention:  # usable again after exit
         pass
+
+
+def test_the_handler_is_exactly_its_plain_intervention(tiny, batch):
+    """InterventionHandler(mode=...) runs the same hooks as the AddDirection / AblateDirection it names."""
+    model, _ = tiny
+    r = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    pairs = [
+        (InterventionHandler(model, r, 2.0, layers=[4]), AddDirection(model, r, 2.0, [4])),
+        (InterventionHandler(model, r, 0.5, mode="ablate"), AblateDirection(model, r, 0.5)),
+    ]
+    for handler, plain in pairs:
+        with handler:
+            a = _logits(model, batch)
+        with plain:
+            b = _logits(model, batch)
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        assert not torch.equal(a, _logits(model, batch))  # the intervention does something

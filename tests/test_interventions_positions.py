@@ -1,4 +1,4 @@
-"""positions="prompt" / "generated" outside generate: teacher-forced forwards (prompt + solution in one
+"""apply_to="prompt" / "generated" outside generate: teacher-forced forwards (prompt + solution in one
 left-padded sequence) act exactly where a manual hook with a hand-built position mask acts, and a forward
 without a prompt boundary raises instead of silently changing nothing."""
 
@@ -62,7 +62,7 @@ def test_prompt_lengths_select_exactly_the_solution_or_prompt_tokens(tiny, teach
     record = [(site_name(LAYER), lambda h: seen.append(h.clone()))]
     with hooked(model, record):  # outer: runs before the handler's hook
         handler = InterventionHandler(
-            model, r, STRENGTH, layers=[LAYER], positions=positions, prompt_lengths=prompt_lengths
+            model, r, STRENGTH, layers=[LAYER], apply_to=positions, prompt_lengths=prompt_lengths
         )
         with handler, hooked(model, record):
             got = _forward(model, batch)
@@ -70,7 +70,7 @@ def test_prompt_lengths_select_exactly_the_solution_or_prompt_tokens(tiny, teach
     torch.testing.assert_close(got, expected, atol=0, rtol=0)  # the same float32 operations
     assert not torch.equal(got, _forward(model, batch))
     with prompt_boundary(model, prompt_lengths):  # the same, declared around the forward
-        with InterventionHandler(model, r, STRENGTH, layers=[LAYER], positions=positions):
+        with InterventionHandler(model, r, STRENGTH, layers=[LAYER], apply_to=positions):
             torch.testing.assert_close(_forward(model, batch), expected, atol=0, rtol=0)
 
 
@@ -79,13 +79,13 @@ def test_a_forward_without_a_prompt_boundary_raises(tiny, teacher_forced, positi
     model, _ = tiny
     batch, *_ = teacher_forced
     r = _randn(model.config.hidden_size)
-    with InterventionHandler(model, r, STRENGTH, layers=[LAYER], positions=positions):
+    with InterventionHandler(model, r, STRENGTH, layers=[LAYER], apply_to=positions):
         with pytest.raises(UserError, match="outside generate"):
             _forward(model, batch)
-    with InterventionHandler(model, r, mode="ablate", positions=positions):
+    with InterventionHandler(model, r, mode="ablate", apply_to=positions):
         with pytest.raises(UserError, match="prompt_lengths"):
             _forward(model, batch)
-    with InterventionHandler(model, r, STRENGTH, layers=[LAYER], positions="all"):  # needs no boundary
+    with InterventionHandler(model, r, STRENGTH, layers=[LAYER], apply_to="all"):  # needs no boundary
         _forward(model, batch)
 
 
@@ -96,7 +96,7 @@ def test_gold_solution_nll_under_generated_positions_equals_hf_loss_with_a_manua
     model, tokenizer = tiny
     _, prompt_lengths, _, prompts = teacher_forced
     r = _randn(model.config.hidden_size)
-    with InterventionHandler(model, r, STRENGTH, layers=[LAYER], mode="add", positions="generated"):
+    with InterventionHandler(model, r, STRENGTH, layers=[LAYER], mode="add", apply_to="generated"):
         nll = gold_solution_nll(model, tokenizer, prompts, SOLUTIONS, batch_size=3)
     reference = []
     for prompt, solution, n_prompt in zip(prompts, SOLUTIONS, prompt_lengths):
@@ -117,10 +117,10 @@ def test_generation_forwards_keep_the_generation_rule_under_a_boundary(tiny, tea
     batch, prompt_lengths, _, prompts = teacher_forced
     r = _randn(model.config.hidden_size)
     kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
-    with InterventionHandler(model, r, STRENGTH, layers=[LAYER], positions="generated"):
+    with InterventionHandler(model, r, STRENGTH, layers=[LAYER], apply_to="generated"):
         expected = model.generate(**batch, **kwargs)
     handler = InterventionHandler(
-        model, r, STRENGTH, layers=[LAYER], positions="generated", prompt_lengths=prompt_lengths
+        model, r, STRENGTH, layers=[LAYER], apply_to="generated", prompt_lengths=prompt_lengths
     )
     with handler:
         assert torch.equal(model.generate(**batch, **kwargs), expected)
@@ -130,14 +130,14 @@ def test_bad_prompt_boundaries_raise(tiny, teacher_forced):
     model, _ = tiny
     batch, prompt_lengths, *_ = teacher_forced
     r = _randn(model.config.hidden_size)
-    with pytest.raises(UserError, match="only used with positions"):
-        InterventionHandler(model, r, positions="all", prompt_lengths=prompt_lengths)
+    with pytest.raises(UserError, match="only used with apply_to"):
+        InterventionHandler(model, r, apply_to="all", prompt_lengths=prompt_lengths)
     with pytest.raises(UserError, match="token counts"):
-        InterventionHandler(model, r, positions="generated", prompt_lengths=[2.5, 3.0, 1.0])
-    with InterventionHandler(model, r, positions="generated", prompt_lengths=prompt_lengths[:2]):
+        InterventionHandler(model, r, apply_to="generated", prompt_lengths=[2.5, 3.0, 1.0])
+    with InterventionHandler(model, r, apply_to="generated", prompt_lengths=prompt_lengths[:2]):
         with pytest.raises(UserError, match="rows"):
             _forward(model, batch)
     n_real = batch["attention_mask"].sum(-1).tolist()
-    with InterventionHandler(model, r, positions="prompt", prompt_lengths=[n_real[0] + 1, 1, 1]):
+    with InterventionHandler(model, r, apply_to="prompt", prompt_lengths=[n_real[0] + 1, 1, 1]):
         with pytest.raises(UserError, match="exceeds"):
             _forward(model, batch)
