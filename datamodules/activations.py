@@ -21,7 +21,8 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.prompts import LABELS, ReasoningPromptsDataModule
+from datamodules.prompt_rows import LABELS
+from datamodules.prompts import ReasoningPromptsDataModule
 from datamodules.tensors import control_task_labels, control_type_seen, question_type
 from interp.activations import check_layers
 from interp.backbone import BackboneSpec

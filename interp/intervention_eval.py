@@ -122,7 +122,7 @@ def intervention_report(
     """Evaluate the direction direction_by_layer[selected_layer] under every condition (module docstring).
 
     Args:
-        rows: PromptRows (`datamodules.prompts.PromptRow`); kind "reasoning" rows are generated, graded and
+        rows: PromptRows (`datamodules.prompt_rows.PromptRow`); kind "reasoning" rows are generated, graded and
             NLL-scored, kind "control" rows give the KL. Both kinds are needed.
         direction_by_layer: [n_model_layers, d_model] (e.g. `ReasoningDirectionModule.directions_by_layer`);
             only row `selected_layer` is used, unnormalised (|r| sets the scale of the strengths).

@@ -24,16 +24,16 @@ from datamodules.problems import (
     load_problems,
     load_sources,
 )
-from datamodules.prompts import (
+from datamodules.prompt_rows import (
     CONTROL_TEMPLATES,
     LABELS,
     REASONING_TEMPLATE,
-    ReasoningPromptsDataModule,
     build_prompt_rows,
     encode_labels,
     label_names,
     split_counts,
 )
+from datamodules.prompts import ReasoningPromptsDataModule
 from interp.backbone import load_tokenizer
 from interp.errors import UserError
 from interp.prompts import format_chat_prompt, post_instruction_ids
