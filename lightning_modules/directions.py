@@ -46,7 +46,6 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.prompts import problem_pairs
 from interp.activations import check_layers
-from interp.backbone import BackboneSpec
 from interp.direction_scoring import PromptScorer, check_metric, metric_definition
 from interp.directions import (
     SCORE_DEFINITIONS,
@@ -67,13 +66,13 @@ from interp.null_directions import (
 from interp.selection import PER_PROMPT_KEYS, select_reasoning_direction
 from interp.stats import RunningMoments
 from lightning_modules.direction_report import directions_report, write_intervention_report
-from lightning_modules.frozen_backbone import FrozenBackbone
+from lightning_modules.frozen_backbone import ReadsBackbone
 from lightning_modules.layout import LayerStudyModule
 
 CLASSES = {"reasoning": 1, "control": 0}  # the datamodule's "reasoning" label encoding
 
 
-class ReasoningDirectionModule(LayerStudyModule):
+class ReasoningDirectionModule(ReadsBackbone, LayerStudyModule):
     checkpoint_monitor = ("val/selected_ablation_score", "max")
     layout_key = "direction_layout"
     trained_keys = ("directions",)
@@ -152,7 +151,7 @@ class ReasoningDirectionModule(LayerStudyModule):
         self.positions: str | None = None  # the position spec, e.g. "post_instruction"
         self.position_labels: list[str] = []
         self.post_instruction_tokens: list[str] | None = None
-        self.backbone: FrozenBackbone | None = None  # scores the candidates; never a submodule
+        self.backbone = None  # the FrozenBackbone that scores the candidates (`ReadsBackbone`); never a submodule
         self._moments: dict[int, RunningMoments] | None = None
         self.n_train: dict[str, int] = {}
         self.selected: dict | None = None  # {"position", "layer", "slot"}
@@ -174,8 +173,7 @@ class ReasoningDirectionModule(LayerStudyModule):
         self.post_instruction_tokens = self.position_labels if self.positions == "post_instruction" else None
         self.directions = torch.zeros(len(self.position_labels), len(self.layers), layout["d_model"],
                                       device=self.device)  # fmt: skip
-        if self.backbone is None:  # loaded on first use (see `backbone_model`)
-            self.backbone = FrozenBackbone.from_layout(layout.get("backbone"))
+        self.backbone_from_layout(layout.get("backbone"))  # loaded on first use (see `backbone_model`)
 
     def layout(self) -> dict:
         return {
@@ -201,30 +199,7 @@ class ReasoningDirectionModule(LayerStudyModule):
         if self.layers and len(layout["position_labels"]) != len(self.position_labels):
             raise UserError(f"data.positions differ from the checkpoint's ({self.positions})")
         self.build_or_check(layout, "data.layers")
-        if self.backbone is None or not self.backbone.loaded:
-            self.attach_backbone(dm.backbone)
-        self.backbone.model(self.trainer.strategy.root_device)  # load and place it now, not inside a no-grad step
-
-    def attach_backbone(self, backbone: BackboneSpec | torch.nn.Module, tokenizer=None) -> None:
-        """Score with `backbone`: a BackboneSpec (loaded on first use) or a loaded causal LM + its tokenizer
-        (moved to this module's device unless it has an hf_device_map)."""
-        self.backbone = FrozenBackbone(backbone, tokenizer)
-
-    @property
-    def backbone_spec(self) -> BackboneSpec | None:
-        return self.backbone.spec if self.backbone else None
-
-    @property
-    def backbone_model(self):
-        """The frozen backbone on this module's device (unless sharded), loaded on first use after loading."""
-        if self.backbone is None:
-            raise UserError("the directions module has no backbone: call attach_backbone() or fit it first")
-        return self.backbone.model(self.device)
-
-    @property
-    def tokenizer(self):
-        self.backbone_model  # noqa: B018 (loads it if needed)
-        return self.backbone.tokenizer
+        self.place_backbone(dm.backbone, self.trainer.strategy.root_device)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["direction_selection"] = {

@@ -85,3 +85,44 @@ class FrozenBackbone:
         """Drop the weights (e.g. to free GPU memory once extraction is done); a spec loads them again on use."""
         self._model = None
         self._device = None
+
+
+class ReadsBackbone:
+    """Mixin of the study modules that read through a frozen backbone (directions: all of it; tuned lens: its
+    readout, `backbone_keep = LensReadout`). `backbone` is a `FrozenBackbone` or None (not yet attached)."""
+
+    backbone: FrozenBackbone | None = None
+    backbone_keep: Callable[[nn.Module], nn.Module] | None = None  # what of the loaded model to keep (None: all)
+
+    def attach_backbone(self, backbone: BackboneSpec | nn.Module, tokenizer: PreTrainedTokenizerBase | None = None):
+        """Read through `backbone`: a BackboneSpec (loaded on first use) or a loaded causal LM (+ its tokenizer),
+        moved to this module's device unless it has an hf_device_map."""
+        self.backbone = FrozenBackbone(backbone, tokenizer, keep=self.backbone_keep)
+
+    def backbone_from_layout(self, entry: dict | None) -> None:
+        """After loading a checkpoint: the backbone its layout names (loaded on first use), unless attached."""
+        if self.backbone is None:
+            self.backbone = FrozenBackbone.from_layout(entry, keep=self.backbone_keep)
+
+    def place_backbone(self, spec: BackboneSpec, device: torch.device) -> None:
+        """In `setup`: attach the data's backbone unless one is loaded, and load and place it on `device` now
+        (not later inside a no-grad validation step)."""
+        if self.backbone is None or not self.backbone.loaded:
+            self.attach_backbone(spec)
+        self.backbone.model(device)
+
+    @property
+    def backbone_spec(self) -> BackboneSpec | None:
+        return self.backbone.spec if self.backbone else None
+
+    @property
+    def backbone_model(self) -> nn.Module:
+        """The (kept part of the) frozen backbone on this module's device unless sharded, loaded on first use."""
+        if self.backbone is None:
+            raise UserError(f"the {type(self).__name__} has no backbone: call attach_backbone() or fit it first")
+        return self.backbone.model(self.device)
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase | None:
+        self.backbone_model  # noqa: B018 (loads it if needed)
+        return self.backbone.tokenizer

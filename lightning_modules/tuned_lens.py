@@ -27,10 +27,9 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
-from interp.backbone import BackboneSpec
 from interp.errors import UserError
 from interp.lens import AffineTranslators, LensReadout, TunedLens, final_layer_slot
-from lightning_modules.frozen_backbone import FrozenBackbone
+from lightning_modules.frozen_backbone import ReadsBackbone
 from lightning_modules.layout import LayerStudyModule
 from lightning_modules.protocol import cached_test_report
 from lightning_modules.tuned_lens_report import tuned_lens_report, write_tuned_lens_report
@@ -52,10 +51,11 @@ class LayerMean(Metric):
         return self.total / self.count
 
 
-class TunedLensModule(LayerStudyModule):
+class TunedLensModule(ReadsBackbone, LayerStudyModule):
     checkpoint_monitor = ("val/kl_tuned_mean", "min")
     layout_key = "tuned_lens_layout"
     trained_keys = ("translators.",)
+    backbone_keep = LensReadout  # of the backbone, hold only the final norm and the LM head
 
     def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0, rank: int | None = None):
         """
@@ -71,7 +71,7 @@ class TunedLensModule(LayerStudyModule):
         self.translators: AffineTranslators | None = None
         self.final_slot: int = -1  # index of the backbone's last layer in `layers`
         self.trained_slots: list[int] = []  # all other slots (the last layer's translator stays the identity)
-        self.backbone: FrozenBackbone | None = None  # keeps only the final norm + LM head; never a submodule
+        self.backbone = None  # the FrozenBackbone of the final norm + LM head (`ReadsBackbone`); never a submodule
         self.last_metrics: dict[str, dict[str, torch.Tensor]] = {}  # split -> name -> [n_layers] (callbacks)
 
     # ---- building (from the datamodule when fitting, from the checkpoint when loading) ---------------------
@@ -92,36 +92,22 @@ class TunedLensModule(LayerStudyModule):
             for split in ("val", "test")
         })  # fmt: skip
         self.to(self.device)
-        if self.backbone is None:  # loaded on first use (see `lens`)
-            self.backbone = FrozenBackbone.from_layout(layout.get("backbone"), keep=LensReadout)
+        self.backbone_from_layout(layout.get("backbone"))  # loaded on first use (see `lens`)
 
     def check_data(self, datamodule) -> None:
         """The cached layers must hold the backbone's last layer and another (its depth comes from its config)."""
         final_layer_slot(datamodule.layers, datamodule.backbone.num_layers())
 
-    def attach_backbone(self, backbone: BackboneSpec | nn.Module) -> None:
-        """Read through the final norm and LM head of `backbone`: a spec (loaded on first use) or a loaded causal
-        LM (moved to this module's device unless it has an hf_device_map)."""
-        self.backbone = FrozenBackbone(backbone, keep=LensReadout)
-
-    @property
-    def backbone_spec(self) -> BackboneSpec | None:
-        return self.backbone.spec if self.backbone else None
-
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
         layout = {"layers": dm.layers, "d_model": dm.d_model, "n_backbone_layers": dm.backbone.num_layers()}
         self.build_or_check(layout, "data.layers")
-        if self.backbone is None or not self.backbone.loaded:
-            self.attach_backbone(dm.backbone)
-        self.backbone.model(self.trainer.strategy.root_device)  # load and place it now, not inside a no-grad step
+        self.place_backbone(dm.backbone, self.trainer.strategy.root_device)
 
     @property
     def lens(self) -> TunedLens:
         """The tuned lens of these translators; its readout on this module's device unless sharded."""
-        if self.backbone is None:
-            raise UserError("the tuned lens has no backbone: call attach_backbone() or fit it first")
-        return TunedLens(self.translators, self.backbone.model(self.device), self.final_slot)
+        return TunedLens(self.translators, self.backbone_model, self.final_slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Tuned-lens logits [batch, n_layers, vocab] float32 of cached residuals [batch, n_layers, d_model]."""
