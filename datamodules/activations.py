@@ -151,11 +151,16 @@ class CachedActivationDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def _check_extracted(self) -> None:
+        """The cache must be complete; a fast_dev_run also reads the rows `extract_activations` wrote for it."""
+        fast_dev_run = self.trainer is not None and bool(self.trainer.fast_dev_run)
+        if not (self.cache.complete or (fast_dev_run and self.cache.manifest is not None)):
+            raise UserError(f"activation cache {self.cache.directory} is incomplete: run extraction first")
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        if not self.cache.complete:
-            raise UserError(f"activation cache {self.cache.directory} is incomplete: run extraction first")
+        self._check_extracted()
         meta = self.cache.metadata()
         y = meta[f"label.{self.label}"]
         valid = y >= 0  # e.g. MATH subject/level are undefined (-1) for GSM8K rows
@@ -207,8 +212,7 @@ class CachedActivationDataModule(L.LightningDataModule):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`split_slice` plus problem [n] int64, each row's problem id (the cache's label.problem: the reasoning
         and control rows of one problem share it), for the paired nulls. Same single read per shard."""
-        if not self.cache.complete:
-            raise UserError(f"activation cache {self.cache.directory} is incomplete: run extraction first")
+        self._check_extracted()
         n_pos = int(self.cache.manifest["n_positions"])
         if not (0 <= position < n_pos and 0 <= layer_slot < self.n_layers):
             raise UserError(f"cached slice ({position}, {layer_slot}) out of range "

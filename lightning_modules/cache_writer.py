@@ -3,7 +3,9 @@
 `extract_activations(trainer, datamodule)` is what train.py / evaluate.py call before fitting or testing:
 it reuses a complete cache with the same key, resumes an interrupted one (finished rows are skipped), and
 otherwise runs the prompts through the backbone on the trainer's own accelerator/strategy. Under DDP every
-rank writes the shards of the rows it computed; rank zero writes the manifest after a barrier.
+rank writes the shards of the rows it computed; rank zero writes the manifest after a barrier. Under
+fast_dev_run it extracts only the rows of the first FAST_DEV_PROBLEMS problems of each split: the manifest then
+says incomplete, the datamodule serves those rows to the fast_dev_run only, and a later real run resumes the cache.
 `ActivationCacheWriter` is a callback, but only as the extractor's output stage: it lives beside the extraction
 so that the study modules' reports (protocol.py) extract a missing cache without importing callbacks/.
 """
@@ -20,8 +22,11 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.activations import CachedActivationDataModule
+from datamodules.prompts import PromptRow
 from interp.cache import ActivationCache
 from lightning_modules.extractor import ActivationExtractor
+
+FAST_DEV_PROBLEMS = 2  # problems per split that a fast_dev_run extracts (both prompts of each)
 
 
 class ActivationCacheWriter(BasePredictionWriter):
@@ -59,17 +64,29 @@ def _random_state_kept():
             torch.cuda.set_rng_state_all(states[3])
 
 
+def fast_dev_rows(rows: list[PromptRow]) -> set[int]:
+    """Row indices of the first FAST_DEV_PROBLEMS problems of each split (both rows of each problem)."""
+    chosen: dict[str, list[int]] = {}
+    for row in rows:
+        problems = chosen.setdefault(row.split, [])
+        if row.problem_index not in problems and len(problems) < FAST_DEV_PROBLEMS:
+            problems.append(row.problem_index)
+    return {row.row_index for row in rows if row.problem_index in chosen[row.split]}
+
+
 def extract_activations(trainer: L.Trainer, datamodule: CachedActivationDataModule) -> ActivationCache:
-    """Make sure `datamodule.cache` is complete, extracting what is missing with `trainer`."""
+    """Make sure `datamodule.cache` is complete (under fast_dev_run: holds `fast_dev_rows`), extracting what is
+    missing with `trainer`."""
     cache = datamodule.cache
     if cache.complete:
         rank_zero_info(f"Reusing activation cache {cache.directory}")
         return cache
     prompts = datamodule.prompts
     prompts.setup("predict")
-    prompts.exclude_rows = cache.finished_rows()
     manifest = datamodule.manifest()
-    if len(prompts.exclude_rows) == manifest["n_rows"]:  # finished before the manifest was written
+    wanted = fast_dev_rows(prompts.rows) if trainer.fast_dev_run else set(range(manifest["n_rows"]))
+    prompts.exclude_rows = cache.finished_rows() | (set(range(manifest["n_rows"])) - wanted)
+    if len(prompts.exclude_rows) == manifest["n_rows"]:  # nothing to extract, e.g. done before the manifest
         if trainer.is_global_zero:
             cache.finalize(manifest)
         trainer.strategy.barrier()
@@ -79,7 +96,7 @@ def extract_activations(trainer: L.Trainer, datamodule: CachedActivationDataModu
     )
     extractor = ActivationExtractor(datamodule.backbone, datamodule.layers, str(datamodule.positions))
     writer = ActivationCacheWriter(cache, manifest)
-    # The cache must be complete to be reused, so debugging limits (fast_dev_run) do not apply to extraction.
+    # fast_dev_run's one-batch limit would leave rows of `wanted` out: the rows are limited above instead.
     saved_limit, trainer.limit_predict_batches = trainer.limit_predict_batches, 1.0
     trainer.callbacks.append(writer)
     try:
@@ -88,6 +105,6 @@ def extract_activations(trainer: L.Trainer, datamodule: CachedActivationDataModu
     finally:
         trainer.callbacks.remove(writer)
         trainer.limit_predict_batches = saved_limit
-    if not cache.complete:
+    if not (cache.complete or wanted <= cache.finished_rows()):
         raise RuntimeError(f"extraction finished but the cache {cache.directory} is incomplete")
     return cache

@@ -46,3 +46,10 @@ def chat_prompts(tiny):
         "If $x + y = 10$ and $x - y = 2$, what is $x$?",
     ]
     return [format_chat_prompt(tokenizer, q) for q in questions]
+
+
+@pytest.fixture(scope="session")
+def shared_cache_dir(tmp_path_factory):
+    """One activation-cache root per session (per xdist worker). Caches are keyed by everything that determines
+    their content, so tests with identical settings extract once; a test that changes a cache uses its own dir."""
+    return tmp_path_factory.mktemp("activations")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,3 +42,12 @@ def build_datamodule(cache_dir, limit: int = 10, layers=None, positions: str = "
     return CachedActivationDataModule(
         prompts=prompts, backbone=BackboneSpec("tiny"), layers=layers, positions=positions, cache_dir=str(cache_dir)
     )
+
+
+def cache_contents(cache) -> tuple[dict, torch.Tensor]:
+    """Everything in an activation cache, in row order: (metadata columns but the shard locations,
+    activations [rows, n_pos, n_layers, d_model])."""
+    meta = cache.metadata()
+    acts = torch.cat([shard["activations"] for shard in cache.iter_shards()])
+    rows = torch.cat([shard["row_index"] for shard in cache.iter_shards()])
+    return {k: v for k, v in meta.items() if not k.startswith("shard")}, acts[rows.argsort()]

@@ -1,31 +1,21 @@
-"""The activation cache: content equals direct capture, reuse by key, resume, DDP == single process."""
+"""The activation cache: content equals direct capture, reuse by key, resume. DDP == single process: the one DDP
+run in test_direction_run.py checks the cache and the class means."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+import shutil
 
 import lightning as L
 import pytest
 import torch
-from pipeline_utils import REPO, build_datamodule
+from pipeline_utils import build_datamodule, cache_contents
 
 from interp.activations import collect_activations
-from lightning_modules.cache_writer import extract_activations
+from interp.errors import UserError
+from lightning_modules.cache_writer import extract_activations, fast_dev_rows
 
 
 def _trainer():
     return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-
-
-def _contents(cache):
-    """Everything in a cache, in row order: metadata columns and activations."""
-    meta = cache.metadata()
-    acts = torch.cat([shard["activations"] for shard in cache.iter_shards()])
-    rows = torch.cat([shard["row_index"] for shard in cache.iter_shards()])
-    acts = acts[rows.argsort()]
-    return {k: v for k, v in meta.items() if not k.startswith("shard")}, acts
 
 
 def test_cache_holds_what_collect_activations_returns(tmp_path, tiny):
@@ -34,7 +24,7 @@ def test_cache_holds_what_collect_activations_returns(tmp_path, tiny):
     assert cache.complete
     manifest = cache.manifest
     assert manifest["n_rows"] == len(dm.prompts.rows) == 40 and manifest["layers"] == [0, 7, 31]
-    meta, acts = _contents(cache)
+    meta, acts = cache_contents(cache)
     assert torch.equal(meta["row_index"], torch.arange(40))
     assert acts.shape == (40, 2, 3, 64)
     model, tokenizer = tiny
@@ -45,10 +35,17 @@ def test_cache_holds_what_collect_activations_returns(tmp_path, tiny):
     assert torch.equal(meta["label.reasoning"], kinds)
 
 
-def test_same_key_is_reused_and_interrupted_runs_resume(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def default_cache(shared_cache_dir):
+    """The complete cache of build_datamodule's defaults (10 + 10 problems, every layer, last_2), shared."""
+    return extract_activations(_trainer(), build_datamodule(shared_cache_dir))
+
+
+def test_same_key_is_reused_and_interrupted_runs_resume(tmp_path, monkeypatch, default_cache):
     dm = build_datamodule(tmp_path)
+    shutil.copytree(default_cache.directory, dm.cache.directory)  # a private copy: this test deletes shards
     cache = extract_activations(_trainer(), dm)
-    meta, acts = _contents(cache)
+    meta, acts = cache_contents(cache)
 
     again = build_datamodule(tmp_path)
     assert again.cache.directory == cache.directory
@@ -72,9 +69,29 @@ def test_same_key_is_reused_and_interrupted_runs_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(L.Trainer, "predict", spy)
     extract_activations(_trainer(), resumed)
     assert 0 < len(seen) < 40  # only the rows of the deleted shards were computed again
-    meta2, acts2 = _contents(resumed.cache)
+    meta2, acts2 = cache_contents(resumed.cache)
     assert all(torch.equal(meta[k], meta2[k]) for k in meta)
     torch.testing.assert_close(acts2, acts, atol=0, rtol=0)
+
+
+def test_fast_dev_run_extracts_a_few_problems_and_a_real_run_completes_the_cache(tmp_path, default_cache):
+    dm = build_datamodule(tmp_path / "dev")
+    cache = extract_activations(L.Trainer(accelerator="cpu", fast_dev_run=True, logger=False,
+                                          enable_progress_bar=False, enable_model_summary=False), dm)  # fmt: skip
+    rows = dm.prompts.rows
+    wanted = fast_dev_rows(rows)
+    assert cache.finished_rows() == wanted and not cache.complete and cache.manifest is not None
+    assert {rows[i].split for i in wanted} == {"train", "val", "test"} and len(wanted) == 12 < len(rows)
+    with pytest.raises(UserError, match="incomplete"):  # outside a fast_dev_run the partial cache is unusable
+        build_datamodule(tmp_path / "dev").setup()
+
+    resumed = build_datamodule(tmp_path / "dev")
+    assert extract_activations(_trainer(), resumed).complete
+    assert resumed.cache.directory.name == default_cache.directory.name
+    meta, acts = cache_contents(resumed.cache)
+    meta_fresh, acts_fresh = cache_contents(default_cache)
+    assert all(torch.equal(meta[k], meta_fresh[k]) for k in meta_fresh)
+    torch.testing.assert_close(acts, acts_fresh, atol=1e-5, rtol=1e-5)  # other batches: other padding
 
 
 def test_key_changes_with_what_determines_content(tmp_path):
@@ -82,23 +99,6 @@ def test_key_changes_with_what_determines_content(tmp_path):
     assert build_datamodule(tmp_path, layers=[1, 2]).cache.directory.name != base
     assert build_datamodule(tmp_path, positions="mean").cache.directory.name != base
     assert build_datamodule(tmp_path, limit=11).cache.directory.name != base
-
-
-@pytest.mark.slow
-def test_ddp_cache_equals_single_process_cache(tmp_path):
-    single = build_datamodule(tmp_path / "single")
-    _, acts_single = _contents(extract_activations(_trainer(), single))
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
-    subprocess.run([sys.executable, str(REPO / "tests" / "ddp_extract.py"), str(tmp_path / "ddp"), "2"],
-                   check=True, cwd=tmp_path, env=env, timeout=600)  # fmt: skip
-    ddp = build_datamodule(tmp_path / "ddp")
-    assert ddp.cache.complete
-    ranks_wrote = {Path(p).name for p in ddp.cache.shards()}
-    assert len(ranks_wrote) == len(single.cache.shards()) or len(ranks_wrote) > 1
-    meta_ddp, acts_ddp = _contents(ddp.cache)
-    meta_single, _ = _contents(single.cache)
-    assert all(torch.equal(meta_single[k], meta_ddp[k]) for k in meta_single)
-    torch.testing.assert_close(acts_ddp, acts_single, atol=1e-5, rtol=1e-5)
 
 
 def test_extraction_leaves_the_random_state_as_it_found_it(tmp_path):

@@ -22,6 +22,7 @@ import train
 from callbacks.probe_figures import ProbeAccuracyFigure
 from cli import ProjectCLI, RunConfigInCheckpoint
 from interp.backbone import ASSETS, BUILTIN_BACKBONES, decoder_layers
+from lightning_modules.cache_writer import fast_dev_rows
 
 CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
 # hub id -> the directory under interp/assets holding that model's real config.json
@@ -235,6 +236,8 @@ def test_fast_dev_run_per_module_class(class_path, tmp_path, monkeypatch):
     assert cli.trainer.state.finished and cli.trainer.state.fn == "fit"
     assert cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed == 1  # fast_dev_run: one train batch
     (manifest,) = (tmp_path / "cache").glob("*/manifest.json")
-    assert manifest.parent == cli.datamodule.cache.directory and cli.datamodule.cache.complete
+    cache, rows = cli.datamodule.cache, cli.datamodule.prompts.rows  # fast_dev_run: a few problems per split
+    assert manifest.parent == cache.directory and cache.finished_rows() == fast_dev_rows(rows)
+    assert cache.complete == (len(fast_dev_rows(rows)) == len(rows))  # complete only if that is every row
     assert cli.datamodule.cache.manifest["layers"] == cli.datamodule.layers
     assert cli.datamodule.cache.manifest["positions"] == _raw(config_name)["data"]["init_args"]["positions"]

@@ -15,7 +15,7 @@ import sys
 import lightning as L
 import pytest
 import torch
-from pipeline_utils import REPO, build_datamodule, tiny_config
+from pipeline_utils import REPO, build_datamodule, cache_contents, tiny_config
 
 import train
 from interp.direction_scoring import PromptScorer, score_candidates
@@ -41,9 +41,9 @@ def _trainer(**kwargs) -> L.Trainer:
 
 
 @pytest.fixture(scope="module")
-def dm(tmp_path_factory):
+def dm(shared_cache_dir):
     """Tiny-backbone cache: post-instruction positions (7), layers 1, 4, 9, 28; 10 + 10 problems."""
-    datamodule = build_datamodule(tmp_path_factory.mktemp("dir_cache"), limit=10, layers=CACHED_LAYERS,
+    datamodule = build_datamodule(shared_cache_dir, limit=10, layers=CACHED_LAYERS,
                                   positions="post_instruction", batch_size=8)  # fmt: skip
     datamodule.batch_position = None
     extract_activations(_trainer(), datamodule)
@@ -338,9 +338,9 @@ def test_needs_all_positions(dm, tmp_path):
 
 # ---- configs through train.py -----------------------------------------------------------------------------------
 # (every config parsed as written, and one fast_dev_run of this module: tests/test_configs.py)
-def test_one_epoch_writes_the_directions_file(tmp_path, monkeypatch):
+def test_one_epoch_writes_the_directions_file(tmp_path, monkeypatch, shared_cache_dir):
     monkeypatch.chdir(tmp_path)
-    config = tiny_config("directions_tiny.yaml", tmp_path, limit=5)
+    config = tiny_config("directions_tiny.yaml", tmp_path, limit=5, cache_dir=str(shared_cache_dir))
     train.main(["--config", str(config), "--run_name", "run", "--model.init_args.candidate_layers", "[2, 10, 27]",
                 "--model.init_args.n_selection_prompts", "2", "--model.init_args.kl_threshold", "100"])
     log_dir = tmp_path / "logs" / "run"
@@ -365,13 +365,16 @@ def test_one_epoch_writes_the_directions_file(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_ddp_class_means_equal_the_single_process_reference(tmp_path):
-    """2 CPU ranks (strategy ddp, a subprocess): the all-reduced means equal compute_contrastive_directions
-    over every train row, each counted once (12 train rows: no DistributedSampler padding)."""
+def test_ddp_run_equals_the_single_process_run(tmp_path, shared_cache_dir):
+    """One train.py run on 2 CPU ranks (strategy ddp, a subprocess) checks both DDP paths.
+    Extraction: each rank writes the shards of its own rows (predict's sampler gives rank r every other row of the
+    longest-first order) and the cache equals a single-process extraction with the same key.
+    Fit: the all-reduced class means equal compute_contrastive_directions over every train row, each counted once
+    (12 train rows: no DistributedSampler padding)."""
     config = tiny_config("directions_tiny.yaml", tmp_path, limit=5, layers=[2, 10])
     args = ["--config", str(config), "--run_name", "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-            "--model.init_args.n_selection_prompts", "1", "--model.init_args.n_random", "0",
-            "--model.init_args.candidate_layers", "[2]"]  # fmt: skip
+            "--data.init_args.prompts.init_args.batch_size", "4", "--model.init_args.n_selection_prompts", "1",
+            "--model.init_args.n_random", "0", "--model.init_args.candidate_layers", "[2]"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env, check=True, timeout=600)
     directions, meta = load_directions(tmp_path / "logs" / "ddp")
@@ -379,7 +382,26 @@ def test_ddp_class_means_equal_the_single_process_reference(tmp_path):
 
     checkpoint = torch.load(tmp_path / "checkpoints" / "ddp" / "last.ckpt", map_location="cpu", weights_only=False)
     datamodule = datamodule_from_run_config(checkpoint["run_config"])
-    datamodule.cache_dir = tmp_path / "cache"
+    assert datamodule.cache.directory.parent == tmp_path / "cache" and datamodule.cache.complete
+
+    # extraction: 20 rows, 10 per rank in batches of 4 -> each rank wrote shards of 4, 4 and 2 of its own rows
+    prompts = datamodule.prompts
+    order = sorted(range(len(prompts.rows)), key=lambda i: (-prompts.prompt_lengths[i], i))
+    rank_rows = [set(order[0::2]), set(order[1::2])]
+    shard_rows = [set(shard["row_index"].tolist()) for shard in datamodule.cache.iter_shards()]
+    assert sorted(len(rows) for rows in shard_rows) == [2, 2, 4, 4, 4, 4]
+    for rank in rank_rows:
+        assert set().union(*(rows for rows in shard_rows if rows <= rank)) == rank
+    single = datamodule_from_run_config(checkpoint["run_config"])
+    single.cache_dir = shared_cache_dir
+    extract_activations(_trainer(), single)
+    assert single.cache.directory.name == datamodule.cache.directory.name and len(single.cache.shards()) == 5
+    meta_single, acts_single = cache_contents(single.cache)
+    meta_ddp, acts_ddp = cache_contents(datamodule.cache)
+    assert meta_single.keys() == meta_ddp.keys() and all(torch.equal(meta_single[k], meta_ddp[k]) for k in meta_ddp)
+    torch.testing.assert_close(acts_ddp, acts_single, atol=1e-5, rtol=1e-5)
+
+    # fit
     datamodule.setup()
     x, y = _split(datamodule, "train")
     assert len(y) == 12 and meta["n_train"] == {"reasoning": 6, "control": 6}

@@ -473,9 +473,9 @@ def test_callback_settings_are_checked():
 
 # ---- a real directions run: callbacks during fit, then evaluate.py on its checkpoint ----------------------------
 @pytest.fixture(scope="module")
-def directions_run(tmp_path_factory):
+def directions_run(tmp_path_factory, shared_cache_dir):
     tmp_path = tmp_path_factory.mktemp("directions_run")
-    config_path = tiny_config("directions_tiny.yaml", tmp_path, limit=10)  # 4 val problems
+    config_path = tiny_config("directions_tiny.yaml", tmp_path, limit=10, cache_dir=str(shared_cache_dir))  # 4 val problems
     config = yaml.safe_load(config_path.read_text())
     config["trainer"]["callbacks"] = [
         {"class_path": "callbacks.ablation.AblationCallback",

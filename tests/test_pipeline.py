@@ -23,9 +23,9 @@ def test_one_flag_switches_the_backbone(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_train_resume_evaluate(tmp_path, monkeypatch):
+def test_train_resume_evaluate(tmp_path, monkeypatch, shared_cache_dir):
     monkeypatch.chdir(tmp_path)
-    config = tiny_config("quickstart.yaml", tmp_path, limit=30)
+    config = tiny_config("quickstart.yaml", tmp_path, limit=30, cache_dir=str(shared_cache_dir))
     train.main(["--config", str(config), "--run_name", "run", "--trainer.max_epochs", "2"])
     ckpt_dir = tmp_path / "checkpoints" / "run"
     assert (ckpt_dir / "last.ckpt").is_file() and (ckpt_dir / "best.ckpt").is_file()

@@ -29,9 +29,9 @@ def _trainer(**kwargs) -> L.Trainer:
 
 
 @pytest.fixture(scope="module")
-def lens_data(tmp_path_factory):
+def lens_data(shared_cache_dir):
     """A complete activation cache of the tiny backbone, last token, every layer (7 + 7 problems)."""
-    dm = build_datamodule(tmp_path_factory.mktemp("lens_cache"), limit=7, positions="last", batch_size=8)
+    dm = build_datamodule(shared_cache_dir, limit=7, positions="last", batch_size=8)
     extract_activations(_trainer(), dm)
     dm.batch_size = 8
     dm.setup()
@@ -217,9 +217,9 @@ def test_checkpoint_holds_only_translators_and_reloads(trained, lens_data):
 
 
 @pytest.mark.slow
-def test_train_and_resume_through_train_py(tmp_path, monkeypatch):
+def test_train_and_resume_through_train_py(tmp_path, monkeypatch, shared_cache_dir):
     monkeypatch.chdir(tmp_path)
-    config = tiny_config("tuned_lens_tiny.yaml", tmp_path, limit=3)
+    config = tiny_config("tuned_lens_tiny.yaml", tmp_path, limit=3, cache_dir=str(shared_cache_dir))
     args = ["--config", str(config), "--run_name", "run"]
     train.main([*args, "--trainer.max_epochs", "1"])
     train.main([*args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
@@ -244,7 +244,7 @@ def test_config_without_the_last_layer_fails_before_any_model_loads(tmp_path, mo
 
 
 @pytest.mark.slow
-def test_evaluate_a_tuned_lens_checkpoint(tmp_path, monkeypatch, tiny):
+def test_evaluate_a_tuned_lens_checkpoint(tmp_path, monkeypatch, tiny, shared_cache_dir):
     """train.py 1 epoch, then evaluate.py: tuned_lens_results.json equals a float64 recomputation on the test rows."""
     import json
 
@@ -255,7 +255,7 @@ def test_evaluate_a_tuned_lens_checkpoint(tmp_path, monkeypatch, tiny):
 
     model, _ = tiny
     monkeypatch.chdir(tmp_path)
-    config = tiny_config("tuned_lens_tiny.yaml", tmp_path, limit=3)
+    config = tiny_config("tuned_lens_tiny.yaml", tmp_path, limit=3, cache_dir=str(shared_cache_dir))
     train.main(["--config", str(config), "--run_name", "run", "--trainer.max_epochs", "1"])
     ckpt = tmp_path / "checkpoints" / "run" / "last.ckpt"
     evaluate.main(["--ckpt", str(ckpt)])
