@@ -1,7 +1,7 @@
 """Intervention evaluation: the answer-graded report, the ablation / patching callbacks, evaluate.py on directions.
 
 Independent references: every number of the report is recomputed with the interp functions called directly
-inside hand-built InterventionHandlers (generate, grade_answer, gold_solution_nll, last_token_kl on
+under plain torch forward hooks written in this file (not interp.hooks / InterventionHandler) (generate, grade_answer, gold_solution_nll, last_token_kl on
 next_token_logits, bootstrap_ci, ngram_repetition, compression_ratio); planted generations give known
 accuracies; the callbacks' numbers are recomputed with LayerAblator / InterventionHandler / patching_sweep /
 attribution_patching on the rows they name, and their TensorBoard events are read back.
@@ -112,6 +112,49 @@ def test_each_report_entry_opens_with_its_condition(greedy_report):
     assert list(expected[0]) == ["name", "intervention", "direction", "strength", "random_index"]
 
 
+class _ByHand:
+    """Plain `register_forward_hook`s on (module, edit) pairs, edit: [batch, pos, d_model] -> same; for the
+    report's conditions computed without interp.hooks / InterventionHandler."""
+
+    def __init__(self, pairs):
+        self.pairs, self.handles = pairs, []
+
+    @staticmethod
+    def _hook(edit):
+        def hook(module, args, output):
+            if isinstance(output, tuple):
+                return (edit(output[0]), *output[1:])
+            return edit(output)
+
+        return hook
+
+    def __enter__(self):
+        self.handles = [module.register_forward_hook(self._hook(edit)) for module, edit in self.pairs]
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def _added_by_hand(model, r, strength, layer):
+    """x + strength * r at the output of decoder layer `layer` (blocks.{layer}.resid_post)."""
+    v = strength * r.float()
+    return _ByHand([(model.model.layers[layer], lambda x: (x.float() + v).to(x.dtype))])
+
+
+def _ablated_by_hand(model, r):
+    """x - (x . r_hat) r_hat at the embedding and every attention and MLP output (every residual-stream write)."""
+    unit = (r.double() / r.double().norm()).float()
+
+    def edit(x):
+        x32 = x.float()
+        return (x32 - (x32 @ unit)[..., None] * unit).to(x.dtype)
+
+    parts = [model.model.embed_tokens]
+    parts += [part for layer in model.model.layers for part in (layer.self_attn, layer.mlp)]
+    return _ByHand([(part, edit) for part in parts])
+
+
 def test_report_numbers_equal_direct_calls(tiny, test_rows, direction_by_layer, greedy_report):
     model, tokenizer = tiny
     report = greedy_report
@@ -126,12 +169,12 @@ def test_report_numbers_equal_direct_calls(tiny, test_rows, direction_by_layer, 
     r = direction_by_layer[LAYER]
     (random_r,) = random_directions(r, 1, generator=0)
     assert report["direction_norm"] == pytest.approx(float(r.double().norm()), rel=1e-9)
-    handlers = {
+    handlers = {  # plain torch forward hooks written here, not the project's hook machinery
         "baseline": None,
-        "ablated": lambda: InterventionHandler(model, r, mode="ablate"),
-        "added@2": lambda: InterventionHandler(model, r, 2.0, layers=[LAYER], mode="add"),
-        "random0_added@2": lambda: InterventionHandler(model, random_r, 2.0, layers=[LAYER], mode="add"),
-        "random0_ablated": lambda: InterventionHandler(model, random_r, mode="ablate"),
+        "ablated": lambda: _ablated_by_hand(model, r),
+        "added@2": lambda: _added_by_hand(model, r, 2.0, LAYER),
+        "random0_added@2": lambda: _added_by_hand(model, random_r, 2.0, LAYER),
+        "random0_ablated": lambda: _ablated_by_hand(model, random_r),
     }
     base_logits = next_token_logits(model, tokenizer, [c.prompt for c in control], batch_size=2)
     by_name = {c["name"]: c for c in report["conditions"]}
