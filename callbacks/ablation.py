@@ -48,6 +48,8 @@ METHODS = ("zero", "mean")
 
 
 class AblationCallback(HeldOutEvaluation):
+    """Per-layer and per-direction ablation effects on held-out val problems (module docstring)."""
+
     results_file = "ablation_results.json"
 
     def __init__(

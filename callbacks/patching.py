@@ -47,6 +47,8 @@ def _printable(token: str) -> str:
 
 
 class PatchingCallback(HeldOutEvaluation):
+    """Activation patching (exact or attribution) reasoning -> control on held-out val problems (module docstring)."""
+
     results_file = "patching_results.json"
 
     def __init__(

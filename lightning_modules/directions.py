@@ -73,6 +73,9 @@ CLASSES = {"reasoning": 1, "control": 0}  # the datamodule's "reasoning" label e
 
 
 class ReasoningDirectionModule(ReadsBackbone, LayerStudyModule):
+    """The directions run (module docstring): class means over the cached train rows -> a direction per
+    (position, layer); validation selects one on held-out problems and reports it, with its null, on others."""
+
     checkpoint_monitor = ("val/selected_ablation_score", "max")
     layout_key = "direction_layout"
     trained_keys = ("directions",)

@@ -19,6 +19,9 @@ from lightning_modules.frozen_backbone import FrozenBackbone
 
 
 class ActivationExtractor(L.LightningModule):
+    """`Trainer.predict` module: residual-stream activations at `layers` / `positions` of each prompt batch
+    (module docstring); `lightning_modules.cache_writer.ActivationCacheWriter` writes them into the cache."""
+
     def __init__(self, backbone: BackboneSpec, layers: Sequence[int], positions: str = "last"):
         super().__init__()
         self.backbone = FrozenBackbone(backbone)

@@ -78,6 +78,9 @@ class _EvalOutputs(Metric):
 
 
 class LayerProbeModule(LayerStudyModule):
+    """All-layer linear probes (one `LinearProbe` per cached layer, trained at once) plus the Hewitt & Liang
+    control-task probe; per-layer metrics, report and checkpoint layout as in the module docstring."""
+
     layout_key = "probe_layout"
     trained_keys = ("probe.", "control_probe.")
 

@@ -52,6 +52,9 @@ class LayerMean(Metric):
 
 
 class TunedLensModule(ReadsBackbone, LayerStudyModule):
+    """Trains an `interp.lens.TunedLens` (one affine translator per cached layer) on cached residuals against
+    the backbone's own final distribution; the frozen readout is held, never trained (module docstring)."""
+
     checkpoint_monitor = ("val/kl_tuned_mean", "min")
     layout_key = "tuned_lens_layout"
     trained_keys = ("translators.",)
