@@ -9,7 +9,7 @@ EOS is switched off so every generation runs the full --new-tokens; greedy decod
 1. Generation tokens/s with each intervention active vs plain `interp.generation.generate_token_ids`, measured
    round-robin in this one process (ratio = plain time / time with the intervention, target >= 0.9x; from the
    best of the repeats, which other load on a shared machine disturbs least, and from the medians):
-   add at one layer (positions all, and positions generated), directional ablation everywhere (17 hook sites),
+   add at one layer (apply_to all, and apply_to generated), directional ablation everywhere (17 hook sites),
    LayerAblator zero and mean at one layer.
 2. Exact patching sweep (`patching_sweep`, 8 reasoning/control pairs) over 1, 2, 4 and 8 layers x the 7
    post-instruction tokens: seconds, seconds per (layer, token) cell, and cells per plain last-token forward of
