@@ -7,7 +7,7 @@ the val problems minus the module's `problem_sets["selection"]` problems, when i
         ablation_method "zero": the layer's contribution resid_post - resid_pre is removed (the layer is skipped);
         ablation_method "mean": replaced by its mean over every token of the sampled val prompts (reasoning and control)
     (b) when the module has a selected direction (`selected_direction()`, e.g. ReasoningDirectionModule): the
-        same change with that direction ablated everywhere (InterventionHandler mode="ablate") and with
+        same change with that direction ablated everywhere (`interp.interventions.AblateDirection`) and with
         `n_random` null directions (z-score of the selected one among them when n_random >= 2): the first
         n_random of the module's `null_directions` (its hparams.null_kind, e.g. placebo) when it has them, else
         isotropic random directions of the same norm
@@ -40,7 +40,7 @@ from interp.backbone import decoder_layers
 from interp.direction_scoring import check_metric, metric_definition, solution_metric
 from interp.directions import random_directions
 from interp.errors import UserError
-from interp.interventions import InterventionHandler
+from interp.interventions import AblateDirection
 from interp.plots import plot_layer_curves
 from interp.selection import bootstrap_ci, null_pvalues, zscore
 
@@ -157,13 +157,13 @@ class AblationCallback(HeldOutEvaluation):
         if not hasattr(pl_module, "selected_direction") or getattr(pl_module, "selected", None) is None:
             return None, "none"
         r = pl_module.selected_direction()  # [d_model], unnormalised
-        with InterventionHandler(model, r, mode="ablate"):
+        with AblateDirection(model, r):
             selected = summary(score() - baseline)
         n_random = min(self.n_random, 2) if fast else self.n_random
         nulls, null = self._nulls(pl_module, r, n_random)  # [n_random, d_model]
         random_deltas = []
         for direction in nulls:
-            with InterventionHandler(model, direction, mode="ablate"):
+            with AblateDirection(model, direction):
                 random_deltas.append(float((score() - baseline).mean()))
         deltas = torch.tensor(random_deltas, dtype=torch.float64)
         return {

@@ -13,11 +13,11 @@ METRIC (per prompt; higher = the model finds the gold reasoning LESS likely):
                      (= -`interp.metrics.first_tokens_logprob`), the cheap variant
 SCORES of candidate (p, l), signed as in `interp.selection` (POSITIVE supports "reasoning direction"):
     ablation_score   mean over reasoning prompts of metric(ablated) - metric(baseline), where "ablated" runs
-                     inside InterventionHandler(mode="ablate") with r_hat = r[p, l] / |r[p, l]|: the direction is
+                     inside AblateDirection with r_hat = r[p, l] / |r[p, l]|: the direction is
                      projected out of the embedding output and of every attention and MLP output, at every layer
                      and every position (prompt and solution tokens).
     induction_score  mean over control prompts of metric(baseline) - metric(added), where "added" runs inside
-                     InterventionHandler(mode="add", layers=[l]): x <- x + intervention_strength * r[p, l] at
+                     AddDirection(layers=[l]): x <- x + intervention_strength * r[p, l] at
                      blocks.{l}.resid_post (the site r was read from), unnormalised, at every position.
     kl               mean over control prompts of last_token_kl(baseline, ablated): KL(p_base || p_ablated) of the
                      next-token distribution after the prompt (`interp.metrics.next_token_logits`), float64.
@@ -40,7 +40,7 @@ from interp.activations import check_layers
 from interp.backbone import decoder_layers
 from interp.directions import check_nonzero_norm
 from interp.errors import UserError
-from interp.interventions import InterventionHandler
+from interp.interventions import AblateDirection, AddDirection
 from interp.metrics import first_tokens_logprob, gold_solution_nll, last_token_kl, next_token_logits
 from interp.selection import PER_PROMPT_KEYS
 
@@ -121,10 +121,10 @@ class _Scorer:
     def score(self, direction: torch.Tensor, layer: int, intervention_strength: float, baselines) -> dict:
         """Scores of one unnormalised direction [d_model] read at blocks.{layer}.resid_post."""
         base_reasoning, base_control, base_logits = baselines
-        with InterventionHandler(self.model, direction, mode="ablate"):
+        with AblateDirection(self.model, direction):
             ablated = self.metric(self.reasoning_prompts, self.reasoning_solutions)  # [n_r]
             ablated_logits = next_token_logits(self.model, self.tokenizer, self.control_prompts, self.batch_size)
-        with InterventionHandler(self.model, direction, intervention_strength, layers=[layer], mode="add"):
+        with AddDirection(self.model, direction, intervention_strength, layers=[layer]):
             added = self.metric(self.control_prompts, self.control_solutions)  # [n_c]
         per_prompt = {
             "ablation_score": ablated - base_reasoning,

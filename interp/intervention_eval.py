@@ -4,10 +4,10 @@
 solutions, and the control prompts of the same problems) through the backbone under these CONDITIONS
 (`build_conditions`, one `Condition` each):
     baseline                  no intervention
-    ablated                   the direction r projected out everywhere (InterventionHandler mode="ablate":
+    ablated                   the direction r projected out everywhere (`AblateDirection`:
                               embedding output and every attention / MLP output, all positions)
     added@{s}                 x <- x + s * r at blocks.{selected_layer}.resid_post, on the prompt AND the
-                              generated tokens (InterventionHandler mode="add", apply_to="all"), per strength s
+                              generated tokens (`AddDirection`, apply_to "all"), per strength s
     random{k}_added@{s_max}   the same with null direction k (norm |r|) at the strength of largest magnitude:
                               the run's own null directions when given (`directions_report` passes the
                               directions run's, e.g. placebo), else isotropic random directions
@@ -60,7 +60,7 @@ from interp.directions import random_directions
 from interp.errors import UserError
 from interp.generation import DEFAULT_MAX_NEW_TOKENS, generate
 from interp.grading import extract_answer, grade_answer
-from interp.interventions import InterventionHandler, intervention_directions
+from interp.interventions import AblateDirection, AddDirection, intervention_directions
 from interp.metrics import gold_solution_nll, last_token_kl, next_token_logits
 from interp.selection import bootstrap_ci
 from interp.text_metrics import compression_ratio, ngram_repetition
@@ -83,8 +83,8 @@ class Condition:
             return contextlib.nullcontext()
         r = direction if self.direction == "selected" else randoms[self.random_index]
         if self.intervention == "ablate":
-            return InterventionHandler(model, r, mode="ablate")
-        return InterventionHandler(model, r, self.strength, layers=[layer], mode="add", apply_to="all")
+            return AblateDirection(model, r)
+        return AddDirection(model, r, self.strength, layers=[layer])
 
 
 def build_conditions(strengths: Sequence[float], n_random: int) -> list[Condition]:
