@@ -1,13 +1,14 @@
-"""GSM8K and MATH problems, loaded through `datasets` into one record type (`Problem`).
+"""GSM8K, MATH and synthetic toy_arithmetic problems, loaded through `datasets` into one record type (`Problem`).
 
 A `DatasetSource` names where the problems come from: the small test split shipped with the project
-("embedded": GSM8K test, MATH-500), a local .jsonl/.json file, or a hub id (e.g. openai/gsm8k with
+("embedded": GSM8K test, MATH-500; for toy_arithmetic the generated train / test splits, interp.toy_arithmetic), a local .jsonl/.json file, or a hub id (e.g. openai/gsm8k with
 subset "main", HuggingFaceH4/MATH-500). Every path goes through `datasets.load_dataset`; local files are
 first checked line by line so that a broken file fails with "path:LINE: what is wrong" instead of a
 pyarrow traceback.
 
 Field formats accepted:
     gsm8k: question, answer ("<worked solution with <<calc>> notes>\\n#### <final answer>")
+    toy_arithmetic: as gsm8k
     math:  problem, solution, and optionally answer (else: the solution's last \\boxed{}, interp.grading.last_boxed),
            subject or type, level (1..5, "Level 3", "Level ?"), unique_id (else "math/<split>/<row>")
 """
@@ -23,10 +24,13 @@ import numpy as np
 
 from interp.errors import UserError
 from interp.grading import DATASETS, last_boxed  # DATASETS order = the "dataset" label encoding
+from interp.toy_arithmetic import SPLIT_SIZES as TOY_SPLITS
+from interp.toy_arithmetic import toy_rows
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
 EMBEDDED_FILES = {"gsm8k": EMBEDDED_DIR / "gsm8k_test.jsonl", "math": EMBEDDED_DIR / "math500.jsonl"}
-REQUIRED_FIELDS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution")}
+REQUIRED_FIELDS = {"gsm8k": ("question", "answer"), "math": ("problem", "solution"),
+                   "toy_arithmetic": ("question", "answer")}  # fmt: skip
 _LOCAL_SUFFIXES = (".jsonl", ".json")
 
 
@@ -35,7 +39,7 @@ class DatasetSource:
     """One set of problems: which benchmark, where it is stored, which split, how many."""
 
     name: str = "gsm8k"
-    """Benchmark format: gsm8k | math."""
+    """Benchmark format: gsm8k | math | toy_arithmetic (synthetic 1-3 step problems, interp.toy_arithmetic)."""
     path: str = "embedded"
     """"embedded" (the test split shipped with the project: GSM8K test, MATH-500), a local .jsonl/.json file,
     or a hub dataset id (e.g. openai/gsm8k, HuggingFaceH4/MATH-500)."""
@@ -51,7 +55,10 @@ class DatasetSource:
             raise UserError(f"source.name {self.name!r} is not one of {list(DATASETS)}")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"source.limit must be >= 1 or null, got {self.limit}")
-        if self.path == "embedded":
+        if self.path == "embedded" and self.name == "toy_arithmetic":
+            if self.split not in TOY_SPLITS:
+                raise UserError(f"source.split {self.split!r}: toy_arithmetic has the splits {sorted(TOY_SPLITS)}")
+        elif self.path == "embedded":
             if self.split != "test":
                 raise UserError(f"source.split {self.split!r}: the embedded {self.name} has only the test split")
         elif self.is_local:
@@ -77,7 +84,7 @@ class Problem:
     """One benchmark problem with its reference answer."""
 
     problem_id: str  # stable and unique: "gsm8k/test/17", or MATH's unique_id "test/algebra/1.json"
-    dataset: str  # "gsm8k" | "math"
+    dataset: str  # "gsm8k" | "math" | "toy_arithmetic"
     question: str
     gold_answer: str  # GSM8K: after "####", commas removed; MATH: `answer` (else the solution's last \boxed{}), stripped
     gold_solution: str  # GSM8K: rationale without <<calc>> notes and the "####" line; MATH: the solution
@@ -128,13 +135,13 @@ def row_to_problem(dataset: str, row: dict, split: str, index: int) -> Problem:
     """One raw row -> Problem. Raises ValueError (one line, naming the field) for a malformed row."""
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-    if dataset == "gsm8k":
+    if dataset in ("gsm8k", "toy_arithmetic"):
         question, answer = _field(row, "question"), _field(row, "answer")
         parsed = parse_gsm8k_answer(answer)
         if parsed is None:
             raise ValueError("field 'answer' has no '#### <final answer>' line")
         gold, rationale = parsed
-        return Problem(f"gsm8k/{split}/{index}", "gsm8k", question, gold, rationale, None, None)
+        return Problem(f"{dataset}/{split}/{index}", dataset, question, gold, rationale, None, None)
     question, solution = _field(row, "problem"), _field(row, "solution")
     gold = row.get("answer")
     if not isinstance(gold, str) or not gold.strip():
@@ -212,6 +219,8 @@ def _load_rows(source: DatasetSource):
     """The source as a `datasets.Dataset` (local files are validated first)."""
     import datasets
 
+    if source.name == "toy_arithmetic" and source.path == "embedded":
+        return datasets.Dataset.from_list(toy_rows(source.split))  # generated: deterministic, nothing stored
     if source.is_local:
         path = source.local_file()
         validate_local_file(path, source.name, source.split)
@@ -233,7 +242,8 @@ def load_problems(source: DatasetSource, seed: int = 0) -> list[Problem]:
     Problem ids use the row index in the full file/split, so a sample's ids do not depend on the limit.
     """
     rows = _load_rows(source)
-    where = str(source.local_file()) if source.is_local else f"{source.path}[{source.split}]"
+    generated = source.name == "toy_arithmetic" and source.path == "embedded"
+    where = str(source.local_file()) if source.is_local and not generated else f"{source.path}[{source.split}]"
     missing = [f for f in REQUIRED_FIELDS[source.name] if f not in rows.column_names]
     if missing:
         raise UserError(f"{where}: rows have no field {missing[0]!r} (fields: {rows.column_names}); "

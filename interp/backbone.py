@@ -1,9 +1,13 @@
 """Loading a frozen backbone through the real `from_pretrained` path, and finding its parts.
 
 `load_backbone` accepts a hub id, a local directory written by `save_pretrained`, or the name of a
-built-in tiny backbone (see `BUILTIN_BACKBONES`). Built-ins are deterministic random-init Qwen2 models with
-the real Qwen2.5 BPE and the chat template of the model they stand in for; they are built once, written
-with `save_pretrained` into a local cache and then loaded exactly like a real checkpoint.
+built-in backbone (see `BUILTIN_BACKBONES`). Built-ins are small Qwen2 models with the real Qwen2.5 BPE and the
+chat template of the model they stand in for; they are built once, written with `save_pretrained` into a local
+cache and then loaded exactly like a real checkpoint. Two kinds:
+- tiny, tiny-qwq, tiny-r1-distill: deterministic random weights (fast; for exactness and speed tests);
+- toy-qwq, toy-r1-distill: trained to solve synthetic arithmetic word problems (a miniature of the real pair
+  with a known answer). Their builders train with Lightning, so they live in lightning_modules/toy_lm.py and
+  are imported by name only when a toy model is first built: interp/ itself never imports Lightning.
 
 Architecture parts are found structurally, never by model name:
 - `decoder_layers(model)`: the ModuleList with `num_hidden_layers` entries (Qwen2, Llama, Mistral, Gemma,
@@ -14,6 +18,7 @@ Architecture parts are found structurally, never by model name:
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -35,11 +40,12 @@ from interp.errors import UserError
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_BACKBONE_VERSION = 1  # bump when the tiny recipe changes: it is part of the cache path
+TOY_BACKBONE_VERSION = 1  # bump when the toy corpus or training recipe changes (lightning_modules/toy_lm.py)
 
 
 @dataclass(frozen=True)
 class TinySpec:
-    """A built-in random-init stand-in for a real model: its template, special tokens and seed."""
+    """A built-in stand-in for a real model: its template, special tokens, seed, shape and (toy models) builder."""
 
     template_dir: str  # under interp/assets: chat_template.jinja and config.json of the real model
     added_tokens: tuple[str, ...]  # added tokens in id order, starting at 151643 (as in the real tokenizer)
@@ -52,6 +58,7 @@ class TinySpec:
     intermediate_size: int = 176
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
+    builder: str | None = None  # "module:function" that trains and writes the model; None = random weights
 
 
 _QWEN_ADDED = (
@@ -76,6 +83,16 @@ BUILTIN_BACKBONES: dict[str, TinySpec] = {
     ),
 }
 BUILTIN_BACKBONES["tiny"] = BUILTIN_BACKBONES["tiny-qwq"]
+_TOY_SHAPE = {"num_hidden_layers": 4, "hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 4,
+              "num_key_value_heads": 4}  # fmt: skip
+BUILTIN_BACKBONES["toy-qwq"] = TinySpec(
+    "qwq-32b", _QWEN_ADDED, bos=None, eos="<|im_end|>", pad="<|endoftext|>", seed=0, **_TOY_SHAPE,
+    builder="lightning_modules.toy_lm:build_toy_qwq",
+)
+BUILTIN_BACKBONES["toy-r1-distill"] = TinySpec(
+    "r1-distill-qwen-32b", _R1_DISTILL_ADDED, bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>",
+    pad="<｜end▁of▁sentence｜>", seed=1, **_TOY_SHAPE, builder="lightning_modules.toy_lm:build_toy_r1_distill",
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 
@@ -108,24 +125,32 @@ def resolve_backbone_path(name_or_path: str) -> str:
 
 
 def build_tiny_backbone(name: str) -> Path:
-    """Build (once) and return the directory of a built-in tiny backbone. Safe under concurrent builders."""
+    """Build (once) and return the directory of a built-in backbone. Safe under concurrent builders: one
+    process builds (under a file lock), the others wait and then load its result."""
+    from filelock import FileLock
+
     spec = BUILTIN_BACKBONES[name]
-    key = "tiny-r1-distill" if spec is BUILTIN_BACKBONES["tiny-r1-distill"] else "tiny-qwq"
-    target = cache_root() / "backbones" / f"{key}-v{TINY_BACKBONE_VERSION}"
+    key = next(k for k, v in BUILTIN_BACKBONES.items() if v is spec and k != "tiny")
+    version = TOY_BACKBONE_VERSION if spec.builder else TINY_BACKBONE_VERSION
+    target = cache_root() / "backbones" / f"{key}-v{version}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
-    try:
-        _tiny_tokenizer(spec).save_pretrained(staging)
-        _tiny_model(spec).save_pretrained(staging)
+    with FileLock(str(target.parent / f".{key}-v{version}.lock")):
+        if (target / "config.json").is_file():  # built by another process while this one waited
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
         try:
-            os.rename(staging, target)  # atomic; loses the race harmlessly if another process won
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            tokenizer = _tiny_tokenizer(spec)
+            tokenizer.save_pretrained(staging)
+            if spec.builder is None:
+                _tiny_model(spec).save_pretrained(staging)
+            else:
+                module, function = spec.builder.split(":")
+                getattr(importlib.import_module(module), function)(spec, tokenizer, staging)
+            os.rename(staging, target)  # atomic: a directory with config.json is always complete
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -151,12 +176,14 @@ def _tiny_tokenizer(spec: TinySpec) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _tiny_model(spec: TinySpec) -> PreTrainedModel:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def tiny_config(spec: TinySpec, vocab_size: int | None = None):
+    """The Qwen2Config of a built-in: its shape, the real model's norms, RoPE and special ids; `vocab_size`
+    None = the real model's (152,064)."""
+    from transformers import Qwen2Config
 
     real = json.loads((ASSETS / spec.template_dir / "config.json").read_text())
-    config = Qwen2Config(
-        vocab_size=real["vocab_size"],
+    return Qwen2Config(
+        vocab_size=real["vocab_size"] if vocab_size is None else vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_hidden_layers,
@@ -170,6 +197,12 @@ def _tiny_model(spec: TinySpec) -> PreTrainedModel:
         eos_token_id=real["eos_token_id"],
         pad_token_id=real["bos_token_id"],
     )
+
+
+def _tiny_model(spec: TinySpec) -> PreTrainedModel:
+    from transformers import Qwen2ForCausalLM
+
+    config = tiny_config(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = Qwen2ForCausalLM(config)
@@ -208,7 +241,7 @@ def load_backbone(
 
     Args:
         name_or_path: hub id, local `save_pretrained` directory, or a built-in name ("tiny", "tiny-qwq",
-            "tiny-r1-distill").
+            "tiny-r1-distill", "toy-qwq", "toy-r1-distill").
         dtype: "float32" | "bfloat16" | "float16" | "auto" | torch.dtype; None = the checkpoint's own.
         device_map: passed to `from_pretrained` ("auto" shards across visible GPUs through accelerate).
         quantization: None | "8bit" | "4bit" (bitsandbytes).
@@ -292,7 +325,8 @@ class BackboneSpec:
     """Which frozen backbone to load and how (the config's `backbone:` section)."""
 
     name_or_path: str = "tiny"
-    """Hub id (e.g. Qwen/QwQ-32B), local save_pretrained directory, or built-in: tiny, tiny-qwq, tiny-r1-distill."""
+    """Hub id (e.g. Qwen/QwQ-32B), local save_pretrained directory, or built-in: tiny, tiny-qwq, tiny-r1-distill
+    (random weights), toy-qwq, toy-r1-distill (trained on toy_arithmetic; built on first use, a few minutes)."""
     dtype: str = "float32"
     """float32 | bfloat16 | float16 | auto (the checkpoint's own)."""
     device_map: str | None = None

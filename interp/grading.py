@@ -68,7 +68,9 @@ from math_verify import parse, verify
 from interp.errors import UserError
 from interp.timeouts import check_timeout, run_with_timeout
 
-DATASETS = ("gsm8k", "math")
+DATASETS = ("gsm8k", "math", "toy_arithmetic")
+# How each dataset's answers are read and compared: toy_arithmetic problems are GSM8K-style (a number).
+ANSWER_FORMAT = {"gsm8k": "gsm8k", "math": "math", "toy_arithmetic": "gsm8k"}
 THINK_END = "</think>"
 RELATIVE_TOLERANCE = 1e-6  # GSM8K, when a side is a fraction: |a - b| <= 1e-6 * max(|a|, |b|)
 
@@ -281,10 +283,11 @@ def _extract(text: str, dataset: str) -> str | None:
 
 
 def _check_dataset(dataset: str) -> str:
+    """The answer format ("gsm8k" | "math") of a dataset name; UserError for an unknown one."""
     name = str(dataset).lower()
     if name not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r} for grading: expected one of {', '.join(DATASETS)}")
-    return name
+    return ANSWER_FORMAT[name]
 
 
 def extract_answer(text: str, dataset: str, timeout_s: float = 5.0) -> str | None:
