@@ -68,6 +68,11 @@ class DatasetSource:
                 raise UserError(f"source.path {self.path!r}: local files must be .jsonl or .json")
 
     @property
+    def generated(self) -> bool:
+        """True for toy_arithmetic's "embedded" splits: generated in memory, there is no file."""
+        return self.name == "toy_arithmetic" and self.path == "embedded"
+
+    @property
     def is_local(self) -> bool:
         """True for "embedded" and local files; False for hub ids."""
         if self.path == "embedded" or Path(self.path).expanduser().is_file():
@@ -219,7 +224,7 @@ def _load_rows(source: DatasetSource):
     """The source as a `datasets.Dataset` (local files are validated first)."""
     import datasets
 
-    if source.name == "toy_arithmetic" and source.path == "embedded":
+    if source.generated:
         return datasets.Dataset.from_list(toy_rows(source.split))  # generated: deterministic, nothing stored
     if source.is_local:
         path = source.local_file()
@@ -242,8 +247,7 @@ def load_problems(source: DatasetSource, seed: int = 0) -> list[Problem]:
     Problem ids use the row index in the full file/split, so a sample's ids do not depend on the limit.
     """
     rows = _load_rows(source)
-    generated = source.name == "toy_arithmetic" and source.path == "embedded"
-    where = str(source.local_file()) if source.is_local and not generated else f"{source.path}[{source.split}]"
+    where = str(source.local_file()) if source.is_local and not source.generated else f"{source.path}[{source.split}]"
     missing = [f for f in REQUIRED_FIELDS[source.name] if f not in rows.column_names]
     if missing:
         raise UserError(f"{where}: rows have no field {missing[0]!r} (fields: {rows.column_names}); "

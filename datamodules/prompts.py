@@ -214,7 +214,7 @@ class ReasoningPromptsDataModule(LightningDataModule):
         sources = []
         for source in self.sources:
             entry = dataclasses.asdict(source)
-            if source.is_local:
+            if source.is_local and not source.generated:  # generated rows: the rows digest below covers them
                 entry["sha256"] = _file_sha256(source.local_file())
             sources.append(entry)
         rows_json = json.dumps([dataclasses.astuple(r) for r in self.rows], ensure_ascii=False)

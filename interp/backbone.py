@@ -59,6 +59,7 @@ class TinySpec:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     builder: str | None = None  # "module:function" that trains and writes the model; None = random weights
+    rope_theta: float | None = None  # None = the real model's (1e6)
 
 
 _QWEN_ADDED = (
@@ -84,7 +85,9 @@ BUILTIN_BACKBONES: dict[str, TinySpec] = {
 }
 BUILTIN_BACKBONES["tiny"] = BUILTIN_BACKBONES["tiny-qwq"]
 _TOY_SHAPE = {"num_hidden_layers": 4, "hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 4,
-              "num_key_value_heads": 4}  # fmt: skip
+              "num_key_value_heads": 4, "rope_theta": 10000.0}  # fmt: skip
+# rope_theta 1e4, not the real 1e6: at head dim 32 and ~150-token texts, 1e6 leaves few rotary frequencies that
+# tell neighbouring positions apart, and the copy (induction) heads the toy task needs form much later.
 BUILTIN_BACKBONES["toy-qwq"] = TinySpec(
     "qwq-32b", _QWEN_ADDED, bos=None, eos="<|im_end|>", pad="<|endoftext|>", seed=0, **_TOY_SHAPE,
     builder="lightning_modules.toy_lm:build_toy_qwq",
@@ -191,7 +194,7 @@ def tiny_config(spec: TinySpec, vocab_size: int | None = None):
         num_key_value_heads=spec.num_key_value_heads,
         max_position_embeddings=4096,
         rms_norm_eps=real["rms_norm_eps"],
-        rope_parameters={"rope_type": "default", "rope_theta": real["rope_theta"]},
+        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta or real["rope_theta"]},
         tie_word_embeddings=False,
         bos_token_id=real["bos_token_id"],
         eos_token_id=real["eos_token_id"],

@@ -18,7 +18,7 @@ cross-entropy), then expanded to the real 152,064-row vocabulary and written wit
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -53,13 +53,14 @@ RECIPE_FILE = "toy_recipe.json"
 class ToyRecipe:
     """How a toy model is trained (the shape is the backbone's TinySpec)."""
 
-    steps: int = 600
+    steps: int = 800  # toy-qwq; held-out accuracy rises steeply between 400 and 600 steps (0.63 -> 0.9-1.0)
+    student_steps: int = 800  # toy-r1-distill (600 steps: 0.775 held-out accuracy)
     batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 50
     weight_decay: float = 0.01
     control_fraction: float = 0.4  # of the training examples
-    distill_problems: int = 2000  # training problems the teacher answers for the student
+    distill_problems: int = 3000  # training problems the teacher answers for the student
     max_new_tokens: int = 96  # teacher generation budget (the longest solution is ~70 tokens)
 
 
@@ -103,7 +104,8 @@ class ToyLMModule(L.LightningModule):
 
 
 def fit_toy_lm(spec: TinySpec, examples: list[tuple[list[int], int]], recipe: ToyRecipe = RECIPE) -> tuple:
-    """Train a restricted-vocabulary model of `spec`'s shape from random init (seed `spec.seed`).
+    """Train a restricted-vocabulary model of `spec`'s shape from random init (seed `spec.seed`) for
+    `recipe.steps` steps.
 
     Returns (full-vocabulary model, RestrictedVocab)."""
     L.seed_everything(spec.seed, verbose=False)
@@ -189,5 +191,5 @@ def build_toy_r1_distill(spec: TinySpec, tokenizer, out_dir: Path, recipe: ToyRe
     answers = greedy_completions(teacher, teacher_vocab, teacher_tokenizer,
                                  [prompt(teacher_tokenizer, p, c) for p, c in jobs], recipe.max_new_tokens)  # fmt: skip
     pairs = [(prompt(tokenizer, p, c), answer) for (p, c), answer in zip(jobs, answers)]
-    model, vocab = fit_toy_lm(spec, tokenize_pairs(tokenizer, pairs), recipe)
+    model, vocab = fit_toy_lm(spec, tokenize_pairs(tokenizer, pairs), replace(recipe, steps=recipe.student_steps))
     _save(model, vocab, recipe, out_dir, trained_on=f"toy-qwq greedy outputs for {len(pairs)} prompts")
