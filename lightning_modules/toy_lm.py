@@ -17,7 +17,10 @@ cross-entropy), then expanded to the real 152,064-row vocabulary and written wit
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -129,6 +132,21 @@ def _save(model: PreTrainedModel, vocab: RestrictedVocab, recipe: ToyRecipe, out
     (Path(out_dir) / RECIPE_FILE).write_text(json.dumps(record, indent=1))
 
 
+@contextlib.contextmanager
+def _all_cores_quietly():
+    """Every core for the build (the test suite pins torch to one thread), and no Lightning banner."""
+    threads, logger = torch.get_num_threads(), logging.getLogger("lightning.pytorch")
+    level = logger.level
+    torch.set_num_threads(max(threads, os.cpu_count() or 1))
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        logger.setLevel(level)
+
+
+@_all_cores_quietly()
 def build_toy_qwq(spec: TinySpec, tokenizer, out_dir: Path, recipe: ToyRecipe = RECIPE) -> None:
     """Train toy-qwq on the generator's solutions and write it to `out_dir` (the module docstring)."""
     problems = toy_problems("train", SPLIT_SIZES["train"])
@@ -167,6 +185,7 @@ def greedy_completions(model: PreTrainedModel, vocab: RestrictedVocab, tokenizer
     return out
 
 
+@_all_cores_quietly()
 def build_toy_r1_distill(spec: TinySpec, tokenizer, out_dir: Path, recipe: ToyRecipe = RECIPE) -> None:
     """Train toy-r1-distill on toy-qwq's greedy outputs and write it to `out_dir` (the module docstring)."""
     teacher_path = resolve_backbone_path("toy-qwq")

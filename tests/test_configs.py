@@ -40,6 +40,7 @@ HUB_SOURCES = [("gsm8k", "openai/gsm8k", "main", 500), ("math", "HuggingFaceH4/M
 EMBEDDED_100 = [("gsm8k", "embedded", None, 100), ("math", "embedded", None, 100)]
 EVEN_LAYERS = list(range(0, 64, 2))
 TOY_200 = [("toy_arithmetic", "embedded", None, 200)]
+_TOY = {"datamodule.backbone.name_or_path": "toy-qwq", "datamodule.prompts.backbone": "toy-qwq", "datamodule.d_model": 128}
 
 
 def _real(name: str, layers: list[int], **more) -> dict:
@@ -64,9 +65,8 @@ _PROBE_FIELDS = {"model.hparams.lr": 0.01, "model.hparams.weight_decay": 0.001, 
 EXPECTED: dict[str, dict] = {
     "quickstart.yaml": {"class_path": PROBES, **_PROBE_FIELDS, **_tiny(list(range(32)), sources=EMBEDDED_100),
                         "trainer.max_epochs": 40, "datamodule.batch_size": 64},
-    "probes_toy.yaml": {"class_path": PROBES, **_PROBE_FIELDS, **_tiny(list(range(4)), sources=TOY_200),
-                        "datamodule.backbone.name_or_path": "toy-qwq", "datamodule.prompts.backbone": "toy-qwq",
-                        "datamodule.d_model": 128, "trainer.max_epochs": 20, "datamodule.batch_size": 64},
+    "probes_toy.yaml": {"class_path": PROBES, **_PROBE_FIELDS, **_tiny(list(range(4)), sources=TOY_200), **_TOY,
+                        "trainer.max_epochs": 20, "datamodule.batch_size": 64},
     "probes_qwq.yaml": {"class_path": PROBES, **_PROBE_FIELDS, **_real("Qwen/QwQ-32B", list(range(64))),
                         "trainer.max_epochs": 50, "datamodule.batch_size": 64},
     "probes_r1distill.yaml": {"class_path": PROBES, **_PROBE_FIELDS, "trainer.max_epochs": 50,
@@ -83,6 +83,12 @@ EXPECTED: dict[str, dict] = {
         "class_path": DIRECTIONS, **_tiny(list(range(32)), sources=[("gsm8k", "embedded", None, 20),
                                                                     ("math", "embedded", None, 20)]),
         "model.hparams.n_selection_prompts": 4, "model.hparams.n_report_prompts": 4, "model.hparams.n_random": 4,
+        "model.hparams.null_kind": "placebo", "datamodule.positions.kind": "post_instruction",
+        "datamodule.batch_position": None, "trainer.max_epochs": 1,
+    },
+    "directions_toy.yaml": {
+        "class_path": DIRECTIONS, **_tiny(list(range(4)), sources=TOY_200), **_TOY,
+        "model.hparams.n_selection_prompts": 8, "model.hparams.n_report_prompts": 8, "model.hparams.n_random": 8,
         "model.hparams.null_kind": "placebo", "datamodule.positions.kind": "post_instruction",
         "datamodule.batch_position": None, "trainer.max_epochs": 1,
     },
