@@ -11,7 +11,7 @@ Rows are ordered problem by problem (reasoning row, then control row); both rows
 so no question is seen in two splits (rows, splits and labels are built in datamodules/prompt_rows.py).
 Integer labels per row (`LABELS`) feed the probes:
     reasoning  1 = reasoning prompt, 0 = control prompt
-    dataset    index into DATASETS = ("gsm8k", "math")
+    dataset    index into DATASETS = ("gsm8k", "math", "toy_arithmetic")
     subject    index into the sorted MATH subjects present; -1 for GSM8K
     level      MATH level 1..5 -> 0..4; -1 when unknown (and for GSM8K)
     problem    problem_index

@@ -346,7 +346,7 @@ def test_label_encodings(few_problems):
     names = label_names(rows)
     labels = encode_labels(rows, names)
     assert tuple(labels) == LABELS == ("reasoning", "dataset", "subject", "level", "problem")
-    assert names["reasoning"] == ["control", "reasoning"] and names["dataset"] == ["gsm8k", "math"]
+    assert names["reasoning"] == ["control", "reasoning"] and names["dataset"] == ["gsm8k", "math", "toy_arithmetic"]
     assert names["subject"] == sorted({p.subject for p in few_problems if p.dataset == "math"})
     assert names["level"] == ["Level 1", "Level 2", "Level 3", "Level 4", "Level 5"]
     for i, r in enumerate(rows):
@@ -499,7 +499,7 @@ def test_jsonargparse_builds_it_from_a_config():
     try:
         source_parser = ArgumentParser()
         source_parser.add_class_arguments(DatasetSource, "source")
-        assert "Benchmark format: gsm8k | math." in source_parser.format_help()
+        assert "Benchmark format: gsm8k | math | toy_arithmetic" in source_parser.format_help()
     finally:
         set_parsing_settings(docstring_parse_attribute_docstrings=False)
 
