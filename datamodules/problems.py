@@ -1,8 +1,9 @@
 """GSM8K, MATH and synthetic toy_arithmetic problems, loaded through `datasets` into one record type (`Problem`).
 
 A `DatasetSource` names where the problems come from: the small test split shipped with the project
-("embedded": GSM8K test, MATH-500; for toy_arithmetic the generated train / test splits, interp.toy_arithmetic), a local .jsonl/.json file, or a hub id (e.g. openai/gsm8k with
-subset "main", HuggingFaceH4/MATH-500). Every path goes through `datasets.load_dataset`; local files are
+("embedded": GSM8K test, MATH-500; for toy_arithmetic, its generated train / test splits, see
+interp/toy_arithmetic.py), a local .jsonl/.json file, or a hub id (e.g. openai/gsm8k with subset "main",
+HuggingFaceH4/MATH-500). Every path goes through `datasets.load_dataset`; local files are
 first checked line by line so that a broken file fails with "path:LINE: what is wrong" instead of a
 pyarrow traceback.
 
@@ -41,7 +42,8 @@ class DatasetSource:
     name: str = "gsm8k"
     """Benchmark format: gsm8k | math | toy_arithmetic (synthetic 1-3 step problems, interp.toy_arithmetic)."""
     path: str = "embedded"
-    """"embedded" (the test split shipped with the project: GSM8K test, MATH-500), a local .jsonl/.json file,
+    """"embedded" (the test split shipped with the project: GSM8K test, MATH-500; toy_arithmetic: generated,
+    splits train and test), a local .jsonl/.json file,
     or a hub dataset id (e.g. openai/gsm8k, HuggingFaceH4/MATH-500)."""
     split: str = "test"
     """Split to load from a hub id; for files it only names the problems (ids like gsm8k/<split>/<row>)."""
@@ -55,7 +57,7 @@ class DatasetSource:
             raise UserError(f"source.name {self.name!r} is not one of {list(DATASETS)}")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"source.limit must be >= 1 or null, got {self.limit}")
-        if self.path == "embedded" and self.name == "toy_arithmetic":
+        if self.generated:
             if self.split not in TOY_SPLITS:
                 raise UserError(f"source.split {self.split!r}: toy_arithmetic has the splits {sorted(TOY_SPLITS)}")
         elif self.path == "embedded":

@@ -14,6 +14,8 @@ from datamodules.prompt_rows import build_prompt_rows
 from interp.backbone import load_backbone
 from interp.generation import generate
 from interp.grading import grade_answer, has_final_answer
+from interp.restricted_vocab import RestrictedVocab, restrict
+from lightning_modules.toy_lm import greedy_completions
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -77,3 +79,13 @@ def test_probes_separate_reasoning_from_control_prompts(tmp_path, monkeypatch):
     evaluate.main(["--ckpt", str(tmp_path / "checkpoints" / "toy" / "best.ckpt")])
     report = json.loads((tmp_path / "logs" / "toy" / "probe_accuracies.json").read_text())
     assert report["best_layer"]["accuracy"] >= 0.95, report["best_layer"]
+
+
+def test_restricted_greedy_decoding_equals_the_saved_models(toy):
+    """The student's corpus is generated from the restricted teacher: it must be what the saved model writes."""
+    _, model, tokenizer, reasoning, control, outputs = toy
+    record = json.loads((Path(model.name_or_path) / "toy_recipe.json").read_text())
+    vocab = RestrictedVocab(record["corpus_token_ids"], model.config.vocab_size)
+    rows = reasoning[:12] + control[:12]
+    restricted = greedy_completions(restrict(model, vocab), vocab, tokenizer, [r.prompt for r in rows], 96)
+    assert restricted == outputs[:12] + _greedy(model, tokenizer, control[:12])
