@@ -20,9 +20,24 @@ Per condition:
     gold_nll        on the reasoning prompts: teacher-forced mean NLL per token of the gold solution
                     (`interp.metrics.gold_solution_nll`, first max_solution_tokens tokens); mean, percentile
                     bootstrap 95% CI over prompts, per prompt; gold_nll_change = paired change vs baseline
+    accuracy_change paired change vs baseline over the reasoning prompts, correct(condition) - correct(baseline)
+                    per prompt: mean and percentile bootstrap 95% CI
     control_kl      on the control prompts: KL(baseline || condition) of the next-token distribution after the
                     prompt (`last_token_kl` of `next_token_logits`); 0 for the baseline
+    control_accuracy  baseline and added conditions only (null elsewhere): the control prompts are generated too
+                    and graded against their problem's gold answer: the share on which the model SOLVES the
+                    problem it was asked to restate / copy / name ("does adding r move control prompts toward
+                    solving?"); control_answer_rate: the share whose generation states any final answer
     degeneration    means over the reasoning generations of `ngram_repetition` (4-grams) and `compression_ratio`
+VS_NULL (the selected direction against its null directions, prompt by prompt; needs n_random >= 1):
+    ablated         accuracy: d_i = correct_i(ablated) - mean_k correct_i(random{k}_ablated) over the reasoning
+                    prompts; < 0: ablating r costs more answers than ablating a null direction
+    added           control_accuracy at the strength of largest magnitude: d_i = solved_i(added@s) -
+                    mean_k solved_i(random{k}_added@s) over the control prompts; > 0: adding r moves control
+                    prompts toward solving more than adding a null direction of the same norm does
+    each {"condition", "metric", "value", "null_values" [per null direction], "difference": mean d_i, "ci":
+    percentile bootstrap 95% CI of mean d_i over prompts, "p_rank": (1 + #{null at least as extreme}) / (m + 1),
+    one-sided in the direction stated}
 JSON written by `lightning_modules.direction_report.write_intervention_report` (intervention_results.json;
 NaN -> null):
     {"selected_layer": int, "direction_norm": float, "strengths": [float], "n_random": int,
@@ -39,10 +54,15 @@ NaN -> null):
                      "accuracy_among_finished": float | null (n_correct / generations with a final answer),
                      "gold_nll": {"mean": float, "ci": [low, high], "per_prompt": [float]},
                      "gold_nll_change": {"mean": float, "ci": [low, high]},
+                     "accuracy_change": {"mean": float, "ci": [low, high]},
                      "control_kl": {"mean": float, "max": float, "per_prompt": [float]},
+                     "control_accuracy": float | null, "control_answer_rate": float | null,
+                     "control_correct": [bool per control row] | null,
                      "ngram_repetition": float, "compression_ratio": float,
                      "samples": [{"row_index", "pair_index", "dataset", "gold_answer", "generation",
-                                  "extracted_answer", "correct", "truncated"}, ... the first n_samples rows]}],
+                                  "extracted_answer", "correct", "truncated"}, ... the first n_samples rows],
+                     "control_samples": the same for the control rows (added conditions and baseline) | null}],
+     "vs_null": {"ablated": {...}, "added": {...}} (VS_NULL; {} when n_random is 0),
      ... plus what the caller adds (`lightning_modules.direction_report.directions_report`: "checkpoint",
      "backbone", "split", "position", "position_label", "layer")}
 """
@@ -165,39 +185,40 @@ def intervention_report(
     control_prompts = [row.prompt for row in control]
     gen = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature, "top_p": top_p,
            "seed": seed}  # fmt: skip
-    results, base_nll, base_logits = [], None, None
+    results, base_nll, base_logits, base_correct = [], None, None, None
     for condition in build_conditions(strengths, n_random):
         with condition.handler(model, direction, randoms, selected_layer):
-            texts = generate(model, tokenizer, prompts, batch_size=batch_size, **gen)
+            graded = _generate_and_grade(model, tokenizer, reasoning, gen, batch_size, n_samples)
             nll = gold_solution_nll(model, tokenizer, prompts, solutions, batch_size, max_solution_tokens)  # [n]
             logits = next_token_logits(model, tokenizer, control_prompts, batch_size)  # [n_control, vocab]
+            graded_control = None  # control prompts are generated only where adding could make them solve
+            if condition.intervention in ("none", "add"):
+                graded_control = _generate_and_grade(model, tokenizer, control, gen, batch_size, n_samples)
         if base_nll is None:
-            base_nll, base_logits = nll, logits
+            base_nll, base_logits, base_correct = nll, logits, _as_float(graded["correct"])
         kl = last_token_kl(base_logits, logits)  # [n_control] float64
-        correct = [grade_answer(text, row.gold_answer, row.dataset) for text, row in zip(texts, reasoning)]
-        answers = [extract_answer(text, row.dataset) for text, row in zip(texts, reasoning)]
-        truncated = [answer is None for answer in answers]  # no final answer (`has_final_answer` is False)
+        correct, truncated = graded["correct"], graded["truncated"]
         n_finished = len(truncated) - sum(truncated)
-        change = nll - base_nll
-        samples = [
-            {"row_index": row.row_index, "pair_index": row.pair_index, "dataset": row.dataset,
-             "gold_answer": row.gold_answer, "generation": text, "extracted_answer": answer, "correct": ok,
-             "truncated": answer is None}
-            for row, text, answer, ok in zip(reasoning, texts, answers, correct)
-        ][:n_samples]  # fmt: skip
+        change, accuracy_change = nll - base_nll, _as_float(correct) - base_correct
         results.append({
             **dataclasses.asdict(condition),
             "accuracy": sum(correct) / len(correct), "n_correct": sum(correct), "n_prompts": len(correct),
-            "correct": correct, "extracted_answers": answers,
+            "correct": correct, "extracted_answers": graded["answers"],
             "truncation_rate": sum(truncated) / len(truncated), "n_truncated": sum(truncated), "truncated": truncated,
             "accuracy_among_finished": sum(correct) / n_finished if n_finished else None,
+            "accuracy_change": {"mean": float(accuracy_change.mean()),
+                                "ci": list(bootstrap_ci(accuracy_change, n_bootstrap, seed=seed))},
             "gold_nll": {"mean": float(nll.mean()), "ci": list(bootstrap_ci(nll, n_bootstrap, seed=seed)),
                          "per_prompt": nll.tolist()},
             "gold_nll_change": {"mean": float(change.mean()), "ci": list(bootstrap_ci(change, n_bootstrap, seed=seed))},
             "control_kl": {"mean": float(kl.mean()), "max": float(kl.max()), "per_prompt": kl.tolist()},
-            "ngram_repetition": sum(map(ngram_repetition, texts)) / len(texts),
-            "compression_ratio": sum(map(compression_ratio, texts)) / len(texts),
-            "samples": samples,
+            "control_accuracy": None if graded_control is None else _mean(graded_control["correct"]),
+            "control_answer_rate": None if graded_control is None else 1 - _mean(graded_control["truncated"]),
+            "control_correct": None if graded_control is None else graded_control["correct"],
+            "ngram_repetition": sum(map(ngram_repetition, graded["texts"])) / len(prompts),
+            "compression_ratio": sum(map(compression_ratio, graded["texts"])) / len(prompts),
+            "samples": graded["samples"],
+            "control_samples": None if graded_control is None else graded_control["samples"],
         })  # fmt: skip
     return {
         "selected_layer": int(selected_layer), "direction_norm": norm, "strengths": [float(s) for s in strengths],
@@ -206,4 +227,54 @@ def intervention_report(
         "n_bootstrap": n_bootstrap, "max_solution_tokens": max_solution_tokens,
         "reasoning_rows": [row.row_index for row in reasoning], "control_rows": [row.row_index for row in control],
         "pair_indices": sorted({row.pair_index for row in rows}), "conditions": results,
+        "vs_null": vs_null(results, n_bootstrap, seed),
     }  # fmt: skip
+
+
+def _as_float(flags: Sequence[bool]) -> torch.Tensor:
+    return torch.tensor(flags, dtype=torch.float64)
+
+
+def _mean(flags: Sequence[bool]) -> float:
+    return sum(flags) / len(flags)
+
+
+def _generate_and_grade(model, tokenizer, rows: Sequence, gen: dict, batch_size: int, n_samples: int | None) -> dict:
+    """Generate for `rows` under whatever intervention is active and grade against each row's gold answer:
+    {"texts", "correct", "answers", "truncated" (no final answer)} per row, and the first n_samples "samples"."""
+    texts = generate(model, tokenizer, [row.prompt for row in rows], batch_size=batch_size, **gen)
+    correct = [grade_answer(text, row.gold_answer, row.dataset) for text, row in zip(texts, rows)]
+    answers = [extract_answer(text, row.dataset) for text, row in zip(texts, rows)]
+    samples = [
+        {"row_index": row.row_index, "pair_index": row.pair_index, "dataset": row.dataset,
+         "gold_answer": row.gold_answer, "generation": text, "extracted_answer": answer, "correct": ok,
+         "truncated": answer is None}
+        for row, text, answer, ok in zip(rows, texts, answers, correct)
+    ][:n_samples]  # fmt: skip
+    return {"texts": texts, "correct": correct, "answers": answers,
+            "truncated": [answer is None for answer in answers], "samples": samples}  # fmt: skip
+
+
+def vs_null(conditions: Sequence[dict], n_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """The selected direction against its null directions, prompt by prompt (module docstring, VS_NULL).
+
+    conditions: the report's condition entries (`intervention_report`); {} when there are no null conditions."""
+    out = {}
+    for kind, key, sign in (("ablate", "correct", -1), ("add", "control_correct", 1)):
+        nulls = [c for c in conditions if c["direction"] == "random" and c["intervention"] == kind]
+        if not nulls:
+            continue
+        strength = nulls[0]["strength"]
+        chosen = next(c for c in conditions if c["direction"] == "selected" and c["intervention"] == kind
+                      and c["strength"] == strength)  # fmt: skip
+        value = _as_float(chosen[key])  # [n_prompts] 0/1
+        null = torch.stack([_as_float(c[key]) for c in nulls])  # [m, n_prompts]
+        d = value - null.mean(0)
+        null_values = null.mean(1)
+        extreme = int((sign * null_values >= sign * value.mean()).sum())
+        out["ablated" if kind == "ablate" else "added"] = {
+            "condition": chosen["name"], "metric": "accuracy" if kind == "ablate" else "control_accuracy",
+            "value": float(value.mean()), "null_values": null_values.tolist(), "difference": float(d.mean()),
+            "ci": list(bootstrap_ci(d, n_bootstrap, seed=seed)), "p_rank": (1 + extreme) / (len(nulls) + 1),
+        }  # fmt: skip
+    return out

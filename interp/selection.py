@@ -9,7 +9,10 @@ CONVENTION: both scores are signed so that POSITIVE supports "this is a reasonin
                      > 0 when removing the direction HURTS reasoning. Highest wins.
     induction_score  mean over control prompts of NLL(baseline) - NLL(direction added) (or the caller's
                      metric, signed the same way): > 0 when adding the direction moves the control prompts
-                     toward reasoning. Candidates with induction_score < 0 are discarded.
+                     toward reasoning. Candidates with induction_score < min_induction_score (default 0) are
+                     discarded; min_induction_score None turns this filter off (adding a vector of norm |r| at
+                     every position also moves the NLL of an unlikely continuation, so its sign alone can mislead:
+                     README "The toy pair").
     kl               mean KL(baseline || ablated) of the last-token distribution on control prompts: how much
                      ablation disturbs behaviour unrelated to reasoning. Discarded above kl_threshold.
 (refusal_direction's "lowest ablation score wins" is the same rule: its score is refusal log-odds, which
@@ -118,7 +121,7 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
-def _discard_reasons(row: dict, max_layer: float, kl_threshold: float) -> list[str]:
+def _discard_reasons(row: dict, max_layer: float, kl_threshold: float, min_induction: float | None) -> list[str]:
     nan = [key for key in SCORE_KEYS if math.isnan(float(row[key]))]
     if nan:
         return [f"nan {', '.join(nan)}"]
@@ -127,8 +130,8 @@ def _discard_reasons(row: dict, max_layer: float, kl_threshold: float) -> list[s
         reasons.append(f"layer {row['layer']} >= {max_layer:g}")
     if row["kl"] > kl_threshold:
         reasons.append(f"kl {row['kl']:.4g} > {kl_threshold:g}")
-    if row["induction_score"] < 0:
-        reasons.append(f"induction_score {row['induction_score']:.4g} < 0")
+    if min_induction is not None and row["induction_score"] < min_induction:
+        reasons.append(f"induction_score {row['induction_score']:.4g} < {min_induction:g}")
     return reasons
 
 
@@ -138,6 +141,7 @@ def select_direction(
     n_layers: int,
     max_layer_fraction: float = 0.8,
     kl_threshold: float = 0.1,
+    min_induction_score: float | None = 0.0,
 ) -> tuple[dict | None, list[dict]]:
     """Pick the candidate direction whose ablation hurts reasoning most among those passing the filters.
 
@@ -147,6 +151,7 @@ def select_direction(
         n_layers: the model's depth. Candidates at layer >= max_layer_fraction * n_layers are discarded
             (late layers mostly act on the output vocabulary, not on the computation).
         kl_threshold: discard when kl > kl_threshold.
+        min_induction_score: discard when induction_score < min_induction_score; None = never.
     Returns:
         (best, annotated): best is a copy of the winning row (highest ablation_score, first in table order on
         ties) or None when every candidate was discarded; annotated has a copy of every row with
@@ -160,7 +165,7 @@ def select_direction(
         missing = [key for key in ("position", "layer", *SCORE_KEYS) if key not in row]
         if missing:
             raise UserError(f"candidate {i} lacks {', '.join(missing)}")
-        reasons = _discard_reasons(row, max_layer, kl_threshold)
+        reasons = _discard_reasons(row, max_layer, kl_threshold, min_induction_score)
         entry = {**row, "filtered": "; ".join(reasons) or None, "selected": False}
         annotated.append(entry)
         if not reasons and (best is None or entry["ablation_score"] > best["ablation_score"]):
@@ -231,13 +236,14 @@ def searched_null(
     n_layers: int | None = None,
     max_layer_fraction: float = 0.8,
     kl_threshold: float = 0.1,
+    min_induction_score: float | None = 0.0,
 ) -> list[dict]:
     """Max-statistic null for a selected direction: the report scores of the winners of n_null null searches.
 
     Draw j = 0 .. n_null - 1: `null_candidates(j)` gives null candidates [n_pos, n_model_layers, d_model], one per
     searched site. They go through exactly what the real candidates went through: every (position p, layer l in
     `layers`) is scored by `scorer` on the SELECTION problems, `select_direction` (n_layers default
-    null_candidates(j).shape[1], max_layer_fraction, kl_threshold) picks the winner; then the winners of all draws
+    null_candidates(j).shape[1], max_layer_fraction, kl_threshold, min_induction_score) picks the winner; then the winners of all draws
     are scored together, each at its own layer, on the REPORT problems. Each winner's report score is one draw of
     "the best of as many null candidates as were searched, re-scored on new problems", the statistic the selected
     direction's report score is; when the real candidates are no better than null candidates (exchangeable with
@@ -260,7 +266,8 @@ def searched_null(
         if draw.ndim != 3:
             raise UserError(f"null_candidates({j}) must be [n_pos, n_model_layers, d_model], got {tuple(draw.shape)}")
         best, _ = _select_on(draw, layers, selection, scorer, n_layers=n_layers or draw.shape[1],
-                             max_layer_fraction=max_layer_fraction, kl_threshold=kl_threshold)  # fmt: skip
+                             max_layer_fraction=max_layer_fraction, kl_threshold=kl_threshold,
+                             min_induction_score=min_induction_score)  # fmt: skip
         if best is not None:
             winners.append((j, best, draw[best["position"], best["layer"]].detach().cpu().float()))
     if not winners:
@@ -324,6 +331,7 @@ def select_reasoning_direction(
     n_layers: int | None = None,
     max_layer_fraction: float = 0.8,
     kl_threshold: float = 0.1,
+    min_induction_score: float | None = 0.0,
     null_factory: NullFactory | None = None,
     searched_null_candidates: NullCandidates | None = None,
     n_searched_null: int = 19,
@@ -335,7 +343,7 @@ def select_reasoning_direction(
     1. `split_selection_report(len(problems), n_selection, n_report (default n_selection), seed)`.
     2. Every candidate (position p, layer l in `layers`; candidates [n_pos, n_model_layers, d_model]) is scored
        by `scorer` on the selection problems; `select_direction` (n_layers default candidates.shape[1],
-       max_layer_fraction, kl_threshold) picks one from these scores.
+       max_layer_fraction, kl_threshold, min_induction_score) picks one from these scores.
     3. The selected r = candidates[p, l] and the null directions `null_factory(selected, r)` are scored together
        at layer l on the report problems: z-scores of r's report scores among the nulls' (`zscore`, ddof 1) and
        bootstrap CIs of r's report per-prompt values. No report problem takes part in choosing.
@@ -351,7 +359,7 @@ def select_reasoning_direction(
         raise UserError(f"candidates must be [n_pos, n_model_layers, d_model], got {tuple(candidates.shape)}")
     selection_idx, report_idx = split_selection_report(len(problems), n_selection, n_report or n_selection, seed)
     rule = dict(n_layers=n_layers or candidates.shape[1], max_layer_fraction=max_layer_fraction,
-                kl_threshold=kl_threshold)  # fmt: skip
+                kl_threshold=kl_threshold, min_induction_score=min_induction_score)  # fmt: skip
     best, table = _select_on(candidates, layers, [problems[i] for i in selection_idx], scorer, **rule)
     if best is None:
         return SelectionResult(selection_idx, report_idx, table, None, None, None)

@@ -96,15 +96,22 @@ def write_intervention_report(report: dict, output_dir) -> dict[str, Path]:
     fig.savefig(png_path)
     plt.close(fig)
     table = Table(title=f"Interventions at layer {report['selected_layer']} (n={len(report['reasoning_rows'])} problems)")
-    for column in ("condition", "accuracy", "truncated", "gold NLL", "95% CI", "dNLL", "control KL", "4-gram rep.",
-                   "compr."):
+    for column in ("condition", "accuracy", "truncated", "gold NLL", "95% CI", "dNLL", "control KL", "ctrl solved",
+                   "4-gram rep.", "compr."):
         table.add_column(column, justify="right", no_wrap=True)
     for c in report["conditions"]:
         nll = c["gold_nll"]
         table.add_row(
             c["name"], f"{c['accuracy']:.3f}", f"{c['truncation_rate']:.3f}", f"{nll['mean']:.3f}", f"[{nll['ci'][0]:.3f}, {nll['ci'][1]:.3f}]",
-            f"{c['gold_nll_change']['mean']:+.3f}", f"{c['control_kl']['mean']:.4f}", f"{c['ngram_repetition']:.3f}",
+            f"{c['gold_nll_change']['mean']:+.3f}", f"{c['control_kl']['mean']:.4f}",
+            "-" if c["control_accuracy"] is None else f"{c['control_accuracy']:.3f}", f"{c['ngram_repetition']:.3f}",
             f"{c['compression_ratio']:.2f}",
         )  # fmt: skip
-    Console(width=max(Console().width, 120)).print(table)
+    console = Console(width=max(Console().width, 120))
+    console.print(table)
+    for result in report.get("vs_null", {}).values():
+        nulls = ", ".join(f"{v:.3f}" for v in result["null_values"])
+        console.print(f"{result['condition']} vs its null directions: {result['metric']} {result['value']:.3f} "
+                      f"(nulls {nulls}), per-prompt difference {result['difference']:+.3f} "
+                      f"[{result['ci'][0]:+.3f}, {result['ci'][1]:+.3f}], rank p {result['p_rank']:.3f}")  # fmt: skip
     return {"json": json_path, "figure": png_path}

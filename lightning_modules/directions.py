@@ -85,6 +85,7 @@ class ReasoningDirectionModule(ReadsBackbone, LayerStudyModule):
         selection_metric: str = "first_tokens",
         n_selection_prompts: int = 32,
         kl_threshold: float = 0.1,
+        min_induction_score: float | None = 0.0,
         max_layer_fraction: float = 0.8,
         n_random: int = 19,
         null_kind: str = "placebo",
@@ -108,6 +109,9 @@ class ReasoningDirectionModule(ReadsBackbone, LayerStudyModule):
                 null = n_selection_prompts. Too few val problems: both sets shrink in proportion.
             kl_threshold: discard candidates whose ablation moves the control prompts' next-token distribution
                 by more than this KL.
+            min_induction_score: discard candidates whose induction_score (control-prompt metric change when
+                intervention_strength * r is added) is below this; null = keep them all (the score's sign is
+                not evidence on its own: adding any vector of norm |r| moves it too; README "The toy pair").
             max_layer_fraction: discard candidates at layers >= this fraction of the model's depth.
             n_random: null directions m (norm |r|, selected site) for the z-scores and p-values; 0 = none, else
                 >= 2. The rank p-value is >= 1 / (m + 1), so it can reach 0.05 only for m >= 19.
@@ -321,6 +325,7 @@ class ReasoningDirectionModule(ReadsBackbone, LayerStudyModule):
         result = select_reasoning_direction(
             full, layers, problems, scorer, n_selection=n_sel, n_report=n_rep, seed=hp.seed,
             n_layers=self.n_model_layers, max_layer_fraction=hp.max_layer_fraction, kl_threshold=hp.kl_threshold,
+            min_induction_score=hp.min_induction_score,
             null_factory=site_null_factory(hp.null_kind, n_random, hp.seed, train_rows) if n_random else None,
             searched_null_candidates=searched_placebo_candidates(full, layers, train_rows, n_searched, hp.seed + 1)
             if n_searched else None, n_searched_null=n_searched, n_bootstrap=n_boot,
@@ -337,7 +342,8 @@ class ReasoningDirectionModule(ReadsBackbone, LayerStudyModule):
             "n_selection_prompts": hp.n_selection_prompts, "n_report_prompts": self.n_report,
             "candidate_layers": layers, "metric": hp.selection_metric,
             "metric_definition": metric_definition(hp.selection_metric, hp.k_first_tokens),
-            "kl_threshold": hp.kl_threshold, "max_layer_fraction": hp.max_layer_fraction,
+            "kl_threshold": hp.kl_threshold, "min_induction_score": hp.min_induction_score,
+            "max_layer_fraction": hp.max_layer_fraction,
             "intervention_strength": hp.intervention_strength, "n_bootstrap": n_boot, "alpha": 0.05, "seed": hp.seed,
             "null": hp.null_kind, "null_definition": NULL_DEFINITIONS[hp.null_kind], "n_searched_null": n_searched,
             "searched_null_definition": SEARCHED_NULL_DEFINITION if n_searched else None,

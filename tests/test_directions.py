@@ -263,5 +263,10 @@ def test_select_direction_thresholds_are_arguments():
     assert best["layer"] == 2
     best, annotated = select_direction([_row(7, kl=0.2)], n_layers=32)
     assert best is None and annotated[0]["filtered"] == "kl 0.2 > 0.1"
+    table = [_row(2, ablation=3.0, induction=0.05), _row(3, ablation=5.0, induction=-0.5), _row(4, induction=0.2)]
+    assert select_direction(table, n_layers=32)[0]["layer"] == 2  # default: induction_score >= 0
+    assert select_direction(table, n_layers=32, min_induction_score=None)[0]["layer"] == 3  # filter off
+    best, annotated = select_direction(table, n_layers=32, min_induction_score=0.1)
+    assert best["layer"] == 4 and annotated[0]["filtered"] == "induction_score 0.05 < 0.1"
     with pytest.raises(UserError, match="lacks kl"):
         select_direction([{"position": -1, "layer": 1, "ablation_score": 0, "induction_score": 0}], n_layers=4)

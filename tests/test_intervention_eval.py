@@ -32,7 +32,7 @@ from interp.directions import random_directions
 from interp.errors import UserError
 from interp.generation import generate
 from interp.grading import extract_answer, grade_answer
-from interp.intervention_eval import Condition, build_conditions, intervention_report
+from interp.intervention_eval import Condition, build_conditions, intervention_report, vs_null
 from interp.interventions import InterventionHandler
 from interp.metrics import first_tokens_logprob, gold_solution_nll, last_token_kl, next_token_logits
 from interp.patching_stats import target_log_prob
@@ -269,10 +269,14 @@ def test_accuracy_and_degeneration_of_planted_generations(tiny, test_rows, direc
     reasoning = [r for r in test_rows if r.kind == "reasoning"]
     loop = "Wait, hold on. " * 20
     planted = [f"<think>so</think> The answer is $\\boxed{{{reasoning[0].gold_answer}}}$.", loop + "\\boxed{-12345}"]
+    control = [r for r in test_rows if r.kind == "control"]
+    planted_control = [f"It asks for \\boxed{{{control[0].gold_answer}}}.", "A restatement without any number."]
     calls = []
 
     def fake_generate(model, tokenizer, prompts, **kwargs):
         calls.append(kwargs)
+        if prompts == [r.prompt for r in control]:
+            return list(planted_control)
         assert prompts == [r.prompt for r in reasoning]
         return list(planted)
 
@@ -280,14 +284,49 @@ def test_accuracy_and_degeneration_of_planted_generations(tiny, test_rows, direc
     report = intervention_report(model, tokenizer, test_rows, direction_by_layer, LAYER, strengths=(1.0,), n_random=0,
                                  max_new_tokens=3, temperature=0.7, top_p=0.9, n_bootstrap=10,
                                  max_solution_tokens=4, n_samples=1)  # fmt: skip
-    assert len(calls) == 3 and calls[0] == {"batch_size": 8, "max_new_tokens": 3, "do_sample": True,
+    # reasoning prompts in every condition, control prompts in the baseline and the added condition
+    assert len(calls) == 5 and calls[0] == {"batch_size": 8, "max_new_tokens": 3, "do_sample": True,
                                             "temperature": 0.7, "top_p": 0.9, "seed": 0}  # fmt: skip
+    assert [c["control_correct"] for c in report["conditions"]] == [[True, False], None, [True, False]]
+    assert [c["control_accuracy"] for c in report["conditions"]] == [0.5, None, 0.5]
+    assert [c["control_answer_rate"] for c in report["conditions"]] == [0.5, None, 0.5]
     for condition in report["conditions"]:
+        assert condition["accuracy_change"]["mean"] == 0.0
         assert condition["correct"] == [True, False] and condition["accuracy"] == 0.5 and condition["n_correct"] == 1
         assert condition["extracted_answers"][1] == "-12345"
         assert condition["ngram_repetition"] == pytest.approx(sum(map(ngram_repetition, planted)) / 2)
         assert condition["compression_ratio"] == pytest.approx(sum(map(compression_ratio, planted)) / 2)
         assert len(condition["samples"]) == 1 and condition["samples"][0]["generation"] == planted[0]
+
+
+def test_vs_null_compares_prompt_by_prompt_with_the_null_conditions():
+    """Planted 0/1 outcomes of 4 prompts; the differences, p-values and CIs worked out by hand."""
+
+    def entry(name, intervention, direction, strength=None, correct=None, control_correct=None):
+        return {"name": name, "intervention": intervention, "direction": direction, "strength": strength,
+                "correct": correct, "control_correct": control_correct}  # fmt: skip
+
+    conditions = [
+        entry("baseline", "none", "none", correct=[1, 1, 1, 1], control_correct=[0, 0, 0, 0]),
+        entry("ablated", "ablate", "selected", correct=[0, 0, 1, 0]),
+        entry("added@1", "add", "selected", 1.0, [1, 1, 1, 1], [0, 0, 0, 0]),
+        entry("added@4", "add", "selected", 4.0, [1, 1, 1, 1], [1, 1, 0, 1]),
+        entry("random0_added@4", "add", "random", 4.0, [1, 1, 1, 1], [0, 0, 0, 1]),
+        entry("random0_ablated", "ablate", "random", correct=[1, 1, 1, 0]),
+        entry("random1_added@4", "add", "random", 4.0, [1, 1, 1, 1], [0, 0, 0, 0]),
+        entry("random1_ablated", "ablate", "random", correct=[1, 1, 1, 1]),
+    ]
+    out = vs_null(conditions, n_bootstrap=200, seed=0)
+    ablated, added = out["ablated"], out["added"]
+    assert ablated["condition"] == "ablated" and ablated["value"] == 0.25 and ablated["null_values"] == [0.75, 1.0]
+    assert ablated["difference"] == pytest.approx(0.25 - 0.875)  # per prompt: -1, -1, 0, -0.5
+    assert ablated["p_rank"] == 1 / 3  # no null accuracy as low as 0.25
+    assert added["condition"] == "added@4" and added["value"] == 0.75 and added["null_values"] == [0.25, 0.0]
+    assert added["difference"] == pytest.approx(0.75 - 0.125) and added["p_rank"] == 1 / 3
+    for result, per_prompt in ((ablated, [-1, -1, 0, -0.5]), (added, [1, 1, 0, 0.5])):
+        low, high = result["ci"]
+        assert min(per_prompt) <= low <= result["difference"] <= high <= max(per_prompt)
+    assert vs_null(conditions[:4]) == {}  # no null conditions
 
 
 def test_truncated_reasoning_is_incorrect_and_counted(tiny, test_rows, direction_by_layer, monkeypatch):

@@ -89,3 +89,56 @@ def test_restricted_greedy_decoding_equals_the_saved_models(toy):
     rows = reasoning[:12] + control[:12]
     restricted = greedy_completions(restrict(model, vocab), vocab, tokenizer, [r.prompt for r in rows], 96)
     assert restricted == outputs[:12] + _greedy(model, tokenizer, control[:12])
+
+
+def test_selected_direction_ablation_costs_answers_far_beyond_its_null(tmp_path, monkeypatch):
+    """configs/directions_toy.yaml as shipped (tmp cache) through train.py, then evaluate.py: greedy answers to 32
+    test problems, the selected direction and 4 of the run's placebo null directions each ablated and added.
+
+    Known answer: ablating the selected direction costs answers (measured: 0.975 -> 0.55 on 40 problems, placebo
+    nulls 0.925-1.0), far beyond ablating a null direction, with a per-prompt CI that excludes the null.
+    Adding it does NOT make control prompts solve on this toy (README "The toy pair"): recorded, not asserted."""
+    import evaluate
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    config = str(REPO / "configs" / "directions_toy.yaml")
+    train.main(["--config", config, "--run_name", "dir", "--data.init_args.cache_dir", str(tmp_path / "cache")])
+    selection = json.loads((tmp_path / "logs" / "dir" / "reasoning_directions.json").read_text())["selection"]
+    report_set = selection["report"]  # the selected direction and its nulls re-scored on problems it was not chosen on
+    assert report_set["ci"]["ablation_score"][0] > max(null["ablation_score"] for null in report_set["null"])
+    evaluate.main(["--ckpt", str(tmp_path / "checkpoints" / "dir" / "best.ckpt"), "--greedy", "--max_new_tokens", "96",
+                   "--n_prompts", "32", "--n_random", "4", "--strengths", "1"])  # fmt: skip
+    results = json.loads((tmp_path / "logs" / "dir" / "intervention_results.json").read_text())
+    baseline = results["conditions"][0]
+    ablated, added = results["vs_null"]["ablated"], results["vs_null"]["added"]
+    print(f"accuracy {baseline['accuracy']:.3f} -> ablated {ablated['value']:.3f}, nulls {ablated['null_values']}, "
+          f"difference {ablated['difference']:+.3f} {ablated['ci']}; control solved {baseline['control_accuracy']:.3f}"
+          f" -> added {added['value']:.3f}, nulls {added['null_values']}")  # fmt: skip
+    assert baseline["accuracy"] >= 0.9
+    assert ablated["ci"][1] < 0 and ablated["value"] <= baseline["accuracy"] - 0.2
+    assert ablated["value"] < min(ablated["null_values"])
+
+
+def test_the_pair_represents_prompts_alike_far_above_the_permutation_band():
+    """Linear CKA of the two models' last-prompt-token residuals, layer by layer, on the same 200 held-out problems'
+    reasoning and control prompts (rows matched by problem and kind; each model with its own chat template).
+    Measured: diagonal 0.82-0.90, permutation p95 <= 0.015 (reasoning prompts only: see the print)."""
+    from interp.activations import collect_activations
+    from interp.similarity import cka_permutation_null
+
+    acts, keys = [], []
+    for name in ("toy-qwq", "toy-r1-distill"):
+        model, tokenizer = load_backbone(name)
+        rows = build_prompt_rows(load_problems(DatasetSource("toy_arithmetic", split="test", limit=N_HELD_OUT)),
+                                 tokenizer, control="restate", val_fraction=0.0, test_fraction=0.0)  # fmt: skip
+        acts.append(collect_activations(model, tokenizer, [r.prompt for r in rows], positions="last", batch_size=50))
+        keys.append([(r.problem_id, r.kind) for r in rows])
+    assert keys[0] == keys[1]
+    band = cka_permutation_null(acts[0], acts[1], n_permutations=99)
+    reasoning = torch.tensor([kind == "reasoning" for _, kind in keys[0]])
+    within = cka_permutation_null(acts[0][reasoning], acts[1][reasoning], n_permutations=99)
+    print({k: [round(v, 3) for v in band[k].tolist()] for k in ("diagonal", "null_p95")},
+          {k: [round(v, 3) for v in within[k].tolist()] for k in ("diagonal", "null_p95")})
+    assert bool((band["diagonal"] > band["null_p95"] + 0.3).all()) and bool((band["p_value"] == 0.01).all())
+    assert bool((within["diagonal"] > within["null_p95"]).all())
