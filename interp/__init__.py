@@ -2,7 +2,8 @@
 
 Backbones and hooks: load_backbone, hooked, collect_activations. Directions and interventions:
 compute_contrastive_directions, InterventionHandler, apply_direction_intervention, LayerAblator, PathPatcher.
-Lenses: LogitLens, TunedLens. Grading: grade_answer, has_final_answer.
+Lenses: LogitLens, TunedLens. Grading: grade_answer, has_final_answer. Similarity: linear_cka, cka_matrix,
+cka_permutation_null, MinibatchCKA.
 """
 
 from interp.ablation import LayerAblator
@@ -22,6 +23,13 @@ from interp.patching_sweep import attribution_patching, patching_sweep
 from interp.positions import PositionSpec
 from interp.prompts import format_chat_prompt, post_instruction_ids
 from interp.selection import bootstrap_ci, select_direction, zscore
+from interp.similarity import (
+    MinibatchCKA,
+    bootstrap_cka_diagonal,
+    cka_matrix,
+    cka_permutation_null,
+    linear_cka,
+)
 from interp.text_metrics import compression_ratio, ngram_repetition
 from interp.token_roles import prompt_boundary
 
@@ -33,6 +41,7 @@ __all__ = [
     "InterventionHandler",
     "LayerAblator",
     "LogitLens",
+    "MinibatchCKA",
     "PathPatcher",
     "PositionSpec",
     "TunedLens",
@@ -41,7 +50,10 @@ __all__ = [
     "attribution_patching",
     "bootstrap_ci",
     "capture_residuals",
+    "bootstrap_cka_diagonal",
     "capture_sites",
+    "cka_matrix",
+    "cka_permutation_null",
     "collect_activations",
     "compression_ratio",
     "compute_contrastive_directions",
@@ -55,6 +67,7 @@ __all__ = [
     "has_final_answer",
     "hooked",
     "last_token_kl",
+    "linear_cka",
     "load_backbone",
     "load_directions",
     "load_tokenizer",
