@@ -32,12 +32,18 @@ Per condition:
 VS_NULL (the selected direction against its null directions, prompt by prompt; needs n_random >= 1):
     ablated         accuracy: d_i = correct_i(ablated) - mean_k correct_i(random{k}_ablated) over the reasoning
                     prompts; < 0: ablating r costs more answers than ablating a null direction
-    added           control_accuracy at the strength of largest magnitude: d_i = solved_i(added@s) -
-                    mean_k solved_i(random{k}_added@s) over the control prompts; > 0: adding r moves control
-                    prompts toward solving more than adding a null direction of the same norm does
+    added           control_accuracy at the strength s of largest magnitude (s < 0 subtracts r): d_i =
+                    solved_i(added@s) - mean_k solved_i(random{k}_added@s) over the control prompts; > 0: adding s r
+                    moves control prompts toward solving more than adding a null direction of the same norm does
     each {"condition", "metric", "value", "null_values" [per null direction], "difference": mean d_i, "ci":
     percentile bootstrap 95% CI of mean d_i over prompts, "p_rank": (1 + #{null at least as extreme}) / (m + 1),
     one-sided in the direction stated}
+    How to read them: the CI resamples prompts only, with r and the m drawn null directions held fixed. It says
+    whether r differs from THESE nulls on the prompt population, not whether r is unlike null directions in
+    general (directions differ from one another; a no-effect simulation with direction-to-direction spread gave
+    "CI excludes 0" in 26-64% of runs at n = 40-100). That test is p_rank, valid under exchangeability of r with
+    the nulls but never below 1 / (m + 1) (m = 1: 0.5; m = 19 reaches 0.05). Near 0% or 100% accuracy and at
+    small n the percentile interval is unreliable (zero width when every d_i is equal).
 JSON written by `lightning_modules.direction_report.write_intervention_report` (intervention_results.json;
 NaN -> null):
     {"selected_layer": int, "direction_norm": float, "strengths": [float], "n_random": int,
@@ -265,15 +271,24 @@ def vs_null(conditions: Sequence[dict], n_bootstrap: int = 1000, seed: int = 0) 
         if not nulls:
             continue
         strength = nulls[0]["strength"]
-        chosen = next(c for c in conditions if c["direction"] == "selected" and c["intervention"] == kind
-                      and c["strength"] == strength)  # fmt: skip
-        value = _as_float(chosen[key])  # [n_prompts] 0/1
+        if any(c["strength"] != strength for c in nulls):
+            raise UserError(f"vs_null: the {kind} null conditions have different strengths")
+        chosen = [c for c in conditions if c["direction"] == "selected" and c["intervention"] == kind
+                  and c["strength"] == strength]  # fmt: skip
+        if not chosen:
+            raise UserError(f"vs_null: no selected-direction {kind} condition at strength {strength} to compare with "
+                            f"its nulls")  # fmt: skip
+        if not chosen[0][key]:
+            raise UserError(f"vs_null: condition {chosen[0]['name']} has no {key}")
+        value = _as_float(chosen[0][key])  # [n_prompts] 0/1
+        if any(c[key] is None or len(c[key]) != len(value) for c in nulls):
+            raise UserError(f"vs_null: every {kind} null condition needs {key} for the same {len(value)} prompts")
         null = torch.stack([_as_float(c[key]) for c in nulls])  # [m, n_prompts]
         d = value - null.mean(0)
         null_values = null.mean(1)
         extreme = int((sign * null_values >= sign * value.mean()).sum())
         out["ablated" if kind == "ablate" else "added"] = {
-            "condition": chosen["name"], "metric": "accuracy" if kind == "ablate" else "control_accuracy",
+            "condition": chosen[0]["name"], "metric": "accuracy" if kind == "ablate" else "control_accuracy",
             "value": float(value.mean()), "null_values": null_values.tolist(), "difference": float(d.mean()),
             "ci": list(bootstrap_ci(d, n_bootstrap, seed=seed)), "p_rank": (1 + extreme) / (len(nulls) + 1),
         }  # fmt: skip

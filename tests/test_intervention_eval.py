@@ -327,6 +327,12 @@ def test_vs_null_compares_prompt_by_prompt_with_the_null_conditions():
         low, high = result["ci"]
         assert min(per_prompt) <= low <= result["difference"] <= high <= max(per_prompt)
     assert vs_null(conditions[:4]) == {}  # no null conditions
+    with pytest.raises(UserError, match="no selected-direction add condition at strength 4"):
+        vs_null([c for c in conditions if c["name"] != "added@4"])
+    with pytest.raises(UserError, match="the same 4 prompts"):
+        vs_null(conditions[:-1] + [{**conditions[-1], "correct": [1, 1]}])
+    with pytest.raises(UserError, match="different strengths"):
+        vs_null(conditions[:4] + [conditions[4], {**conditions[6], "strength": 1.0}])
 
 
 def test_truncated_reasoning_is_incorrect_and_counted(tiny, test_rows, direction_by_layer, monkeypatch):
