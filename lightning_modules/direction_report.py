@@ -98,7 +98,8 @@ def write_intervention_report(report: dict, output_dir) -> dict[str, Path]:
     table = Table(title=f"Interventions at layer {report['selected_layer']} (n={len(report['reasoning_rows'])} problems)")
     for column in ("condition", "accuracy", "truncated", "gold NLL", "95% CI", "dNLL", "control KL", "ctrl solved",
                    "4-gram rep.", "compr."):
-        table.add_column(column, justify="right", no_wrap=True)
+        names = max(len(c["name"]) for c in report["conditions"]) if column == "condition" else None
+        table.add_column(column, justify="right", no_wrap=True, min_width=names)
     for c in report["conditions"]:
         nll = c["gold_nll"]
         table.add_row(
@@ -107,7 +108,7 @@ def write_intervention_report(report: dict, output_dir) -> dict[str, Path]:
             "-" if c["control_accuracy"] is None else f"{c['control_accuracy']:.3f}", f"{c['ngram_repetition']:.3f}",
             f"{c['compression_ratio']:.2f}",
         )  # fmt: skip
-    console = Console(width=max(Console().width, 120))
+    console = Console(width=max(Console().width, 160))  # the whole table, whatever the terminal
     console.print(table)
     for result in report.get("vs_null", {}).values():
         nulls = ", ".join(f"{v:.3f}" for v in result["null_values"])
