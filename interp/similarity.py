@@ -271,7 +271,8 @@ def bootstrap_cka_diagonal(
     draws = []
     for _ in range(n_bootstrap):
         rows = torch.randint(len(x), (len(x),), generator=generator)
-        xb, yb = x[rows] - x[rows].mean(0), y[rows] - y[rows].mean(0)
+        xb, yb = x[rows], y[rows]
+        xb, yb = xb - xb.mean(0), yb - yb.mean(0)
         xy, xx, yy = _terms(xb, yb, debiased, "auto", ("acts1", "acts2"), pairs=False)
         draws.append(xy / (xx * yy).sqrt())
     tails = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
