@@ -29,6 +29,28 @@ def post_instruction_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return tokenizer(suffix, add_special_tokens=False)["input_ids"]
 
 
+POSITION_ROLES = ("assistant", "think", "last")  # roles of post-instruction tokens, the same in every template
+
+
+def role_positions(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """Where each of POSITION_ROLES sits in the template's post-instruction tokens (`post_instruction_ids`): an
+    index into a "post_instruction" position axis. Two chat templates put different tokens there (QwQ:
+    `<|im_end|> \\n <|im_start|> assistant \\n <think> \\n`, R1-Distill: `<｜Assistant｜> <think> \\n`), so positions
+    of two models are matched by role, never by offset:
+        "assistant"  the last token before `<think>` whose text names the assistant turn ("assistant" in any case)
+        "think"      the `<think>` token
+        "last"       the last prompt token
+    A template without `<think>` or an assistant token raises UserError."""
+    texts = [tokenizer.decode([token]) for token in post_instruction_ids(tokenizer)]
+    if "<think>" not in [text.strip() for text in texts]:
+        raise UserError(f"{tokenizer.name_or_path!r}: the chat template puts no <think> token after the user's text")
+    think = [text.strip() for text in texts].index("<think>")
+    assistant = [i for i in range(think) if "assistant" in texts[i].lower()]
+    if not assistant:
+        raise UserError(f"{tokenizer.name_or_path!r}: no assistant token before <think> in the template ({texts})")
+    return {"assistant": assistant[-1], "think": think, "last": len(texts) - 1}
+
+
 def check_ends_with_template(
     token_ids: Sequence[Sequence[int]], post: Sequence[int], what: str = "prompt", texts: Sequence[str] | None = None
 ) -> None:
