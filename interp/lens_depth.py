@@ -1,0 +1,86 @@
+"""At which depth does a model know where it is going? The logit lens at the last prompt token, layer by layer.
+
+`logit_lens_depth(lens, acts, final_layer, answer_ids, solution_ids)` reads the residual stream at each prompt's
+last token (acts [n, L, d_model] at `blocks.{l}.resid_post`, e.g. `collect_activations(..., positions="last")` or
+the "last" role of a post-instruction cache) through the model's own final norm and unembedding (`LogitLens`).
+With `final_layer` the slot of the model's last layer, that layer's lens IS the model's next-token distribution,
+so per layer l and prompt i:
+    kl              KL(p_final || p_lens,l) of the next-token distributions, float64 (0 at the last layer)
+    answer          rank (0 = top; ties count in the target's favour) and probability under the lens of the
+                    gold answer's first token (`first_token_ids(tokenizer, answers)`): does layer l already point
+                    at the answer the model will box at the end?
+    solution        the same for the gold solution's first token: does it point at how the solution starts?
+Reported per layer: the mean over prompts with a percentile bootstrap 95% CI over prompts (kl, probabilities),
+the median rank and the top-1 rate (rank 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from interp.errors import UserError
+from interp.lens import LogitLens
+from interp.metrics import last_token_kl
+from interp.selection import bootstrap_ci
+
+
+def first_token_ids(tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    """The first token id of each text tokenized alone (no special tokens): long [n]. Qwen2.5 splits numbers into
+    digits, so for "18" this is the id of "1". Empty texts raise UserError."""
+    ids = tokenizer([str(text) for text in texts], add_special_tokens=False)["input_ids"]
+    empty = [i for i, row in enumerate(ids) if not row]
+    if empty:
+        raise UserError(f"text {empty[0]} has no tokens")
+    return torch.tensor([row[0] for row in ids], dtype=torch.long)
+
+
+def _summary(values: torch.Tensor, n_bootstrap: int, seed: int) -> dict:
+    """values [n, L] -> per-layer mean and bootstrap CI over the n prompts."""
+    return {"mean": values.mean(0).tolist(),
+            "ci": [list(bootstrap_ci(values[:, i], n_bootstrap, seed=seed)) for i in range(values.shape[1])]}  # fmt: skip
+
+
+def logit_lens_depth(
+    lens: LogitLens,
+    acts: torch.Tensor,
+    final_layer: int,
+    answer_ids: torch.Tensor,
+    solution_ids: torch.Tensor,
+    layers: Sequence[int] | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """The logit lens per layer at the last prompt token (module docstring).
+
+    Args:
+        acts: [n, L, d_model] residual stream at each prompt's last token.
+        final_layer: the index into acts' layer axis of the model's LAST layer (its lens = the model's output).
+        answer_ids, solution_ids: [n] target token ids (`first_token_ids`).
+        layers: model layer index of each slot of acts' layer axis, for the report (default 0..L-1).
+    Returns:
+        {"layers", "n_prompts", "kl": {"mean", "ci"}, "answer": {"prob": {"mean", "ci"}, "median_rank",
+         "top1_rate"}, "solution": {...}}, lists per layer.
+    """
+    acts = torch.as_tensor(acts)
+    if acts.ndim != 3:
+        raise UserError(f"acts must be [n_prompts, n_layers, d_model], got {tuple(acts.shape)}")
+    n, n_layers = acts.shape[0], acts.shape[1]
+    layers = list(range(n_layers)) if layers is None else [int(layer) for layer in layers]
+    if len(layers) != n_layers or not 0 <= final_layer < n_layers:
+        raise UserError(f"{n_layers} layer slots need {n_layers} layer indices and a final slot in range, got "
+                        f"{len(layers)} and {final_layer}")  # fmt: skip
+    targets = {"answer": torch.as_tensor(answer_ids).long(), "solution": torch.as_tensor(solution_ids).long()}
+    if any(t.shape != (n,) for t in targets.values()):
+        raise UserError(f"answer_ids and solution_ids must hold one id per prompt ({n})")
+    final = lens.logits(acts[:, final_layer])  # [n, vocab]: the model's own next-token logits
+    kl = torch.stack([last_token_kl(final, lens.logits(acts[:, i])) for i in range(n_layers)], 1)  # [n, L]
+    report = {"layers": layers, "n_prompts": n, "final_layer": layers[final_layer],
+              "kl": _summary(kl, n_bootstrap, seed)}  # fmt: skip
+    for name, target in targets.items():
+        ranks, probs = lens.target_rank_and_prob(acts, target)  # [n, L] each
+        report[name] = {"prob": _summary(probs.double(), n_bootstrap, seed),
+                        "median_rank": ranks.double().median(0).values.tolist(),
+                        "top1_rate": (ranks == 0).double().mean(0).tolist()}  # fmt: skip
+    return report

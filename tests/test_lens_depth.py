@@ -1,0 +1,55 @@
+"""logit_lens_depth against HF output_hidden_states read through the model's own norm and head, in float64."""
+
+import numpy as np
+import pytest
+import torch
+
+from interp.activations import collect_activations
+from interp.errors import UserError
+from interp.lens import LogitLens
+from interp.lens_depth import first_token_ids, logit_lens_depth
+from interp.prompts import tokenize_prompts
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_depth_report_equals_hidden_states_through_norm_and_head(tiny, chat_prompts):
+    model, tokenizer = tiny
+    answers, solutions = ["4", "72", "70", "x", "6"], ["2 + 2", "In April", "We use", "Hello", "Adding"]
+    acts = collect_activations(model, tokenizer, chat_prompts, positions="last", batch_size=2)  # [n, 32, 64]
+    report = logit_lens_depth(LogitLens(model, tokenizer), acts, 31, first_token_ids(tokenizer, answers),
+                              first_token_ids(tokenizer, solutions), n_bootstrap=50)  # fmt: skip
+    with torch.no_grad():  # independent path: one batch, HF hidden states (index l + 1 = output of layer l)
+        batch = tokenize_prompts(tokenizer, chat_prompts)
+        out = model(**batch, output_hidden_states=True)
+        hidden = torch.stack(out.hidden_states[1:-1], 1)[:, :, -1]  # [n, 31, d]: layers 0..30, pre-norm
+        lens_logits = model.lm_head(model.model.norm(hidden)).double().numpy()  # [n, 31, vocab]
+        final = out.logits[:, -1].double().numpy()  # [n, vocab]: the model's own output
+    log_p, log_q = _log_softmax(final), _log_softmax(lens_logits)
+    kl = (np.exp(log_p)[:, None] * (log_p[:, None] - log_q)).sum(-1)  # [n, 31]
+    # float32 forwards in different batch shapes: logits agree to ~1e-5, so KL and probabilities to ~1e-4
+    np.testing.assert_allclose(report["kl"]["mean"][:31], kl.mean(0), rtol=1e-3, atol=1e-4)
+    assert report["kl"]["mean"][31] == 0.0  # the last layer's lens is the model's own distribution
+    target = first_token_ids(tokenizer, answers).numpy()
+    probs = np.exp(np.take_along_axis(log_q, target[:, None, None].repeat(31, 1), -1)[..., 0])  # [n, 31]
+    np.testing.assert_allclose(report["answer"]["prob"]["mean"][:31], probs.mean(0), rtol=1e-3, atol=1e-6)
+    ranks = (lens_logits > np.take_along_axis(lens_logits, target[:, None, None].repeat(31, 1), -1)).sum(-1)
+    np.testing.assert_array_equal(report["answer"]["top1_rate"][:31], (ranks == 0).mean(0))
+    np.testing.assert_allclose(report["answer"]["median_rank"][:31], np.median(ranks, 0), rtol=0.05)
+    assert all(low <= mean <= high for (low, high), mean in zip(report["kl"]["ci"], report["kl"]["mean"]))
+
+
+def test_first_token_ids_and_bad_input(tiny):
+    model, tokenizer = tiny
+    ids = first_token_ids(tokenizer, ["18", "Natalia sold"])
+    assert tokenizer.decode([int(ids[0])]) == "1" and tokenizer.decode([int(ids[1])]) == "N"
+    with pytest.raises(UserError, match="has no tokens"):
+        first_token_ids(tokenizer, ["7", ""])
+    lens = LogitLens(model, tokenizer)
+    with pytest.raises(UserError, match="one id per prompt"):
+        logit_lens_depth(lens, torch.zeros(3, 2, 64), 1, torch.zeros(2), torch.zeros(3))
+    with pytest.raises(UserError, match="final slot"):
+        logit_lens_depth(lens, torch.zeros(3, 2, 64), 2, torch.zeros(3), torch.zeros(3))
