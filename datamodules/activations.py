@@ -212,22 +212,33 @@ class CachedActivationDataModule(L.LightningDataModule):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`split_slice` plus problem [n] int64, each row's problem id (the cache's label.problem: the reasoning
         and control rows of one problem share it), for the paired nulls. Same single read per shard."""
+        if not 0 <= layer_slot < self.n_layers:
+            raise UserError(f"cached layer slot {layer_slot} out of range ({self.n_layers} layers)")
+        rows = self.split_position(split, position, layer_slot)
+        return rows["x"], rows["y"], rows["problem"]
+
+    def split_position(self, split: str, position: int, layer_slot: int | None = None) -> dict[str, torch.Tensor]:
+        """One split's labelled rows at one cached position (index into the cached positions), in row order:
+        {"x": [n, n_layers, d_model] float32 (every cached layer; [n, d_model] for one layer_slot), "y": [n] the
+        `label`, "problem": [n] the cache's label.problem, "row_index": [n] the prompt rows}. One slice read per
+        memory-mapped shard: never whole rows, never the whole cache."""
         self._check_extracted()
         n_pos = int(self.cache.manifest["n_positions"])
-        if not (0 <= position < n_pos and 0 <= layer_slot < self.n_layers):
-            raise UserError(f"cached slice ({position}, {layer_slot}) out of range "
-                            f"({n_pos} positions, {self.n_layers} layers)")  # fmt: skip
+        if not 0 <= position < n_pos:
+            raise UserError(f"cached position {position} out of range ({n_pos} positions)")
         meta = self.cache.metadata()
         y = meta[f"label.{self.label}"]
         keep = (y >= 0) & (meta["split"] == SPLITS.index(split))
         shard_id, offset = meta["shard_id"][keep], meta["shard_offset"][keep]
-        shards, x = self.cache.shards(), torch.empty(int(keep.sum()), self.d_model)
+        width = (self.d_model,) if layer_slot is not None else (self.n_layers, self.d_model)
+        shards, x = self.cache.shards(), torch.empty(int(keep.sum()), *width)
         for sid in shard_id.unique().tolist():
             rows = shard_id == sid
             with safe_open(str(shards[sid]), framework="pt") as f:
-                block = f.get_slice("activations")[:, position, layer_slot]  # [shard rows, d_model]
-            x[rows] = block[offset[rows]].float()
-        return x, y[keep], meta["label.problem"][keep]
+                sliced = f.get_slice("activations")
+                block = sliced[:, position] if layer_slot is None else sliced[:, position, layer_slot]
+            x[rows] = block[offset[rows]].float()  # [rows, (n_layers,) d_model]
+        return {"x": x, "y": y[keep], "problem": meta["label.problem"][keep], "row_index": meta["row_index"][keep]}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(

@@ -291,6 +291,8 @@ def test_null_directions_are_paired_placebos_of_the_cached_train_rows(fitted, dm
     position, slot = module.selected["position"], module.selected["slot"]
     acts, labels, problems = dm.split_slice_problems("train", position, slot)  # one cached slice per shard
     assert torch.equal(acts, x[:, position, slot]) and torch.equal(labels, y)
+    every_layer = dm.split_position("train", position)  # all cached layers at one position
+    assert torch.equal(every_layer["x"], x[:, position]) and torch.equal(every_layer["row_index"], dm.row_index["train"])
     rows = [dm.prompts.rows[i] for i in dm.row_index["train"].tolist()]
     assert problems.tolist() == [row.problem_index for row in rows]
     r = module.selected_direction()
