@@ -9,29 +9,41 @@ in the same order, each problem with one row of each kind, or UserError.
 
 RESULT (JSON-able; L = layers, m = n_null, B = n_bootstrap; lists are per layer):
     "cka"  linear CKA of acts1[:, l] and acts2[:, l] over all n rows (`interp.similarity`):
-        "diagonal" [L], "ci" [L][2] (percentile bootstrap over rows, `bootstrap_cka_diagonal`),
+        "diagonal" [L], "ci" [L][2] (percentile bootstrap over PROBLEMS, both rows of a drawn problem together,
+        `bootstrap_cka_diagonal(groups=)`: a spread more than an exact interval, see there),
         "null_mean" / "null_p95" / "p_value" [L] (`cka_permutation_null`: rows of model 2 shuffled, m draws),
         "matrix" [L][L] (`cka_matrix`: row i = model 1 layer i, column j = model 2 layer j)
-    "direction_cosine"  cos(r1[l], r2[l]) of the two reasoning directions; r = mean over problems of the paired
-        difference d_i = x(reasoning_i) - x(control_i) (`interp.null_directions.paired_differences`), unless
-        directions are given; needs d1 == d2 (the identity basis: both models are fine-tunes of one base):
-        "value" [L];
-        "ci" [L][2]: percentile bootstrap over problems (the same problems drawn for both models, both r
-            recomputed); null when the directions were given (nothing to resample);
-        "matched_placebo" {"mean", "p95", "p_value"} [L]: m balanced sign-flip placebos (sum_i s_i d_i / n,
-            half the s_i +1, half -1: the class difference cancels) with the SAME signs in both models. How alike
-            the models make an arbitrary contrast of these prompts: a value above it says the reasoning
-            direction agrees more than the shared basis alone explains;
-        "independent_placebo" {...}: the same with independent signs per model: chance agreement of two
-            unrelated contrast directions;
+    "direction_cosine"  the two reasoning directions r1[l], r2[l]; r = mean over problems of the paired difference
+        d_i = x(reasoning_i) - x(control_i) (`paired_layer_differences`), unless directions are given. null when
+        d1 != d2 (no shared basis: map one model's directions with `interp.transplant.map_directions`):
+        "value" [L]: the plug-in cos(r1, r2) (what the saved directions give). It is biased by the noise in the
+            means: toward 0 when the models' noise is independent, toward the noise's own correlation when they
+            share it (one model's rows in another's basis), the more so in high d;
+        "debiased" [L] | null: the cross-problem cosine U_12 / sqrt(U_11 U_22), U_ab = sum over problem pairs
+            i != j of d_a,i . d_b,j (each term's noise is independent across problems, so U_ab is unbiased for
+            mu_a . mu_b); null where U_11 or U_22 <= 0 (the direction is not above its noise);
+        "ci" [L][2] | null: percentile bootstrap of "debiased" over problems (same problems in both models, the
+            same-problem terms of a draw removed); null per layer where a draw is undefined, and when directions
+            were given;
+        "matched_placebo" {"mean", "p95", "p_value"} [L]: m balanced sign-flip placebos (sum_i s_i d_i / n, half
+            the s_i +1, half -1: the class difference cancels) with the SAME signs in both models, plug-in cosine.
+            How alike the two models make other contrasts of the same prompts; the placebos' spread follows the
+            noise variance, so "value" above it is agreement beyond a typical contrast, not proof that no fixed
+            basis map explains it;
+        "independent_placebo" {...}: the same with independent signs per model: the level of two UNRELATED
+            contrast directions. Any shared basis beats it (a simulation of one model twice, no reasoning shift:
+            P(p <= 0.05) = 0.92-1.00), so it says the directions are not unrelated, not that reasoning is shared;
         p_value = (1 + #{null >= value - 1e-9}) / (m + 1), one-sided (ties within rounding count), never below
-            1 / (m + 1).
-    plus "n_rows", "n_problems", "n_layers", "debiased", "n_null", "n_bootstrap", "seed", "directions" ("computed
-    from the activations" | "given").
+            1 / (m + 1); with fewer than MIN_PLACEBO_PROBLEMS problems the balanced placebos take few distinct
+            values and the matched p-value runs anti-conservative ("warnings" says so);
+        "warnings" [str].
+    plus "n_rows", "n_problems", "n_layers", "debiased" (the CKA estimator), "n_null", "n_bootstrap", "seed",
+    "directions" ("computed from the activations" | "given").
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -41,6 +53,7 @@ from interp.null_directions import balanced_signs, paired_differences
 from interp.similarity import bootstrap_cka_diagonal, cka_matrix, cka_permutation_null
 
 KINDS = ("reasoning", "control")
+MIN_PLACEBO_PROBLEMS = 20  # below this the placebo p-values run anti-conservative (see _direction_cosine)
 _TIE = 1e-9  # cosines are float64 sums of d-term products: rounding error ~1e-15, far below this
 
 
@@ -59,8 +72,9 @@ def check_matched_rows(keys1: Sequence[tuple], keys2: Sequence[tuple]) -> None:
         raise UserError(f"unknown prompt kinds {bad}; expected {' / '.join(KINDS)}")
 
 
-def _pairs(acts: torch.Tensor, keys: Sequence[tuple]) -> torch.Tensor:
-    """Paired differences of acts [n, L, d]: float64 [n_problems, L, d], problems in ascending id order."""
+def paired_layer_differences(acts: torch.Tensor, keys: Sequence[tuple]) -> torch.Tensor:
+    """d_i = x(reasoning_i) - x(control_i) of acts [n, L, d] with row keys (problem_id, kind): float64
+    [n_problems, L, d], problems in ascending id order; a problem without both rows: UserError."""
     ids = {pid: k for k, pid in enumerate(sorted({pid for pid, _ in keys}))}
     problems = torch.tensor([ids[pid] for pid, _ in keys])
     labels = torch.tensor([kind == "reasoning" for _, kind in keys]).long()
@@ -84,32 +98,50 @@ def _null(draws: torch.Tensor, value: torch.Tensor) -> dict[str, list[float]]:
             "p_value": ((1 + at_least.sum(0)).double() / (len(draws) + 1)).tolist()}  # fmt: skip
 
 
+def _debiased_cosines(w: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor) -> torch.Tensor:
+    """The cross-problem cosine for problem weights w [K, n] (counts): U_ab = sum_{i != j} w_i w_j d_a,i . d_b,j
+    = (w . D_a) . (w . D_b) - sum_i w_i^2 d_a,i . d_b,i, cos_u = U_12 / sqrt(U_11 U_22): [K, L], NaN where U_11 or
+    U_22 <= 0 (the direction is not distinguishable from its noise)."""
+    r1, r2 = torch.einsum("kn,nld->kld", w, d1), torch.einsum("kn,nld->kld", w, d2)
+    same = lambda a, b: torch.einsum("kn,nl->kl", w * w, (a * b).sum(-1))  # noqa: E731  # same-problem products
+    u12, u11, u22 = ((r1 * r2).sum(-1) - same(d1, d2), (r1 * r1).sum(-1) - same(d1, d1), (r2 * r2).sum(-1) - same(d2, d2))
+    ok = (u11 > 0) & (u22 > 0)
+    return torch.where(ok, u12 / (u11 * u22).clamp_min(1e-300).sqrt(), float("nan"))
+
+
 def _direction_cosine(d1, d2, model1_directions, model2_directions, n_null: int, n_bootstrap: int, seed: int) -> dict:
     n = d1.shape[0]
     generator = torch.Generator().manual_seed(seed)
-    mean = torch.full((1, n), 1.0 / n, dtype=torch.float64)  # weights giving r = mean_i d_i
     signs = balanced_signs(n, 2 * n_null, generator) / n  # [2m, n]: matched = first m in both, independent = m..2m
     placebo = _cosines(  # [2m, L]
         torch.cat([signs[:n_null], signs[:n_null]]), torch.cat([signs[:n_null], signs[n_null:]]), d1, d2)
-    given = model1_directions is not None
-    if given:
+    debiased = ci = None
+    if model1_directions is not None:
         r1, r2 = (torch.as_tensor(r).to(torch.float64) for r in (model1_directions, model2_directions))
         if r1.shape != d1.shape[1:] or r2.shape != d2.shape[1:]:
             raise UserError(f"directions must be [n_layers, d_model] like the activations' {tuple(d1.shape[1:])}, got "
                             f"{tuple(r1.shape)} and {tuple(r2.shape)}")  # fmt: skip
         value = (r1 * r2).sum(-1) / (r1.norm(dim=-1) * r2.norm(dim=-1))  # [L]
-        ci = None
     else:
-        value = _cosines(mean, mean, d1, d2)[0]
+        ones = torch.ones(1, n, dtype=torch.float64)
+        value = _cosines(ones, ones, d1, d2)[0]
+        debiased = _debiased_cosines(ones, d1, d2)[0]
         rows = torch.randint(n, (n_bootstrap, n), generator=generator)
         counts = torch.zeros(n_bootstrap, n, dtype=torch.float64).scatter_add_(1, rows, torch.ones_like(rows).double())
-        draws = torch.cat([_cosines(c / n, c / n, d1, d2) for c in counts.split(100)])  # [B, L]
+        draws = torch.cat([_debiased_cosines(c, d1, d2) for c in counts.split(100)])  # [B, L]
         tails = torch.tensor([0.025, 0.975], dtype=torch.float64)
-        ci = draws.quantile(tails, dim=0).T.tolist()
+        ci = [None if bool(column.isnan().any()) else column.quantile(tails).tolist() for column in draws.T]
+        debiased = [float(v) if math.isfinite(v) else None for v in debiased.tolist()]
     if not bool(torch.isfinite(value).all()):
         raise UserError("a reasoning direction has zero norm at some layer: its cosine is undefined")
-    return {"value": value.tolist(), "ci": ci,
-            "matched_placebo": _null(placebo[:n_null], value), "independent_placebo": _null(placebo[n_null:], value)}
+    warnings = []
+    if n < MIN_PLACEBO_PROBLEMS:
+        warnings.append(f"{n} problems: the balanced sign-flip placebos take few distinct values (a no-effect "
+                        f"simulation gave P(p <= 0.05) = 0.12 at 6 problems, 0.07 at 10); use >= "
+                        f"{MIN_PLACEBO_PROBLEMS}")  # fmt: skip
+    return {"value": value.tolist(), "debiased": debiased, "ci": ci,
+            "matched_placebo": _null(placebo[:n_null], value), "independent_placebo": _null(placebo[n_null:], value),
+            "warnings": warnings}  # fmt: skip
 
 
 def analyze_cross_model_alignment(
@@ -146,24 +178,23 @@ def analyze_cross_model_alignment(
     if x.shape[1] != y.shape[1]:
         raise UserError(f"the two models' activations cover {x.shape[1]} and {y.shape[1]} layers; a per-layer "
                         "alignment needs the same layers (interp.cka_matrix compares all pairs)")  # fmt: skip
-    if x.shape[2] != y.shape[2]:
-        raise UserError(f"d_model differs ({x.shape[2]} vs {y.shape[2]}): directions cannot be compared in one basis; "
-                        "map one model's directions with interp.transplant.map_directions(method='ridge')")  # fmt: skip
     if (model1_directions is None) != (model2_directions is None):
         raise UserError("give both models' directions or neither")
     if n_null < 1 or n_bootstrap < 1:
         raise UserError(f"n_null and n_bootstrap must be >= 1, got {n_null}, {n_bootstrap}")
-    d1, d2 = _pairs(x, keys1), _pairs(y, keys2)
+    d1, d2 = paired_layer_differences(x, keys1), paired_layer_differences(y, keys2)
     band = cka_permutation_null(x, y, n_permutations=n_null, seed=seed, debiased=debiased)
+    problem_of_row = torch.tensor([sorted({pid for pid, _ in keys1}).index(pid) for pid, _ in keys1])
     return {
         "n_rows": len(x), "n_problems": len(d1), "n_layers": x.shape[1], "debiased": debiased, "n_null": n_null,
         "n_bootstrap": n_bootstrap, "seed": seed,
         "directions": "given" if model1_directions is not None else "computed from the activations",
         "cka": {
             "diagonal": band["diagonal"].tolist(),
-            "ci": bootstrap_cka_diagonal(x, y, n_bootstrap=n_bootstrap, seed=seed).tolist(),
+            "ci": bootstrap_cka_diagonal(x, y, n_bootstrap=n_bootstrap, seed=seed, groups=problem_of_row).tolist(),
             "null_mean": band["null_mean"].tolist(), "null_p95": band["null_p95"].tolist(),
             "p_value": band["p_value"].tolist(), "matrix": cka_matrix(x, y, debiased=debiased).tolist(),
         },
-        "direction_cosine": _direction_cosine(d1, d2, model1_directions, model2_directions, n_null, n_bootstrap, seed),
+        "direction_cosine": None if x.shape[2] != y.shape[2] else
+        _direction_cosine(d1, d2, model1_directions, model2_directions, n_null, n_bootstrap, seed),
     }  # fmt: skip

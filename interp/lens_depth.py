@@ -1,11 +1,11 @@
 """At which depth does a model know where it is going? The logit lens at the last prompt token, layer by layer.
 
-`logit_lens_depth(lens, acts, final_layer, answer_ids, solution_ids)` reads the residual stream at each prompt's
+`logit_lens_depth(lens, acts, final_logits, answer_ids, solution_ids)` reads the residual stream at each prompt's
 last token (acts [n, L, d_model] at `blocks.{l}.resid_post`, e.g. `collect_activations(..., positions="last")` or
 the "last" role of a post-instruction cache) through the model's own final norm and unembedding (`LogitLens`).
-With `final_layer` the slot of the model's last layer, that layer's lens IS the model's next-token distribution,
-so per layer l and prompt i:
-    kl              KL(p_final || p_lens,l) of the next-token distributions, float64 (0 at the last layer)
+final_logits [n, vocab] are the model's own next-token logits after each prompt (`next_token_logits`; the lens
+of the model's last layer gives the same), so per layer l and prompt i:
+    kl              KL(p_final || p_lens,l) of the next-token distributions, float64 (~0 at the last layer)
     answer          rank (0 = top; ties count in the target's favour) and probability under the lens of the
                     gold answer's first token (`first_token_ids(tokenizer, answers)`): does layer l already point
                     at the answer the model will box at the end?
@@ -45,7 +45,7 @@ def _summary(values: torch.Tensor, n_bootstrap: int, seed: int) -> dict:
 def logit_lens_depth(
     lens: LogitLens,
     acts: torch.Tensor,
-    final_layer: int,
+    final_logits: torch.Tensor,
     answer_ids: torch.Tensor,
     solution_ids: torch.Tensor,
     layers: Sequence[int] | None = None,
@@ -56,7 +56,7 @@ def logit_lens_depth(
 
     Args:
         acts: [n, L, d_model] residual stream at each prompt's last token.
-        final_layer: the index into acts' layer axis of the model's LAST layer (its lens = the model's output).
+        final_logits: [n, vocab] the model's own next-token logits after each prompt.
         answer_ids, solution_ids: [n] target token ids (`first_token_ids`).
         layers: model layer index of each slot of acts' layer axis, for the report (default 0..L-1).
     Returns:
@@ -68,16 +68,16 @@ def logit_lens_depth(
         raise UserError(f"acts must be [n_prompts, n_layers, d_model], got {tuple(acts.shape)}")
     n, n_layers = acts.shape[0], acts.shape[1]
     layers = list(range(n_layers)) if layers is None else [int(layer) for layer in layers]
-    if len(layers) != n_layers or not 0 <= final_layer < n_layers:
-        raise UserError(f"{n_layers} layer slots need {n_layers} layer indices and a final slot in range, got "
-                        f"{len(layers)} and {final_layer}")  # fmt: skip
+    if len(layers) != n_layers:
+        raise UserError(f"{n_layers} layer slots need {n_layers} layer indices, got {len(layers)}")
+    final = torch.as_tensor(final_logits)
+    if final.ndim != 2 or len(final) != n:
+        raise UserError(f"final_logits must be [{n}, vocab], got {tuple(final.shape)}")
     targets = {"answer": torch.as_tensor(answer_ids).long(), "solution": torch.as_tensor(solution_ids).long()}
     if any(t.shape != (n,) for t in targets.values()):
         raise UserError(f"answer_ids and solution_ids must hold one id per prompt ({n})")
-    final = lens.logits(acts[:, final_layer])  # [n, vocab]: the model's own next-token logits
     kl = torch.stack([last_token_kl(final, lens.logits(acts[:, i])) for i in range(n_layers)], 1)  # [n, L]
-    report = {"layers": layers, "n_prompts": n, "final_layer": layers[final_layer],
-              "kl": _summary(kl, n_bootstrap, seed)}  # fmt: skip
+    report = {"layers": layers, "n_prompts": n, "kl": _summary(kl, n_bootstrap, seed)}
     for name, target in targets.items():
         ranks, probs = lens.target_rank_and_prob(acts, target)  # [n, L] each
         report[name] = {"prob": _summary(probs.double(), n_bootstrap, seed),

@@ -253,11 +253,13 @@ def bootstrap_cka_diagonal(
     seed: int = 0,
     level: float = 0.95,
     debiased: bool = False,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Percentile bootstrap interval of the CKA diagonal: acts1, acts2 [n, L, d1 / d2] -> [L, 2] (low, high).
 
-    Each draw resamples the n rows (problems) with replacement, the same rows on both sides, and recomputes the
-    diagonal CKA (columns re-centered per draw). Duplicated rows bias biased CKA upward (a repeated row counts as
+    Each draw resamples the n rows with replacement, the same rows on both sides, and recomputes the diagonal CKA
+    (columns re-centered per draw). groups [n] (e.g. the problem of each row, when a problem's reasoning and control
+    rows share content): resample groups instead, with all their rows; a draw then has as many groups as there are. Duplicated rows bias biased CKA upward (a repeated row counts as
     a perfectly shared pattern; a draw holds about 0.63 n distinct rows, and biased CKA grows as rows get fewer
     relative to d), and break the unbiasedness of debiased CKA (its U-statistic assumes distinct rows), hence
     the biased default. The shift is small next to the spread only when n >> d or the layers share much; for
@@ -267,10 +269,17 @@ def bootstrap_cka_diagonal(
     if not 0 < level < 1:
         raise UserError(f"bootstrap level must be in (0, 1), got {level}")
     x, y = _diagonal_pair(acts1, acts2)
+    if groups is None:
+        groups = torch.arange(len(x))
+    groups = torch.as_tensor(groups)
+    if groups.shape != (len(x),):
+        raise UserError(f"groups must hold one id per row ({len(x)}), got shape {tuple(groups.shape)}")
+    ids, group_of = torch.unique(groups, return_inverse=True)
+    members = [torch.nonzero(group_of == g).flatten() for g in range(len(ids))]
     generator = torch.Generator().manual_seed(seed)
     draws = []
     for _ in range(n_bootstrap):
-        rows = torch.randint(len(x), (len(x),), generator=generator)
+        rows = torch.cat([members[g] for g in torch.randint(len(ids), (len(ids),), generator=generator).tolist()])
         xb, yb = x[rows], y[rows]
         xb, yb = xb - xb.mean(0), yb - yb.mean(0)
         xy, xx, yy = _terms(xb, yb, debiased, "auto", ("acts1", "acts2"), pairs=False)

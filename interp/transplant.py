@@ -5,13 +5,17 @@ MAPS (`map_directions`) carry a direction r_A[l] [d_A] of layer l into model B's
     identity  r_A[l] itself (needs d_A == d_B): both models are fine-tunes of one base, so their residual bases
               may agree
     ridge     r_A[l] W_l with W_l the ridge regression of B's activations on A's at layer l, fitted on paired rows
-              (the same prompts in both models, e.g. train-split problems): W_l = (Xc^T Xc + lam I)^-1 Xc^T Yc,
+              (the same prompts in both models) that took NO part in computing the directions: with fewer rows
+              than dimensions and a small ridge the fit interpolates (Xc W = Yc), and on the directions' own rows
+              it then maps A's mean difference onto B's exactly, for any two models (a simulation with two
+              unrelated random models gave cosine 1.000). W_l = (Xc^T Xc + lam I)^-1 Xc^T Yc,
               Xc, Yc = the rows centered, lam = ridge * tr(Xc^T Xc) / d_A. A difference of means maps to the
               difference of the fitted means, so this is "A's direction as B would represent it". Computed
               without forming W: r (Xc^T Xc + lam I)^-1 Xc^T Yc = r Xc^T (Xc Xc^T + lam I)^-1 Yc, a d_A x d_A or
               n x n solve per layer, whichever is smaller; float64.
-Either way the mapped direction is rescaled to |r_B[l]|, B's own direction norm at that layer, so effects compare
-directions, not norms.
+Either way the mapped direction is rescaled to |r_B[l]|, B's own direction norm at that layer (and
+`transplant_report` rescales every direction it is given to that norm again), so effects compare directions, not
+norms.
 
 EFFECTS (`transplant_report`), on model B and B's problems (reasoning and control prompt with gold solutions),
 per layer l, through `interp.direction_scoring.PromptScorer` (the directions run's own scoring):
@@ -23,8 +27,10 @@ for B's own direction r_B[l], each transplanted direction, and each null directi
     ratio        mean_i effect_i(transplanted) / mean_i effect_i(own): a ratio of means (1: A's direction does what
                  B's does; 0: nothing); "ci": percentile bootstrap over problems, numerator and denominator
                  resampled together; undefined (null) where the own effect's mean is 0
-    null_ratios  the same ratio for each null direction; "p_rank" = (1 + #{null ratio >= ratio}) / (m + 1)
-Read a ratio only where B's own effect is clearly non-zero ("own": its mean and CI are reported beside it).
+    null_ratios  the same ratio for each null direction; "p_rank" = (1 + #{null ratio >= ratio}) / (m + 1), null
+                 where the ratio is undefined
+Read a ratio only where B's own effect is clearly non-zero ("own": its mean and CI are reported beside it): a noisy
+own mean of the wrong sign flips every ratio and the direction of p_rank.
 """
 
 from __future__ import annotations
@@ -73,7 +79,7 @@ def map_directions(
     Args:
         to_norms: [L] the norms to rescale to (B's own direction norms).
         source_activations, target_activations: ridge only: [n, L, d_A] and [n, L, d_B], the same n prompts in
-            both models (rows matched, e.g. train-split problems); at least 2 rows.
+            both models (rows matched), disjoint from the rows the directions came from; at least 2 rows.
         ridge: lam as a share of the mean squared activation norm per dimension, tr(Xc^T Xc) / d_A (> 0).
     Returns:
         [L, d_B] float32; a zero row of `directions` (a layer without a direction) gives a zero row.
@@ -139,7 +145,8 @@ def transplant_report(
         own_directions: [L_B, d_B] B's own directions (row l = blocks.{l}.resid_post).
         transplanted: name -> [L_B, d_B] directions mapped into B (`map_directions`), e.g. {"identity": ...}.
         layers: the model layers to report.
-        null_directions: [m, L_B, d_B] or None; rescaled here to |own_directions[l]|.
+        null_directions: [m, L_B, d_B] or None. Transplanted and null directions are rescaled here to
+            |own_directions[l]| at every reported layer.
     Returns:
         {"layers": [...], "n_problems", "n_null", "n_bootstrap", "own": {score: {"mean": [per layer], "ci":
          [per layer [2]]}}, "transplanted": {name: {score: {"mean", "ratio", "ci", "null_ratios" [per layer [m]],
@@ -147,9 +154,9 @@ def transplant_report(
     """
     own = _as_layers(own_directions, "own_directions", 2)
     layers = [int(layer) for layer in layers]
-    if not layers:
-        raise UserError("name at least one layer to transplant at")
-    sets = {"own": own, **{name: _as_layers(t, f"transplanted[{name!r}]", 2) for name, t in transplanted.items()}}
+    if not layers or not transplanted:
+        raise UserError("name at least one layer to transplant at and at least one transplanted direction set")
+    sets = {name: _as_layers(t, f"transplanted[{name!r}]", 2) for name, t in transplanted.items()}
     for name, t in sets.items():
         if t.shape != own.shape:
             raise UserError(f"{name} directions are {tuple(t.shape)} but B's own are {tuple(own.shape)}")
@@ -158,10 +165,13 @@ def transplant_report(
         nulls = _as_layers(null_directions, "null_directions", 3)
         if nulls.shape[1:] != own.shape:
             raise UserError(f"null_directions must be [m, {own.shape[0]}, {own.shape[1]}], got {tuple(nulls.shape)}")
-        nulls = nulls / nulls.norm(dim=-1, keepdim=True) * own.norm(dim=-1)[None, :, None]
         sets.update({f"null{k}": nulls[k] for k in range(len(nulls))})
-    # one scorer call: every set at every layer (the baselines are computed once)
-    stacked = torch.stack([t[layers] for t in sets.values()]).reshape(-1, own.shape[1])  # [n_sets * n_layers, d_B]
+    # one scorer call: every set at every layer (the baselines are computed once), each rescaled to |own[l]|
+    own_rows = own[layers]  # [n_layers, d_B]
+    others = torch.stack([t[layers] for t in sets.values()])  # [n_sets, n_layers, d_B]
+    others = others / others.norm(dim=-1, keepdim=True) * own_rows.norm(dim=-1, keepdim=True)
+    sets = {"own": own_rows, **dict(zip(sets, others))}
+    stacked = torch.stack(list(sets.values())).reshape(-1, own.shape[1])  # [n_sets * n_layers, d_B]
     rows = scorer(stacked, layers * len(sets), problems)
     by_set = {name: rows[k * len(layers) : (k + 1) * len(layers)] for k, name in enumerate(sets)}
     generator = torch.Generator().manual_seed(seed)
@@ -184,8 +194,9 @@ def transplant_report(
                 "ratio": [float(v) if torch.isfinite(v) else None for v in ratio],
                 "ci": [_ratio_ci(num[i], den[i], n_bootstrap, generator) for i in range(len(layers))],
                 "null_ratios": null_ratios.tolist() if null_ratios is not None else [],
-                "p_rank": ([float((1 + (null_ratios[i] >= ratio[i]).sum()) / (len(nulls) + 1))
-                            for i in range(len(layers))] if null_ratios is not None else None),
+                "p_rank": ([float((1 + (null_ratios[i] >= ratio[i]).sum().double()) / (len(nulls) + 1))
+                            if torch.isfinite(ratio[i]) else None for i in range(len(layers))]
+                           if null_ratios is not None else None),
             }  # fmt: skip
     return report
 

@@ -36,7 +36,8 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def test_values_equal_independent_computations():
     x = _acts(0, shift=torch.randn(N_LAYERS, D, generator=torch.Generator().manual_seed(5)))
-    y = _acts(1) @ torch.randn(D, D, generator=torch.Generator().manual_seed(6)).double()
+    y = _acts(1, shift=torch.randn(N_LAYERS, D, generator=torch.Generator().manual_seed(7)))
+    y = y @ torch.randn(D, D, generator=torch.Generator().manual_seed(6)).double()
     out = analyze_cross_model_alignment(x, y, keys1=_keys(), keys2=_keys(), n_null=19, n_bootstrap=200)
     is_reasoning = torch.tensor([kind == "reasoning" for _, kind in _keys()])
     r1 = compute_contrastive_directions(x[is_reasoning], x[~is_reasoning]).numpy()  # means by class: another path
@@ -105,7 +106,6 @@ def test_given_directions_are_compared_as_given_without_a_ci():
         (lambda k1, k2, x, y: (k1, k2[2:] + k2[:2], x, y), "row 0 is"),
         (lambda k1, k2, x, y: (k1, k2[:-2], x, y[:-2]), "cover 48 and 46 prompts"),
         (lambda k1, k2, x, y: (k1, k2, x, y[:, :2]), "cover 3 and 2 layers"),
-        (lambda k1, k2, x, y: (k1, k2, x, y[..., :4]), "d_model differs"),
         (lambda k1, k2, x, y: ([(p, "other") for p, _ in k1],) * 2 + (x, y), "unknown prompt kinds"),
         (lambda k1, k2, x, y: (k1[:-1], k2[:-1], x[:-1], y[:-1]), "lack a reasoning or a control row"),
         (lambda k1, k2, x, y: (k1[:2], k2[:2], x[:2], y[:2]), "at least 2 problems"),
@@ -115,6 +115,46 @@ def test_bad_input_is_one_clear_error(change, message):
     keys1, keys2, x, y = change(_keys(), _keys(), _acts(0), _acts(1))
     with pytest.raises(UserError, match=message):
         analyze_cross_model_alignment(x, y, keys1=keys1, keys2=keys2, n_null=3, n_bootstrap=5)
+
+
+def test_different_widths_give_cka_but_no_cosine():
+    out = analyze_cross_model_alignment(_acts(0), _acts(1)[..., :4], keys1=_keys(), keys2=_keys(), n_null=3,
+                                        n_bootstrap=5)  # fmt: skip
+    assert out["direction_cosine"] is None and len(out["cka"]["diagonal"]) == N_LAYERS
+
+
+def test_debiased_cosine_is_the_cross_problem_statistic_and_removes_the_noise_bias():
+    """debiased = sum_{i != j} d1_i . d2_j / sqrt(...) by an explicit double loop; with a weak shared direction
+    (plug-in cosine pulled toward 0 by independent noise), the debiased one lands closer to the population's 1."""
+    shift = 0.25 * torch.randn(N_LAYERS, D, generator=torch.Generator().manual_seed(11))
+    x, y = _acts(0, shift), _acts(1, shift)
+    out = analyze_cross_model_alignment(x, y, keys1=_keys(), keys2=_keys(), n_null=5, n_bootstrap=20)
+    d1, d2 = (x[0::2] - x[1::2]).numpy(), (y[0::2] - y[1::2]).numpy()  # [n, L, D]
+
+    def u(a, b):
+        return sum((a[i] * b[j]).sum(-1) for i in range(N_PROBLEMS) for j in range(N_PROBLEMS) if i != j)
+
+    expected = u(d1, d2) / np.sqrt(u(d1, d1) * u(d2, d2))
+    np.testing.assert_allclose(out["direction_cosine"]["debiased"], expected, atol=1e-10)
+    assert np.mean(out["direction_cosine"]["debiased"]) > np.mean(out["direction_cosine"]["value"])
+
+
+def test_cka_ci_resamples_problems():
+    """groups = the problem of each row (rows 2k, 2k + 1): every draw takes whole problems. Recomputed by hand
+    with the same generator and linear_cka."""
+    from interp.similarity import bootstrap_cka_diagonal
+
+    x, y = _acts(0), _acts(1)
+    ci = bootstrap_cka_diagonal(x, y, n_bootstrap=30, groups=torch.arange(len(x)) // 2)
+    generator, draws = torch.Generator().manual_seed(0), []
+    for _ in range(30):
+        problems = torch.randint(N_PROBLEMS, (N_PROBLEMS,), generator=generator)
+        rows = torch.stack([2 * problems, 2 * problems + 1], 1).flatten()
+        draws.append([linear_cka(x[rows, i], y[rows, i]) for i in range(N_LAYERS)])
+    expected = torch.tensor(draws, dtype=torch.float64).quantile(torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0).T
+    torch.testing.assert_close(ci, expected, rtol=0, atol=1e-10)
+    with pytest.raises(UserError, match="one id per row"):
+        bootstrap_cka_diagonal(x, y, groups=torch.zeros(3))
 
 
 def test_one_direction_given_alone_is_an_error():

@@ -110,5 +110,33 @@ def test_report_bad_input(tiny, problems):
         transplant_report(scorer, problems, own, {"x": torch.ones(32, 8)}, [1])
     with pytest.raises(UserError, match="at least one layer"):
         transplant_report(scorer, problems, own, {"x": own}, [])
+    with pytest.raises(UserError, match="at least one transplanted"):
+        transplant_report(scorer, problems, own, {}, [1])
     with pytest.raises(UserError, match="null_directions must be"):
         transplant_report(scorer, problems, own, {"x": own}, [1], torch.ones(2, 32, 8))
+
+
+def _fake_scorer(effect_of):
+    """A scorer whose per-prompt effects (every score) are effect_of(direction), a [n] tensor: the report's
+    arithmetic alone."""
+    from interp.selection import PER_PROMPT_KEYS
+
+    def scorer(directions, layers, problems):
+        return [{key: effect_of(direction) for key in PER_PROMPT_KEYS.values()} for direction in directions]
+
+    return scorer
+
+
+def test_undefined_ratio_has_no_p_value_and_transplanted_norms_do_not_matter():
+    scorer = _fake_scorer(lambda r: float(r[0]) * torch.ones(6, dtype=torch.float64))  # effect = first coordinate
+    own = torch.zeros(3, 8)
+    own[1, 1] = 2.0  # orthogonal to u: zero own effect, undefined ratio
+    own[2, 0] = 2.0
+    foreign = torch.zeros(3, 8)
+    foreign[1, 0], foreign[2, 0] = 1.0, 30.0  # norms differ from |own|: rescaled before scoring
+    nulls = torch.zeros(2, 3, 8)
+    nulls[:, :, 2] = 1.0
+    report = transplant_report(scorer, [None] * 6, own, {"x": foreign}, [1, 2], nulls, n_bootstrap=20)
+    entry = report["transplanted"]["x"]["ablation_score"]
+    assert entry["ratio"] == [None, pytest.approx(1.0)] and entry["p_rank"] == [None, pytest.approx(1 / 3)]
+    assert entry["mean"][1] == pytest.approx(2.0)  # |own[2]| = 2, not |foreign[2]| = 30
