@@ -71,3 +71,76 @@ def plot_heatmap(
     fig.colorbar(image, ax=ax, label=colorbar_label)
     fig.tight_layout()
     return fig
+
+
+def _band(ax, layers, values, low=None, high=None, label="", **kwargs) -> None:
+    ax.plot(list(layers), [float("nan") if v is None else float(v) for v in values], marker="o", markersize=3,
+            label=label, **kwargs)  # fmt: skip
+    if low is not None and high is not None:
+        ax.fill_between(list(layers), [float("nan") if v is None else float(v) for v in low],
+                        [float("nan") if v is None else float(v) for v in high], alpha=0.2, **kwargs)  # fmt: skip
+
+
+def create_summary_figure(
+    probe_results: Mapping[str, dict],
+    direction_similarities: dict,
+    cka_diagonal: dict,
+    save_path=None,
+    transplant: Mapping[str, dict] | None = None,
+    layers: Sequence[int] | None = None,
+) -> Figure:
+    """The study on one page, four panels against the layer index:
+
+    probe_results: {model label: probe_accuracies.json} -> test accuracy and selectivity of each model's probes;
+    direction_similarities: alignment_results' "direction_cosine" -> cosine of the two reasoning directions with
+        its bootstrap CI and the matched / independent placebo p95;
+    cka_diagonal: alignment_results' "cka" -> CKA diagonal with its CI and the permutation null's p95;
+    transplant: {"A->B": transplant entry} -> ratio of ablation effects (transplanted / own) per map, with CIs;
+    layers: the model layers of the alignment lists (default 0..L-1). Saved to save_path when given (PNG).
+    """
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), dpi=100)
+    ax = axes[0, 0]
+    for label, report in probe_results.items():
+        rows = report["layers"]
+        _band(ax, [r["layer"] for r in rows], [r["accuracy"] for r in rows], label=f"{label} accuracy")
+        _band(ax, [r["layer"] for r in rows], [r["selectivity"] for r in rows], label=f"{label} selectivity",
+              linestyle="--")  # fmt: skip
+    ax.set_title("linear probes (test): reasoning vs control")
+    cosine = direction_similarities
+    layers = list(layers if layers is not None else range(len(cosine["value"])))
+    ax = axes[0, 1]
+    ci = cosine.get("ci") or [[None, None]] * len(layers)
+    _band(ax, layers, cosine["value"], [c[0] for c in ci], [c[1] for c in ci], label="cos(r1, r2)")
+    _band(ax, layers, cosine["matched_placebo"]["p95"], label="matched placebo p95", color="grey", linestyle="--")
+    _band(ax, layers, cosine["independent_placebo"]["p95"], label="independent placebo p95", color="grey",
+          linestyle=":")  # fmt: skip
+    ax.set_title("reasoning-direction cosine (identity basis)")
+    ax = axes[1, 0]
+    _band(ax, layers, cka_diagonal["diagonal"], [c[0] for c in cka_diagonal["ci"]], [c[1] for c in cka_diagonal["ci"]],
+          label="CKA(layer l, layer l)")  # fmt: skip
+    _band(ax, layers, cka_diagonal["null_p95"], label="permutation p95", color="grey", linestyle="--")
+    ax.set_title("linear CKA, same layer")
+    ax = axes[1, 1]
+    for name, entry in (transplant or {}).items():
+        for method, scores in entry.get("transplanted", {}).items():
+            score = scores["ablation_score"]
+            ci = [c or [None, None] for c in score["ci"]]
+            _band(ax, entry["layers"], score["ratio"], [c[0] for c in ci], [c[1] for c in ci], label=f"{name} {method}")
+    ax.axhline(1.0, color="grey", linewidth=1)
+    ax.axhline(0.0, color="grey", linewidth=1, linestyle=":")
+    ax.set_title("transplant: ablation effect / own direction's")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best", fontsize=7)
+    fig.tight_layout()
+    if save_path is not None:
+        from pathlib import Path
+
+        Path(save_path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(save_path)
+    return fig

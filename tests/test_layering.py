@@ -1,13 +1,13 @@
 """The layering of DESIGN.md, read from the source with `ast`: interp < datamodules < lightning_modules < callbacks
-(< the entry points); each layer imports only the layers below it, lazy imports inside functions included, and
-interp/ imports no Lightning."""
+< study (analyze.py's stages) < the entry points; each layer imports only the layers below it, lazy imports inside
+functions included, and interp/ imports no Lightning."""
 
 import ast
 
 import pytest
 from pipeline_utils import REPO
 
-LAYERS = ("interp", "datamodules", "lightning_modules", "callbacks")
+LAYERS = ("interp", "datamodules", "lightning_modules", "callbacks", "study")
 LIGHTNING = ("lightning", "pytorch_lightning", "torchmetrics")
 
 

@@ -1,0 +1,143 @@
+"""The stages that read the directions runs' activation caches: the logit lens per model, then the two models lined
+up (alignment) and each model's direction transplanted into the other (transplant).
+
+Every one reads the post-instruction cache of the model's directions run and picks positions by role
+(`interp.prompts.role_positions`: assistant, think, last), so the two chat templates are matched token for token.
+Rows are keyed (problem id, kind); the two models' keys must agree (`interp.alignment.check_matched_rows`).
+    logit_lens   test split, reasoning rows, role "last": `interp.lens_depth.logit_lens_depth`, the final
+                 distribution from the model itself (`next_token_logits`)
+    alignment    test split, every role: `analyze_cross_model_alignment` (directions recomputed from the test rows)
+    transplant   for A -> B in both orders, at the role of B's selected position (or "last" when it has none):
+                 B's own directions and A's (file: the directions runs', train split) mapped by each of the
+                 preset's maps (ridge fitted on the val rows of both models: never on the directions' own rows,
+                 see interp.transplant), scored on B's test problems
+                 (`interp.transplant.transplant_report` with B's run's own scoring settings) against
+                 transplant.n_null placebo directions of B (balanced sign flips of B's train paired differences)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from interp.alignment import analyze_cross_model_alignment, check_matched_rows, paired_layer_differences
+from interp.direction_scoring import PromptScorer
+from interp.directions import load_directions
+from interp.errors import UserError
+from interp.lens import LogitLens
+from interp.lens_depth import first_token_ids, logit_lens_depth
+from interp.metrics import next_token_logits
+from interp.null_directions import balanced_signs
+from interp.prompts import POSITION_ROLES, role_positions
+from interp.transplant import map_directions, transplant_report
+from study.stages import Study, write_json
+
+
+def _tokenizer(datamodule):
+    datamodule.prompts.setup("predict")
+    return datamodule.prompts.tokenizer
+
+
+def _rows(datamodule, split: str, position: int) -> tuple[torch.Tensor, list[tuple]]:
+    """(acts [n, L, d] float32, keys (problem, kind)) of one split at one cached position."""
+    rows = datamodule.split_position(split, position)
+    kinds = ["reasoning" if int(y) == 1 else "control" for y in rows["y"]]
+    return rows["x"], [(int(p), k) for p, k in zip(rows["problem"], kinds)], rows["row_index"]
+
+
+def run_logit_lens(study: Study, label: str) -> None:
+    datamodule = study.directions_datamodule(label)
+    model, tokenizer = datamodule.backbone.load()
+    acts, keys, row_index = _rows(datamodule, "test", role_positions(tokenizer)["last"])
+    reasoning = [i for i, (_, kind) in enumerate(keys) if kind == "reasoning"]
+    rows = [datamodule.prompts.rows[int(row_index[i])] for i in reasoning]
+    final = next_token_logits(model, tokenizer, [row.prompt for row in rows], datamodule.prompts.batch_size)
+    report = logit_lens_depth(LogitLens(model, tokenizer), acts[reasoning], final,
+                              first_token_ids(tokenizer, [row.gold_answer for row in rows]),
+                              first_token_ids(tokenizer, [row.gold_solution for row in rows]),
+                              layers=datamodule.layers, n_bootstrap=study.preset.logit_lens["n_bootstrap"])  # fmt: skip
+    report.update(backbone=datamodule.backbone.name_or_path, split="test", position="last prompt token")
+    write_json(study.output("logit_lens", label), report)
+
+
+def _check_same_layers(modules: dict) -> list[int]:
+    layers = {label: list(dm.layers) for label, dm in modules.items()}
+    first, second = layers.values()
+    if first != second:
+        raise UserError(f"the two directions runs cached different layers {layers}: the pair stages need the same")
+    return first
+
+
+def run_alignment(study: Study) -> None:
+    modules = {label: study.directions_datamodule(label) for label in study.labels}
+    layers = _check_same_layers(modules)
+    roles = {label: role_positions(_tokenizer(dm)) for label, dm in modules.items()}
+    settings = study.preset.alignment
+    result = {"models": study.preset.models, "layers": layers, "split": "test", "roles": {}}
+    for role in POSITION_ROLES:
+        (acts1, keys1, _), (acts2, keys2, _) = (_rows(dm, "test", roles[label][role]) for label, dm in modules.items())
+        result["roles"][role] = analyze_cross_model_alignment(
+            acts1, acts2, keys1=keys1, keys2=keys2, n_null=settings["n_null"], n_bootstrap=settings["n_bootstrap"],
+            debiased=settings["debiased"],
+        )  # fmt: skip
+    write_json(study.output("alignment"), result)
+
+
+def _placebo_nulls(acts: torch.Tensor, keys: list[tuple], n: int, seed: int) -> torch.Tensor:
+    """n balanced sign-flip placebo directions per layer: [n, L, d] float64."""
+    diffs = paired_layer_differences(acts, keys)  # [n_problems, L, d]
+    signs = balanced_signs(len(diffs), n, seed)  # [n, n_problems]
+    return torch.einsum("kn,nld->kld", signs, diffs) / len(diffs)
+
+
+def _transplant_one(study: Study, source: str, target: str, modules: dict, layers: list[int]) -> dict:
+    settings = study.preset.transplant
+    files = {label: load_directions(study.output("directions", label)) for label in (source, target)}
+    roles = {label: role_positions(_tokenizer(modules[label])) for label in (source, target)}
+    (own_all, meta), (source_all, _) = files[target], files[source]
+    by_index = {index: role for role, index in roles[target].items()}
+    selected = (meta.get("selected") or {}).get("position")
+    role = by_index.get(selected, "last")
+    own = own_all[roles[target][role]].double()  # [L_cached, d_B]
+    source_dirs = source_all[roles[source][role]].double()  # [L_cached, d_A]
+    transplanted = {}
+    if "ridge" in settings["maps"]:
+        # fitted on the val rows: disjoint from the train rows the directions came from (on those, a ridge map
+        # with fewer rows than dimensions interpolates and maps any A's mean difference onto B's) and from test
+        x, keys_x, _ = _rows(modules[source], "val", roles[source][role])
+        y, keys_y, _ = _rows(modules[target], "val", roles[target][role])
+        check_matched_rows(keys_x, keys_y)
+        transplanted["ridge"] = map_directions(source_dirs, own.norm(dim=-1), "ridge", x, y, settings["ridge"])
+    if "identity" in settings["maps"]:
+        transplanted["identity"] = map_directions(source_dirs, own.norm(dim=-1), "identity",
+                                                  target_activations=own[None])  # fmt: skip
+    train_acts, train_keys, _ = _rows(modules[target], "train", roles[target][role])
+    nulls = _placebo_nulls(train_acts, train_keys, settings["n_null"], seed=0) if settings["n_null"] else None
+    n_model_layers = int(meta["n_model_layers"])
+
+    def full(t: torch.Tensor) -> torch.Tensor:  # [..., L_cached, d] -> [..., n_model_layers, d], zeros elsewhere
+        out = torch.zeros(*t.shape[:-2], n_model_layers, t.shape[-1], dtype=torch.float32)
+        out[..., layers, :] = t.float()
+        return out
+
+    model, tokenizer = modules[target].backbone.load()
+    init = study.directions_config(target)["model"]["init_args"]
+    scorer = PromptScorer(model, tokenizer, init["selection_metric"], init["k_first_tokens"], init["batch_size"],
+                          init["intervention_strength"])  # fmt: skip
+    from datamodules.prompts import problem_pairs
+
+    pairs = problem_pairs(modules[target], "test", settings["n_prompts"], seed=0)
+    problems = [(r.prompt, r.gold_solution, c.prompt, c.gold_solution) for r, c in pairs]
+    report = transplant_report(scorer, problems, full(own), {name: full(t) for name, t in transplanted.items()},
+                               layers, None if nulls is None else full(nulls), settings["n_bootstrap"])  # fmt: skip
+    return {"source": source, "target": target, "role": role, "target_selected_position": selected,
+            "source_position": roles[source][role], "target_position": roles[target][role], "maps": list(transplanted),
+            "ridge": settings["ridge"], "null": "placebo (balanced sign flips of the target's train paired "
+            "differences), rescaled to the target's own direction norm", **report}  # fmt: skip
+
+
+def run_transplant(study: Study) -> None:
+    modules = {label: study.directions_datamodule(label) for label in study.labels}
+    layers = _check_same_layers(modules)
+    first, second = study.labels
+    results = {f"{a}->{b}": _transplant_one(study, a, b, modules, layers) for a, b in ((first, second), (second, first))}
+    write_json(study.output("transplant"), {"models": study.preset.models, "layers": layers, "transfers": results})

@@ -1,0 +1,111 @@
+"""analyze.py end to end on the tiny pair (random weights: the wiring, files and shapes, not findings), a rerun that
+skips every finished stage, and bad input stopped before anything is loaded or written."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors import safe_open
+
+import analyze
+from interp.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+LAYERS = [1, 2]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """One tiny study in a temp working directory: (root, stdout of the first run, stdout of the rerun)."""
+    import contextlib
+    import io
+    import os
+
+    work = tmp_path_factory.mktemp("study")
+    quick = yaml.safe_load((REPO / "configs/presets/quick_test.yaml").read_text())
+    preset = {**quick, "sources": [{"name": "toy_arithmetic", "path": "embedded", "split": "test", "limit": 24}],
+              "layers": LAYERS, "probes": str(REPO / quick["probes"]), "directions": str(REPO / quick["directions"]),
+              "interventions": {"greedy": True, "max_new_tokens": 8, "n_prompts": 3, "n_random": 2, "strengths": [1.0]},
+              "logit_lens": {"n_bootstrap": 50}, "alignment": {"n_null": 9, "n_bootstrap": 50},
+              "transplant": {"n_prompts": 3, "n_null": 2, "n_bootstrap": 50}}  # fmt: skip
+    (work / "tiny.yaml").write_text(yaml.safe_dump(preset))
+    args = ["--preset", str(work / "tiny.yaml"), "--run_name", "s", "--model1", "tiny-qwq", "--model2", "tiny-r1-distill"]
+    cwd, outputs = os.getcwd(), []
+    os.chdir(work)
+    try:
+        for _ in range(2):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                analyze.main(args)
+            outputs.append(out.getvalue())
+    finally:
+        os.chdir(cwd)
+    return work / "logs" / "s", *outputs
+
+
+def test_every_documented_file_with_its_shape(study):
+    root, _, _ = study
+    for label in ("qwq", "r1_distill"):
+        model = root / label
+        for name in ("probe_accuracies.json", "reasoning_directions.json", "intervention_results.json",
+                     "logit_lens.json"):  # fmt: skip
+            assert (model / name).is_file(), name
+        with safe_open(str(model / "reasoning_directions.safetensors"), framework="pt") as f:
+            n_pos = {"qwq": 7, "r1_distill": 3}[label]  # the two templates' post-instruction tokens
+            assert list(f.get_slice("directions").get_shape()) == [n_pos, len(LAYERS), 64]
+        lens = json.loads((model / "logit_lens.json").read_text())
+        assert lens["layers"] == LAYERS and len(lens["kl"]["mean"]) == len(LAYERS) and lens["n_prompts"] >= 3
+    alignment = json.loads((root / "alignment_results.json").read_text())
+    assert alignment["layers"] == LAYERS and set(alignment["roles"]) == {"assistant", "think", "last"}
+    for block in alignment["roles"].values():
+        assert len(block["cka"]["diagonal"]) == len(LAYERS) and len(block["cka"]["matrix"]) == len(LAYERS)
+        assert len(block["direction_cosine"]["value"]) == len(LAYERS) and block["direction_cosine"]["warnings"]
+    transfers = json.loads((root / "transplant_results.json").read_text())["transfers"]
+    assert set(transfers) == {"qwq->r1_distill", "r1_distill->qwq"}
+    for entry in transfers.values():
+        assert entry["role"] in ("assistant", "think", "last") and entry["layers"] == LAYERS
+        for method in ("identity", "ridge"):
+            assert len(entry["transplanted"][method]["ablation_score"]["ratio"]) == len(LAYERS)
+    names = {p.name for p in (root / "visualizations").glob("*.png")}
+    assert {"summary.png", "qwq_probe_accuracy.png", "r1_distill_interventions.png", "cka_last.png",
+            "logit_lens.png"} <= names  # fmt: skip
+    record = json.loads((root / "study.json").read_text())
+    assert record["preset"]["models"] == {"qwq": "tiny-qwq", "r1_distill": "tiny-r1-distill"}
+    assert record["stages_finished"][-1] == "summary" and record["versions"]["torch"]
+    assert list((root / "study").glob("events.out.tfevents.*")) and list((root / "qwq" / "probes").glob("events.*"))
+
+
+def test_a_rerun_skips_every_finished_stage(study):
+    _, first, second = study
+    assert "done already" not in first
+    assert second.count("done already") == 4 * 2 + 3 and "..." not in second.replace("[analyze] finished", "")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "nope", "--run_name", "x"], "unknown preset 'nope'"),
+        (["--run_name", "x", "--stages", "probes,cka"], "unknown stages"),
+        (["--run_name", "../x"], "--run_name"),
+        (["--run_name", "x", "--n_problems", "2"], "--n_problems must be >= 4"),
+    ],
+)
+def test_bad_input_stops_before_anything_is_written(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(REPO)  # the presets resolve from the repository; nothing may be written
+    before = set(REPO.joinpath("logs").glob("*")) if REPO.joinpath("logs").exists() else set()
+    with pytest.raises(UserError, match=message):
+        analyze.main(args)
+    after = set(REPO.joinpath("logs").glob("*")) if REPO.joinpath("logs").exists() else set()
+    assert after == before
+
+
+@pytest.mark.parametrize("name", ["quick_test", "full_analysis", "layer_specific"])
+def test_every_shipped_preset_loads(name, monkeypatch):
+    from study.preset import load_preset
+
+    monkeypatch.chdir(REPO)
+    preset = load_preset(name)
+    assert len(preset.models) == 2 and preset.sources and set(preset.transplant["maps"]) <= {"identity", "ridge"}
+    assert load_preset(name, model1="tiny-qwq", n_problems=10).sources[0]["limit"] == 10
+    assert load_preset(name, model1="tiny-qwq").models[next(iter(preset.models))] == "tiny-qwq"
