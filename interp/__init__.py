@@ -3,11 +3,13 @@
 Backbones and hooks: load_backbone, hooked, collect_activations. Directions and interventions:
 compute_contrastive_directions, InterventionHandler, apply_direction_intervention, LayerAblator, PathPatcher.
 Lenses: LogitLens, TunedLens. Grading: grade_answer, has_final_answer. Similarity: linear_cka, cka_matrix,
-cka_permutation_null, MinibatchCKA.
+cka_permutation_null, MinibatchCKA. The two models lined up: analyze_cross_model_alignment, map_directions,
+transplant_report, logit_lens_depth, create_summary_figure.
 """
 
 from interp.ablation import LayerAblator
 from interp.activations import capture_residuals, collect_activations
+from interp.alignment import analyze_cross_model_alignment
 from interp.backbone import BUILTIN_BACKBONES, BackboneSpec, decoder_layers, load_backbone, load_tokenizer
 from interp.directions import compute_contrastive_directions, load_directions, pca_directions, save_directions
 from interp.errors import UserError
@@ -16,10 +18,12 @@ from interp.grading import extract_answer, grade_answer, has_final_answer
 from interp.hooks import hooked, site_name
 from interp.interventions import AblateDirection, AddDirection, InterventionHandler
 from interp.lens import LogitLens, TunedLens
+from interp.lens_depth import logit_lens_depth
 from interp.metrics import first_tokens_logprob, gold_solution_nll, last_token_kl, next_token_logits
 from interp.orthogonalize import orthogonalize_weights
 from interp.patching import PathPatcher, capture_sites
 from interp.patching_sweep import attribution_patching, patching_sweep
+from interp.plots import create_summary_figure
 from interp.positions import PositionSpec
 from interp.prompts import format_chat_prompt, post_instruction_ids
 from interp.selection import bootstrap_ci, select_direction, zscore
@@ -32,6 +36,7 @@ from interp.similarity import (
 )
 from interp.text_metrics import compression_ratio, ngram_repetition
 from interp.token_roles import prompt_boundary
+from interp.transplant import map_directions, transplant_report
 
 __all__ = [
     "AblateDirection",
@@ -46,6 +51,7 @@ __all__ = [
     "PositionSpec",
     "TunedLens",
     "UserError",
+    "analyze_cross_model_alignment",
     "apply_direction_intervention",
     "attribution_patching",
     "bootstrap_ci",
@@ -54,6 +60,7 @@ __all__ = [
     "capture_sites",
     "cka_matrix",
     "cka_permutation_null",
+    "create_summary_figure",
     "collect_activations",
     "compression_ratio",
     "compute_contrastive_directions",
@@ -71,6 +78,8 @@ __all__ = [
     "load_backbone",
     "load_directions",
     "load_tokenizer",
+    "logit_lens_depth",
+    "map_directions",
     "next_token_logits",
     "ngram_repetition",
     "orthogonalize_weights",
@@ -81,5 +90,6 @@ __all__ = [
     "save_directions",
     "select_direction",
     "site_name",
+    "transplant_report",
     "zscore",
 ]
