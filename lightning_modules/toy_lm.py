@@ -56,8 +56,8 @@ RECIPE_FILE = "toy_recipe.json"
 class ToyRecipe:
     """How a toy model is trained (the shape is the backbone's TinySpec)."""
 
-    steps: int = 800  # toy-qwq; held-out accuracy rises steeply between 400 and 600 steps (0.63 -> 0.9-1.0)
-    student_steps: int = 800  # toy-r1-distill (600 steps: 0.775 held-out accuracy)
+    steps: int = 700  # toy-qwq: 0.985 held-out accuracy (800: 0.985); it rises steeply between 400 and 600 steps
+    student_steps: int = 800  # toy-r1-distill: 0.955 (700 steps on 2,000 problems: 0.85)
     batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 50
