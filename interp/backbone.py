@@ -5,6 +5,7 @@ built-in backbone (see `BUILTIN_BACKBONES`). Built-ins are small Qwen2 models wi
 chat template of the model they stand in for; they are built once, written with `save_pretrained` into a local
 cache and then loaded exactly like a real checkpoint. Two kinds:
 - tiny, tiny-qwq, tiny-r1-distill: deterministic random weights (fast; for exactness and speed tests);
+  tiny-r1-distill is tiny-qwq's weights plus noise growing with depth (the study's planted answer);
 - toy-qwq, toy-r1-distill: trained to solve synthetic arithmetic word problems (a miniature of the real pair
   with a known answer). Their builders train with Lightning, so they live in lightning_modules/toy_lm.py and
   are imported by name only when a toy model is first built: interp/ itself never imports Lightning.
@@ -39,7 +40,7 @@ from transformers import (
 from interp.errors import UserError
 
 ASSETS = Path(__file__).parent / "assets"
-TINY_BACKBONE_VERSION = 1  # bump when the tiny recipe changes: it is part of the cache path
+TINY_BACKBONE_VERSION = 2  # bump when the tiny recipe changes: it is part of the cache path
 TOY_BACKBONE_VERSION = 2  # bump when the toy corpus or training recipe changes (lightning_modules/toy_lm.py)
 
 
@@ -60,6 +61,8 @@ class TinySpec:
     num_key_value_heads: int = 2
     builder: str | None = None  # "module:function" that trains and writes the model; None = random weights
     rope_theta: float | None = None  # None = the real model's (1e6)
+    base: str | None = None  # start from this built-in's weights (a "fine-tune" of it), then perturb
+    perturbation: float = 0.0  # layer l's projections get N(0, (perturbation * (l + 1) / L * std(W))^2) noise
 
 
 _QWEN_ADDED = (
@@ -78,9 +81,12 @@ _R1_DISTILL_ADDED = (
 
 BUILTIN_BACKBONES: dict[str, TinySpec] = {
     "tiny-qwq": TinySpec("qwq-32b", _QWEN_ADDED, bos=None, eos="<|im_end|>", pad="<|endoftext|>", seed=0),
+    # A known answer for the two-model study: tiny-r1-distill = tiny-qwq's weights plus noise that grows with depth
+    # (std 2 (l + 1) / 32 of each projection's own std at layer l; seed 1), with R1-Distill's template and tokens.
+    # Last-token CKA of the two on toy problems: ~0.98 at layer 0 falling to ~0.73 at layer 31.
     "tiny-r1-distill": TinySpec(
         "r1-distill-qwen-32b", _R1_DISTILL_ADDED, bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>",
-        pad="<｜end▁of▁sentence｜>", seed=1,
+        pad="<｜end▁of▁sentence｜>", seed=1, base="tiny-qwq", perturbation=2.0,
     ),
 }
 BUILTIN_BACKBONES["tiny"] = BUILTIN_BACKBONES["tiny-qwq"]
@@ -211,6 +217,14 @@ def _tiny_model(spec: TinySpec) -> PreTrainedModel:
         torch.manual_seed(spec.seed)
         model = Qwen2ForCausalLM(config)
     assert model.config.num_hidden_layers == spec.num_hidden_layers and model.config.hidden_size == spec.hidden_size
+    if spec.base is not None:
+        model.load_state_dict(_tiny_model(BUILTIN_BACKBONES[spec.base]).state_dict())
+        generator, layers = torch.Generator().manual_seed(spec.seed), model.model.layers
+        with torch.no_grad():
+            for index, layer in enumerate(layers):
+                scale = spec.perturbation * (index + 1) / len(layers)
+                for weight in (p for p in layer.parameters() if p.ndim == 2):  # projections; norms stay
+                    weight.add_(scale * weight.std() * torch.randn(weight.shape, generator=generator))
     return model
 
 
