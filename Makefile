@@ -21,8 +21,9 @@ install: $(VENV_STAMP)
 # of ~20 s, most of it in 0.5 s backward passes of an 8K-parameter probe.
 # Override: make quickstart OMP_NUM_THREADS=N.
 quickstart: export OMP_NUM_THREADS ?= 1
+# The trained toy reasoner (configs/probes_toy.yaml): the first run builds toy-qwq once (~3 min on 2 cores).
 quickstart: $(VENV_STAMP)
-	$(PY) train.py --config configs/quickstart.yaml --run_name quickstart
+	$(PY) train.py --config configs/probes_toy.yaml --run_name quickstart
 	$(PY) evaluate.py --ckpt checkpoints/quickstart/best.ckpt
 	@echo
 	@echo "Results:     logs/quickstart/probe_accuracies.json, logs/quickstart/visualizations/probe_accuracy.png"
