@@ -10,7 +10,9 @@ the output says so. Target: speedup >= 10x.
 
 Memory: peak RSS growth of the first batched call (ru_maxrss after it minus the RSS before it, so the inputs are
 excluded), next to the estimate from cka_matrix's docstring. `--quick` (n 256, 16 layers, d 256) takes ~7 s, the
-defaults ~30 s (one thread). Prints one JSON object. On a 2-core machine busy with other jobs, run it with
+defaults ~30 s (one thread). The study's size, `--n 2000 --layers 64 --d 1024 --pairs 32` (~5 min, ~7 GB): batched
+43 s against ~1430 s for the loop (33x), peak growth 6.9 GB as predicted (2 cores, OMP_NUM_THREADS=1, 2026-12-01).
+Prints one JSON object. On a 2-core machine busy with other jobs, run it with
 OMP_NUM_THREADS=1: two OpenMP threads waiting on each other made the small per-pair ops ~50x slower there.
 """
 
