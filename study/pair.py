@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from datamodules.prompts import problem_pairs
 from interp.alignment import analyze_cross_model_alignment, check_matched_rows, paired_layer_differences
 from interp.direction_scoring import PromptScorer
 from interp.directions import load_directions
@@ -38,7 +39,7 @@ def _tokenizer(datamodule):
 
 
 def _rows(datamodule, split: str, position: int) -> tuple[torch.Tensor, list[tuple]]:
-    """(acts [n, L, d] float32, keys (problem, kind)) of one split at one cached position."""
+    """(acts [n, L, d] float32, keys (problem, kind), row indices [n]) of one split at one cached position."""
     rows = datamodule.split_position(split, position)
     kinds = ["reasoning" if int(y) == 1 else "control" for y in rows["y"]]
     return rows["x"], [(int(p), k) for p, k in zip(rows["problem"], kinds)], rows["row_index"]
@@ -93,7 +94,9 @@ def _transplant_one(study: Study, source: str, target: str, modules: dict, layer
     settings = study.preset.transplant
     files = {label: load_directions(study.output("directions", label)) for label in (source, target)}
     roles = {label: role_positions(_tokenizer(modules[label])) for label in (source, target)}
-    (own_all, meta), (source_all, _) = files[target], files[source]
+    (own_all, meta), (source_all, source_meta) = files[target], files[source]
+    if meta.get("layers") != layers or source_meta.get("layers") != layers:
+        raise UserError(f"the directions files do not cover the cached layers {layers}: rerun the directions stage")
     by_index = {index: role for role, index in roles[target].items()}
     selected = (meta.get("selected") or {}).get("position")
     role = by_index.get(selected, "last")
@@ -123,8 +126,6 @@ def _transplant_one(study: Study, source: str, target: str, modules: dict, layer
     init = study.directions_config(target)["model"]["init_args"]
     scorer = PromptScorer(model, tokenizer, init["selection_metric"], init["k_first_tokens"], init["batch_size"],
                           init["intervention_strength"])  # fmt: skip
-    from datamodules.prompts import problem_pairs
-
     pairs = problem_pairs(modules[target], "test", settings["n_prompts"], seed=0)
     problems = [(r.prompt, r.gold_solution, c.prompt, c.gold_solution) for r, c in pairs]
     report = transplant_report(scorer, problems, full(own), {name: full(t) for name, t in transplanted.items()},
