@@ -24,7 +24,10 @@ RESULT (JSON-able; L = layers, m = n_null, B = n_bootstrap; lists are per layer)
             mu_a . mu_b); null where U_11 or U_22 <= 0 (the direction is not above its noise);
         "ci" [L][2] | null: percentile bootstrap of "debiased" over problems (same problems in both models, the
             same-problem terms of a draw removed); null per layer where a draw is undefined, and when directions
-            were given;
+            were given. Simulated coverage of the population cosine (0.5; d 32 / 512, 20-200 problems): 0.94-1.00
+            where the direction stands clear of its noise (|mu|^2 n / (2 d) >= 5), 5-30% wider than needed. With a
+            weak direction and few noise dimensions (that ratio 2, d 32) most layers get null (70-90% of runs, more
+            with more bootstrap draws) and "debiased" itself runs up to 0.075 low under shared noise;
         "matched_placebo" {"mean", "p95", "p_value"} [L]: m balanced sign-flip placebos (sum_i s_i d_i / n, half
             the s_i +1, half -1: the class difference cancels) with the SAME signs in both models, plug-in cosine.
             How alike the two models make other contrasts of the same prompts; the placebos' spread follows the
