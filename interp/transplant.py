@@ -112,8 +112,9 @@ def map_directions(
     return torch.where(present[:, None], mapped / length.clamp_min(1e-300) * norms[:, None], 0.0).to(torch.float32)
 
 
-def _ratio_ci(num: torch.Tensor, den: torch.Tensor, n_bootstrap: int, generator: torch.Generator) -> list | None:
-    """Percentile 95% interval of mean(num) / mean(den) over problems resampled together ([n] each)."""
+def ratio_of_means_ci(num: torch.Tensor, den: torch.Tensor, n_bootstrap: int, generator: torch.Generator) -> list | None:
+    """Percentile 95% interval of mean(num) / mean(den) over problems resampled together ([n] each); None when a
+    resample's denominator mean is 0."""
     rows = torch.randint(len(num), (n_bootstrap, len(num)), generator=generator)
     ratios = num[rows].mean(-1) / den[rows].mean(-1)
     ratios = ratios[torch.isfinite(ratios)]
@@ -192,7 +193,7 @@ def transplant_report(
             entry[score] = {
                 "mean": num.mean(-1).tolist(),
                 "ratio": [float(v) if torch.isfinite(v) else None for v in ratio],
-                "ci": [_ratio_ci(num[i], den[i], n_bootstrap, generator) for i in range(len(layers))],
+                "ci": [ratio_of_means_ci(num[i], den[i], n_bootstrap, generator) for i in range(len(layers))],
                 "null_ratios": null_ratios.tolist() if null_ratios is not None else [],
                 "p_rank": ([float((1 + (null_ratios[i] >= ratio[i]).sum().double()) / (len(nulls) + 1))
                             if torch.isfinite(ratio[i]) else None for i in range(len(layers))]

@@ -12,10 +12,14 @@ Rows are keyed (problem id, kind); the two models' keys must agree (`interp.alig
                  preset's maps (ridge fitted on the val rows of both models: never on the directions' own rows,
                  see interp.transplant), scored on B's test problems
                  (`interp.transplant.transplant_report` with B's run's own scoring settings) against
-                 transplant.n_null placebo directions of B (balanced sign flips of B's train paired differences)
+                 transplant.n_null placebo directions of B (balanced sign flips of B's train paired differences);
+                 with transplant.generate, also graded generations with each transplanted direction ablated / added
+                 at B's selected layer on the interventions stage's problems: the ratio of accuracy drops
 """
 
 from __future__ import annotations
+
+import json
 
 import torch
 
@@ -24,12 +28,13 @@ from interp.alignment import analyze_cross_model_alignment, check_matched_rows, 
 from interp.direction_scoring import PromptScorer
 from interp.directions import load_directions
 from interp.errors import UserError
+from interp.intervention_eval import intervention_report
 from interp.lens import LogitLens
 from interp.lens_depth import first_token_ids, logit_lens_depth
 from interp.metrics import next_token_logits
 from interp.null_directions import balanced_signs
 from interp.prompts import POSITION_ROLES, role_positions
-from interp.transplant import map_directions, transplant_report
+from interp.transplant import map_directions, ratio_of_means_ci, transplant_report
 from study.stages import Study, write_json
 
 
@@ -130,10 +135,45 @@ def _transplant_one(study: Study, source: str, target: str, modules: dict, layer
     problems = [(r.prompt, r.gold_solution, c.prompt, c.gold_solution) for r, c in pairs]
     report = transplant_report(scorer, problems, full(own), {name: full(t) for name, t in transplanted.items()},
                                layers, None if nulls is None else full(nulls), settings["n_bootstrap"])  # fmt: skip
-    return {"source": source, "target": target, "role": role, "target_selected_position": selected,
+    graded = _graded(study, target, model, tokenizer, modules[target], {name: full(t) for name, t in transplanted.items()})
+    return {"source": source, "target": target, "role": role, "target_selected_position": selected, "graded": graded,
             "source_position": roles[source][role], "target_position": roles[target][role], "maps": list(transplanted),
             "ridge": settings["ridge"], "null": "placebo (balanced sign flips of the target's train paired "
             "differences), rescaled to the target's own direction norm", **report}  # fmt: skip
+
+
+def _graded(study: Study, target: str, model, tokenizer, datamodule, transplanted: dict) -> dict | None:
+    """transplant.generate: each transplanted direction [n_model_layers, d] through `intervention_report` at the
+    target's selected layer, on the problems of the target's own intervention_results.json, and the ratio of
+    accuracy drops under ablation, mean_i (base_i - ablated_i) transplanted / own, with a bootstrap CI."""
+    if not study.preset.transplant["generate"]:
+        return None
+    if not study.output("interventions", target).is_file():
+        raise UserError(f"transplant.generate compares with {study.output('interventions', target)}: run the "
+                        "interventions stage first")  # fmt: skip
+    own = json.loads(study.output("interventions", target).read_text())
+    opts = study.preset.interventions
+    rows = [row for pair in problem_pairs(datamodule, "test", opts["n_prompts"], seed=opts["seed"]) for row in pair]
+    out, generator = {}, torch.Generator().manual_seed(0)
+
+    def correct(report: dict, name: str) -> torch.Tensor:
+        return torch.tensor(next(c for c in report["conditions"] if c["name"] == name)["correct"], dtype=torch.float64)
+
+    for name, directions in transplanted.items():
+        report = intervention_report(model, tokenizer, rows, directions, own["selected_layer"], opts["strengths"],
+                                     n_random=0, max_new_tokens=opts["max_new_tokens"], do_sample=not opts["greedy"],
+                                     seed=opts["seed"], n_samples=2)  # fmt: skip
+        if report["reasoning_rows"] != own["reasoning_rows"]:
+            raise UserError("the transplant's problems differ from the interventions stage's: rerun both")
+        num = correct(report, "baseline") - correct(report, "ablated")  # [n] accuracy drop per prompt
+        den = correct(own, "baseline") - correct(own, "ablated")
+        ratio = float(num.mean() / den.mean()) if float(den.mean()) != 0 else None
+        out[name] = {"layer": own["selected_layer"], "accuracy_drop_ratio": ratio,
+                     "ci": ratio_of_means_ci(num, den, study.preset.transplant["n_bootstrap"], generator),
+                     "own_accuracy": {c["name"]: c["accuracy"] for c in own["conditions"][:2]},
+                     "conditions": [{key: c[key] for key in ("name", "accuracy", "accuracy_change", "control_accuracy",
+                                                            "truncation_rate")} for c in report["conditions"]]}  # fmt: skip
+    return out
 
 
 def run_transplant(study: Study) -> None:

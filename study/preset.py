@@ -14,7 +14,9 @@ A preset is a YAML file (configs/presets/<name>.yaml; `--preset NAME` or a path)
     interventions:   {greedy, max_new_tokens, n_prompts, n_random, strengths, seed}   evaluate.py's flags
     logit_lens:      {n_bootstrap}
     alignment:       {n_null, n_bootstrap, debiased}
-    transplant:      {maps: [identity, ridge], ridge, n_prompts, n_null, n_bootstrap}
+    transplant:      {maps: [identity, ridge], ridge, n_prompts, n_null, n_bootstrap, generate}   generate: also
+                                         grade generations with each transplanted direction ablated / added at
+                                         the target's selected layer (the interventions settings and problems)
 
 Unknown keys, a missing file, a stage config that does not exist: UserError before anything is loaded.
 """
@@ -37,7 +39,8 @@ _SECTIONS = {
                       "strengths": [1.0, 4.0], "seed": 0},
     "logit_lens": {"n_bootstrap": 1000},
     "alignment": {"n_null": 99, "n_bootstrap": 1000, "debiased": False},
-    "transplant": {"maps": ["identity", "ridge"], "ridge": 0.01, "n_prompts": 32, "n_null": 8, "n_bootstrap": 1000},
+    "transplant": {"maps": ["identity", "ridge"], "ridge": 0.01, "n_prompts": 32, "n_null": 8, "n_bootstrap": 1000,
+                   "generate": False},
 }  # fmt: skip
 
 

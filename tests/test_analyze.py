@@ -28,7 +28,7 @@ def study(tmp_path_factory):
               "layers": LAYERS, "probes": str(REPO / quick["probes"]), "directions": str(REPO / quick["directions"]),
               "interventions": {"greedy": True, "max_new_tokens": 8, "n_prompts": 3, "n_random": 2, "strengths": [1.0]},
               "logit_lens": {"n_bootstrap": 50}, "alignment": {"n_null": 9, "n_bootstrap": 50},
-              "transplant": {"n_prompts": 3, "n_null": 2, "n_bootstrap": 50}}  # fmt: skip
+              "transplant": {"n_prompts": 3, "n_null": 2, "n_bootstrap": 50, "generate": True}}  # fmt: skip
     (work / "tiny.yaml").write_text(yaml.safe_dump(preset))
     args = ["--preset", str(work / "tiny.yaml"), "--run_name", "s", "--model1", "tiny-qwq", "--model2", "tiny-r1-distill"]
     cwd, outputs = os.getcwd(), []
@@ -67,6 +67,12 @@ def test_every_documented_file_with_its_shape(study):
         assert entry["role"] in ("assistant", "think", "last") and entry["layers"] == LAYERS
         for method in ("identity", "ridge"):
             assert len(entry["transplanted"][method]["ablation_score"]["ratio"]) == len(LAYERS)
+            graded = entry["graded"][method]  # the same 3 problems as the interventions stage, ablated / added
+            assert [c["name"] for c in graded["conditions"]] == ["baseline", "ablated", "added@1"]
+            own = graded["own_accuracy"]
+            accuracy = {c["name"]: c["accuracy"] for c in graded["conditions"]}
+            drop, own_drop = accuracy["baseline"] - accuracy["ablated"], own["baseline"] - own["ablated"]
+            assert graded["accuracy_drop_ratio"] == (None if own_drop == 0 else pytest.approx(drop / own_drop))
     names = {p.name for p in (root / "visualizations").glob("*.png")}
     assert {"summary.png", "qwq_probe_accuracy.png", "r1_distill_interventions.png", "cka_last.png",
             "logit_lens.png"} <= names  # fmt: skip
