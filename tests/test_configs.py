@@ -65,7 +65,7 @@ _PROBE_FIELDS = {"model.hparams.lr": 0.01, "model.hparams.weight_decay": 0.001, 
 EXPECTED: dict[str, dict] = {
     "quickstart.yaml": {"class_path": PROBES, **_PROBE_FIELDS, **_tiny(list(range(32)), sources=EMBEDDED_100),
                         "trainer.max_epochs": 40, "datamodule.batch_size": 64},
-    "probes_toy.yaml": {"class_path": PROBES, **_PROBE_FIELDS, **_tiny(list(range(4)), sources=TOY_200), **_TOY,
+    "probes_toy.yaml": {"class_path": PROBES, **_PROBE_FIELDS, **_tiny(list(range(3)), sources=TOY_200), **_TOY,
                         "trainer.max_epochs": 20, "datamodule.batch_size": 64},
     "probes_qwq.yaml": {"class_path": PROBES, **_PROBE_FIELDS, **_real("Qwen/QwQ-32B", list(range(64))),
                         "trainer.max_epochs": 50, "datamodule.batch_size": 64},
@@ -87,7 +87,7 @@ EXPECTED: dict[str, dict] = {
         "datamodule.batch_position": None, "trainer.max_epochs": 1,
     },
     "directions_toy.yaml": {
-        "class_path": DIRECTIONS, **_tiny(list(range(4)), sources=TOY_200), **_TOY,
+        "class_path": DIRECTIONS, **_tiny(list(range(3)), sources=TOY_200), **_TOY,
         "model.hparams.n_selection_prompts": 8, "model.hparams.n_report_prompts": 8, "model.hparams.n_random": 8,
         "model.hparams.null_kind": "placebo", "datamodule.positions.kind": "post_instruction",
         "datamodule.batch_position": None, "trainer.max_epochs": 1,
