@@ -41,7 +41,7 @@ import torch
 
 from interp.direction_scoring import PromptScorer
 from interp.errors import UserError
-from interp.selection import PER_PROMPT_KEYS
+from interp.selection import PER_PROMPT_KEYS, bootstrap_ci
 
 MAPS = ("identity", "ridge")
 SCORES = ("ablation_score", "induction_score", "kl")
@@ -182,7 +182,7 @@ def transplant_report(
     for score in SCORES:
         den = own_eff[score]
         report["own"][score] = {"mean": den.mean(-1).tolist(),
-                                "ci": [_mean_ci(d, n_bootstrap, generator) for d in den]}  # fmt: skip
+                                "ci": [list(bootstrap_ci(d, n_bootstrap, seed=seed)) for d in den]}  # fmt: skip
         null_means = [_effects(by_set[f"null{k}"], score).mean(-1) for k in range(report["n_null"])]  # [m][n_layers]
         report["nulls"][score] = {"mean": torch.stack(null_means, 1).tolist() if null_means else []}
         for name in transplanted:
@@ -201,7 +201,3 @@ def transplant_report(
             }  # fmt: skip
     return report
 
-
-def _mean_ci(values: torch.Tensor, n_bootstrap: int, generator: torch.Generator) -> list[float]:
-    rows = torch.randint(len(values), (n_bootstrap, len(values)), generator=generator)
-    return values[rows].mean(-1).quantile(torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()

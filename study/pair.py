@@ -32,7 +32,7 @@ from interp.intervention_eval import intervention_report
 from interp.lens import LogitLens
 from interp.lens_depth import first_token_ids, logit_lens_depth
 from interp.metrics import next_token_logits
-from interp.null_directions import balanced_signs
+from interp.null_directions import balanced_signs, signflip_directions
 from interp.prompts import POSITION_ROLES, role_positions
 from interp.transplant import map_directions, ratio_of_means_ci, transplant_report
 from study.stages import Study, write_json
@@ -91,8 +91,8 @@ def run_alignment(study: Study) -> None:
 def _placebo_nulls(acts: torch.Tensor, keys: list[tuple], n: int, seed: int) -> torch.Tensor:
     """n balanced sign-flip placebo directions per layer: [n, L, d] float64."""
     diffs = paired_layer_differences(acts, keys)  # [n_problems, L, d]
-    signs = balanced_signs(len(diffs), n, seed)  # [n, n_problems]
-    return torch.einsum("kn,nld->kld", signs, diffs) / len(diffs)
+    flat = signflip_directions(diffs.reshape(len(diffs), -1), balanced_signs(len(diffs), n, seed))  # [n, L * d]
+    return flat.reshape(n, *diffs.shape[1:])
 
 
 def _transplant_one(study: Study, source: str, target: str, modules: dict, layers: list[int]) -> dict:
