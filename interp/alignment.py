@@ -187,7 +187,8 @@ def analyze_cross_model_alignment(
         raise UserError(f"n_null and n_bootstrap must be >= 1, got {n_null}, {n_bootstrap}")
     d1, d2 = paired_layer_differences(x, keys1), paired_layer_differences(y, keys2)
     band = cka_permutation_null(x, y, n_permutations=n_null, seed=seed, debiased=debiased)
-    problem_of_row = torch.tensor([sorted({pid for pid, _ in keys1}).index(pid) for pid, _ in keys1])
+    problem_ids: dict = {}
+    problem_of_row = torch.tensor([problem_ids.setdefault(pid, len(problem_ids)) for pid, _ in keys1])  # [n]
     return {
         "n_rows": len(x), "n_problems": len(d1), "n_layers": x.shape[1], "debiased": debiased, "n_null": n_null,
         "n_bootstrap": n_bootstrap, "seed": seed,
