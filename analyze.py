@@ -3,8 +3,9 @@
     python analyze.py --preset quick_test --run_name my_experiment
     python analyze.py --preset full_analysis --run_name qwq_vs_r1 [--stages alignment,transplant,summary]
 
-Stages, in order (study/preset.py STAGES): probes, directions, interventions, logit_lens (each model: the project's
-own train.py / evaluate.py runs and the directions run's cache), alignment, transplant (the pair), summary.
+Stages, in order (study/preset.py STAGES): probes, directions, tuned_lens, interventions, logit_lens (each model:
+the project's own train.py / evaluate.py runs and the directions run's cache), alignment, transplant (the pair),
+summary. tuned_lens runs only when the preset names a tuned-lens config.
 Results: logs/<run_name>/ (layout in study/stages.py and the README, "Reproduce the study"). A stage whose result
 file exists is skipped, so rerunning the same command resumes an interrupted study.
 """
@@ -20,7 +21,7 @@ from cli import LOG_ROOT, run_main
 from interp.backbone import BackboneSpec
 from interp.errors import UserError
 from study.preset import PER_MODEL_STAGES, load_preset, parse_stages
-from study.stages import Study, run_directions, run_interventions, run_probes, write_json
+from study.stages import Study, run_directions, run_interventions, run_probes, run_tuned_lens, write_json
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 PACKAGES = ("torch", "transformers", "lightning", "datasets", "safetensors")
@@ -72,12 +73,15 @@ def main(argv: list[str] | None = None) -> None:
     if previous.is_file() and json.loads(previous.read_text())["preset"] != study.preset.as_dict():
         raise UserError(f"{previous} holds a study with other settings: pick another --run_name (nothing is "
                         "overwritten)")  # fmt: skip
-    per_model = {"probes": run_probes, "directions": run_directions, "interventions": run_interventions,
-                 "logit_lens": run_logit_lens}  # fmt: skip
+    per_model = {"probes": run_probes, "directions": run_directions, "tuned_lens": run_tuned_lens,
+                 "interventions": run_interventions, "logit_lens": run_logit_lens}  # fmt: skip
     pair = {"alignment": run_alignment, "transplant": run_transplant, "summary": run_summary}
     done = []
     _record(study, done)
     for stage in stages:
+        if stage == "tuned_lens" and not study.preset.tuned_lens:
+            print("[analyze] tuned_lens: skipped (the preset's tuned_lens is null)")
+            continue
         for label in study.labels if stage in PER_MODEL_STAGES else [None]:
             output = study.output(stage, label)
             what = f"{stage} ({label})" if label else stage

@@ -6,6 +6,7 @@ direct child of the base model: `norm` in Qwen2 / Llama, `ln_f` in GPT-2) and th
     logits(resid [..., d_model])                        -> [..., vocab] float32
     decode_layer_activations(acts [(batch,) n_layers, d_model], k) -> top-k ids / probs / strings per layer
     target_rank_and_prob(acts, target_token_id)         -> rank (0 = top) and probability per layer
+                                                           (`rank_and_prob` on any lens's logits)
     last_position_logits(prompts, layers)               -> [n_prompts, n_layers, vocab] at the last token
 Applied to the last layer's `blocks.{L-1}.resid_post` (before the final norm) the lens gives the model's
 own logits exactly. Per-layer loops keep memory at one [..., vocab] block at a time. `LensReadout` is that
@@ -13,7 +14,8 @@ readout (final norm + unembedding) as a module of its own.
 
 `TunedLens` (Belrose et al. 2023) puts a trained affine translator per layer (`AffineTranslators`) in front of
 the same readout and measures KL(model's final distribution || lens) per layer; `lightning_modules/tuned_lens.py`
-trains it on an activation cache.
+trains it on an activation cache. Both lenses read one layer with `layer_logits(resid [batch, d_model], slot)`
+(the logit lens ignores the slot), which is what `interp.lens_depth` uses.
 """
 
 from __future__ import annotations
@@ -46,6 +48,15 @@ def final_norm(model: PreTrainedModel) -> nn.Module:
             f"cannot find the final norm of {type(base).__name__} (no norm module among its children)"
         )
     return norms[-1]
+
+
+def rank_and_prob(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank (0 = top; ties count in the target's favour) and probability of target [...] under logits
+    [..., vocab]: (long [...], float32 [...]) on the CPU."""
+    index = target.to(logits.device).long()[..., None]
+    ranks = (logits > logits.gather(-1, index)).sum(-1)
+    probs = logits.float().log_softmax(-1).gather(-1, index)[..., 0].exp()
+    return ranks.cpu(), probs.cpu()
 
 
 @dataclass
@@ -93,6 +104,10 @@ class LogitLens:
 
     def logits(self, resid: torch.Tensor) -> torch.Tensor:
         """[..., d_model] residual stream -> [..., vocab] float32 logits (on the LM head's device)."""
+        return self.readout(resid)
+
+    def layer_logits(self, resid: torch.Tensor, slot: int | None = None) -> torch.Tensor:
+        """One layer's readout, [batch, d_model] -> [batch, vocab]: the same at every layer (`slot` unused)."""
         return self.readout(resid)
 
     def _check(self, acts: torch.Tensor) -> None:
@@ -146,10 +161,9 @@ class LogitLens:
             target = target.expand(acts.shape[0])
         ranks, probs = [], []
         for layer in range(acts.shape[-2]):
-            logits = self.logits(acts[..., layer, :])  # [..., vocab]
-            index = target.to(logits.device)[..., None]
-            ranks.append((logits > logits.gather(-1, index)).sum(-1).cpu())
-            probs.append(logits.log_softmax(-1).gather(-1, index)[..., 0].exp().cpu())
+            rank, prob = rank_and_prob(self.logits(acts[..., layer, :]), target)  # [...] each
+            ranks.append(rank)
+            probs.append(prob)
         return torch.stack(ranks, dim=-1), torch.stack(probs, dim=-1)
 
     @torch.no_grad()
@@ -194,6 +208,14 @@ class AffineTranslators(nn.Module):
         if self.rank is None:
             return self.weight
         return torch.einsum("ler,ldr->led", self.up, self.down)
+
+    def apply_layer(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        """The translator of one slot alone: x [batch, d_model] -> x + (A_slot x + b_slot), as `forward` would."""
+        if self.rank is None:
+            delta = x @ self.weight[slot].T
+        else:
+            delta = (x @ self.down[slot]) @ self.up[slot].T
+        return x + (delta + self.bias[slot])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rank is None:
@@ -266,6 +288,11 @@ class TunedLens:
         Memory: batch x n_layers x vocab floats; use `kl_per_layer` for anything large.
         """
         return self.readout(self.translators(x.to(self.device)))
+
+    def layer_logits(self, resid: torch.Tensor, slot: int) -> torch.Tensor:
+        """Tuned-lens logits [batch, vocab] float32 of one cached layer's residuals [batch, d_model] (`slot`
+        indexes the translators' layers)."""
+        return self.readout(self.translators.apply_layer(resid.to(self.device), slot))
 
     @torch.no_grad()
     def final_log_probs(self, x: torch.Tensor) -> torch.Tensor:

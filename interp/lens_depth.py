@@ -1,8 +1,11 @@
-"""At which depth does a model know where it is going? The logit lens at the last prompt token, layer by layer.
+"""At which depth does a model know where it is going? The logit lens (or a tuned lens) at the last prompt token,
+layer by layer.
 
 `logit_lens_depth(lens, acts, final_logits, answer_ids, solution_ids)` reads the residual stream at each prompt's
 last token (acts [n, L, d_model] at `blocks.{l}.resid_post`, e.g. `collect_activations(..., positions="last")` or
-the "last" role of a post-instruction cache) through the model's own final norm and unembedding (`LogitLens`).
+the "last" role of a post-instruction cache) through the model's own final norm and unembedding (`LogitLens`), or
+through a trained `TunedLens` (each layer's translator first; `lens_slots` says which translator reads which
+slot of acts). Each layer is read out once; the KL and both targets come from that one [n, vocab] block.
 final_logits [n, vocab] are the model's own next-token logits after each prompt (`next_token_logits`; the lens
 of the model's last layer gives the same), so per layer l and prompt i:
     kl              KL(p_final || p_lens,l) of the next-token distributions, float64 (~0 at the last layer)
@@ -21,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from interp.errors import UserError
-from interp.lens import LogitLens
+from interp.lens import LogitLens, TunedLens, rank_and_prob
 from interp.metrics import last_token_kl
 from interp.selection import bootstrap_ci
 
@@ -43,7 +46,7 @@ def _summary(values: torch.Tensor, n_bootstrap: int, seed: int) -> dict:
 
 
 def logit_lens_depth(
-    lens: LogitLens,
+    lens: LogitLens | TunedLens,
     acts: torch.Tensor,
     final_logits: torch.Tensor,
     answer_ids: torch.Tensor,
@@ -51,6 +54,7 @@ def logit_lens_depth(
     layers: Sequence[int] | None = None,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    lens_slots: Sequence[int] | None = None,
 ) -> dict:
     """The logit lens per layer at the last prompt token (module docstring).
 
@@ -59,6 +63,7 @@ def logit_lens_depth(
         final_logits: [n, vocab] the model's own next-token logits after each prompt.
         answer_ids, solution_ids: [n] target token ids (`first_token_ids`).
         layers: model layer index of each slot of acts' layer axis, for the report (default 0..L-1).
+        lens_slots: for a TunedLens, the translator slot that reads each slot of acts (default 0..L-1).
     Returns:
         {"layers", "n_prompts", "kl": {"mean", "ci"}, "answer": {"prob": {"mean", "ci"}, "median_rank",
          "top1_rate"}, "solution": {...}}, lists per layer.
@@ -76,11 +81,22 @@ def logit_lens_depth(
     targets = {"answer": torch.as_tensor(answer_ids).long(), "solution": torch.as_tensor(solution_ids).long()}
     if any(t.shape != (n,) for t in targets.values()):
         raise UserError(f"answer_ids and solution_ids must hold one id per prompt ({n})")
-    kl = torch.stack([last_token_kl(final, lens.logits(acts[:, i])) for i in range(n_layers)], 1)  # [n, L]
-    report = {"layers": layers, "n_prompts": n, "kl": _summary(kl, n_bootstrap, seed)}
-    for name, target in targets.items():
-        ranks, probs = lens.target_rank_and_prob(acts, target)  # [n, L] each
-        report[name] = {"prob": _summary(probs.double(), n_bootstrap, seed),
-                        "median_rank": ranks.double().median(0).values.tolist(),
-                        "top1_rate": (ranks == 0).double().mean(0).tolist()}  # fmt: skip
+    lens_slots = list(range(n_layers)) if lens_slots is None else [int(slot) for slot in lens_slots]
+    if len(lens_slots) != n_layers:
+        raise UserError(f"{n_layers} layer slots need {n_layers} lens slots, got {len(lens_slots)}")
+    kl, ranks, probs = [], {name: [] for name in targets}, {name: [] for name in targets}
+    with torch.no_grad():
+        for i, slot in enumerate(lens_slots):
+            logits = lens.layer_logits(acts[:, i], slot)  # [n, vocab]
+            kl.append(last_token_kl(final, logits))
+            for name, target in targets.items():
+                rank, prob = rank_and_prob(logits, target)  # [n] each
+                ranks[name].append(rank)
+                probs[name].append(prob)
+    report = {"layers": layers, "n_prompts": n, "kl": _summary(torch.stack(kl, 1), n_bootstrap, seed)}
+    for name in targets:
+        rank, prob = torch.stack(ranks[name], 1), torch.stack(probs[name], 1)  # [n, L] each
+        report[name] = {"prob": _summary(prob.double(), n_bootstrap, seed),
+                        "median_rank": rank.double().median(0).values.tolist(),
+                        "top1_rate": (rank == 0).double().mean(0).tolist()}  # fmt: skip
     return report

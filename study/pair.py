@@ -5,7 +5,9 @@ Every one reads the post-instruction cache of the model's directions run and pic
 (`interp.prompts.role_positions`: assistant, think, last), so the two chat templates are matched token for token.
 Rows are keyed (problem id, kind); the two models' keys must agree (`interp.alignment.check_matched_rows`).
     logit_lens   test split, reasoning rows, role "last": `interp.lens_depth.logit_lens_depth`, the final
-                 distribution from the model itself (`next_token_logits`)
+                 distribution from the model itself (`next_token_logits`); when the tuned_lens stage ran, the
+                 same through its best.ckpt's translators (trained at the last prompt token on train / val
+                 problems only: checked against these test problems)
     alignment    test split, every role: `analyze_cross_model_alignment` (directions recomputed from the test rows)
     transplant   for A -> B in both orders, at the role of B's selected position (or "last" when it has none):
                  B's own directions and A's (file: the directions runs', train split) mapped by each of the
@@ -29,7 +31,7 @@ from interp.direction_scoring import PromptScorer
 from interp.directions import load_directions
 from interp.errors import UserError
 from interp.intervention_eval import intervention_report
-from interp.lens import LogitLens
+from interp.lens import LensReadout, LogitLens, TunedLens
 from interp.lens_depth import first_token_ids, logit_lens_depth
 from interp.metrics import next_token_logits
 from interp.null_directions import balanced_signs, signflip_directions
@@ -50,17 +52,50 @@ def _rows(datamodule, split: str, position: int) -> tuple[torch.Tensor, list[tup
     return rows["x"], [(int(p), k) for p, k in zip(rows["problem"], kinds)], rows["row_index"]
 
 
+def _tuned_lens(study: Study, label: str, model, datamodule) -> tuple[TunedLens, list[int], str] | None:
+    """(the tuned_lens stage's lens on `model`'s readout, its slot for each of the datamodule's layers, checkpoint)
+    or None when the preset has no tuned lens. UserError when it lacks a layer or trained on a test problem."""
+    from lightning_modules.tuned_lens import TunedLensModule
+
+    if not study.preset.tuned_lens:
+        return None
+    ckpt = study.checkpoint_dir(label, "tuned_lens") / "best.ckpt"
+    if not ckpt.is_file():
+        raise UserError(f"{ckpt} does not exist: run the tuned_lens stage of {label} first")
+    module = TunedLensModule.load_from_checkpoint(ckpt, map_location="cpu")
+    missing = [layer for layer in datamodule.layers if layer not in module.layers]
+    if missing:
+        raise UserError(f"the tuned lens of {label} ({ckpt}) has no translator for layers {missing}")
+    lens_data = study.run_datamodule(label, "tuned_lens").prompts
+    lens_data.setup("predict")
+    fitted = {row.problem_id for row in lens_data.rows if row.split != "test"}
+    leaked = sorted(fitted & {row.problem_id for row in datamodule.prompts.rows if row.split == "test"})
+    if leaked:
+        raise UserError(f"the tuned lens of {label} trained or validated on {len(leaked)} of the test problems the "
+                        f"lens stage reads (e.g. {leaked[0]}): give its config the directions config's splits")  # fmt: skip
+    readout = LensReadout(model)
+    lens = TunedLens(module.translators.to(readout.unembed.weight.device), readout, module.final_slot)
+    return lens, [module.layers.index(layer) for layer in datamodule.layers], str(ckpt)
+
+
 def run_logit_lens(study: Study, label: str) -> None:
-    datamodule = study.directions_datamodule(label)
+    datamodule = study.run_datamodule(label)
     model, tokenizer = datamodule.backbone.load()
     acts, keys, row_index = _rows(datamodule, "test", role_positions(tokenizer)["last"])
     reasoning = [i for i, (_, kind) in enumerate(keys) if kind == "reasoning"]
     rows = [datamodule.prompts.rows[int(row_index[i])] for i in reasoning]
     final = next_token_logits(model, tokenizer, [row.prompt for row in rows], datamodule.prompts.batch_size)
-    report = logit_lens_depth(LogitLens(model, tokenizer), acts[reasoning], final,
-                              first_token_ids(tokenizer, [row.gold_answer for row in rows]),
-                              first_token_ids(tokenizer, [row.gold_solution for row in rows]),
-                              layers=datamodule.layers, n_bootstrap=study.preset.logit_lens["n_bootstrap"])  # fmt: skip
+    inputs = dict(acts=acts[reasoning], final_logits=final, layers=datamodule.layers,
+                  answer_ids=first_token_ids(tokenizer, [row.gold_answer for row in rows]),
+                  solution_ids=first_token_ids(tokenizer, [row.gold_solution for row in rows]),
+                  n_bootstrap=study.preset.logit_lens["n_bootstrap"])  # fmt: skip
+    report = logit_lens_depth(LogitLens(model, tokenizer), **inputs)
+    tuned = _tuned_lens(study, label, model, datamodule)
+    if tuned is not None:
+        lens, slots, ckpt = tuned
+        report["tuned_lens"] = {**logit_lens_depth(lens, lens_slots=slots, **inputs), "checkpoint": ckpt}
+    else:
+        report["tuned_lens"] = None
     report.update(backbone=datamodule.backbone.name_or_path, split="test", position="last prompt token")
     write_json(study.output("logit_lens", label), report)
 
@@ -74,7 +109,7 @@ def _check_same_layers(modules: dict) -> list[int]:
 
 
 def run_alignment(study: Study) -> None:
-    modules = {label: study.directions_datamodule(label) for label in study.labels}
+    modules = {label: study.run_datamodule(label) for label in study.labels}
     layers = _check_same_layers(modules)
     roles = {label: role_positions(_tokenizer(dm)) for label, dm in modules.items()}
     settings = study.preset.alignment
@@ -177,7 +212,7 @@ def _graded(study: Study, target: str, model, tokenizer, datamodule, transplante
 
 
 def run_transplant(study: Study) -> None:
-    modules = {label: study.directions_datamodule(label) for label in study.labels}
+    modules = {label: study.run_datamodule(label) for label in study.labels}
     layers = _check_same_layers(modules)
     first, second = study.labels
     results = {f"{a}->{b}": _transplant_one(study, a, b, modules, layers) for a, b in ((first, second), (second, first))}

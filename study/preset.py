@@ -11,6 +11,10 @@ A preset is a YAML file (configs/presets/<name>.yaml; `--preset NAME` or a path)
                                          replaced); its other settings stay
     directions:      config path         the directions run config (positions must be post_instruction: the
                                          pair stages match positions by role)
+    tuned_lens:      config path | null  the tuned-lens run config (backbone and sources replaced; its own layers,
+                                         which must hold the last one; the directions config's split settings,
+                                         so the lens never trains on the problems it is read on); null: the
+                                         tuned_lens stage is skipped and logit_lens.json has the logit lens only
     interventions:   {greedy, max_new_tokens, n_prompts, n_random, strengths, seed}   evaluate.py's flags
     logit_lens:      {n_bootstrap}
     alignment:       {n_null, n_bootstrap, debiased}
@@ -32,8 +36,8 @@ from interp.errors import UserError
 from interp.transplant import MAPS
 
 PRESET_DIR = Path("configs/presets")
-STAGES = ("probes", "directions", "interventions", "logit_lens", "alignment", "transplant", "summary")
-PER_MODEL_STAGES = ("probes", "directions", "interventions", "logit_lens")
+STAGES = ("probes", "directions", "tuned_lens", "interventions", "logit_lens", "alignment", "transplant", "summary")
+PER_MODEL_STAGES = ("probes", "directions", "tuned_lens", "interventions", "logit_lens")
 _SECTIONS = {
     "interventions": {"greedy": False, "max_new_tokens": 512, "n_prompts": None, "n_random": 4,
                       "strengths": [1.0, 4.0], "seed": 0},
@@ -52,6 +56,7 @@ class Preset:
     probes: str
     directions: str
     layers: list[int] | None = None
+    tuned_lens: str | None = None
     interventions: dict = dataclasses.field(default_factory=dict)
     logit_lens: dict = dataclasses.field(default_factory=dict)
     alignment: dict = dataclasses.field(default_factory=dict)
@@ -97,8 +102,8 @@ def load_preset(name: str, model1: str | None = None, model2: str | None = None,
         if n_problems < 4:
             raise UserError(f"--n_problems must be >= 4 (train, val and test splits need problems), got {n_problems}")
         sources = [{**source, "limit": n_problems} for source in sources]
-    for key in ("probes", "directions"):
-        if not Path(raw[key]).is_file():
+    for key in ("probes", "directions", "tuned_lens"):
+        if raw.get(key) is not None and not Path(raw[key]).is_file():
             raise UserError(f"{path}: {key} config {raw[key]!r} does not exist")
     sections = {}
     for section, defaults in _SECTIONS.items():
@@ -111,7 +116,7 @@ def load_preset(name: str, model1: str | None = None, model2: str | None = None,
     if bad_maps:
         raise UserError(f"{path}: unknown transplant maps {bad_maps} (known: {', '.join(MAPS)})")
     return Preset(name=path.stem, models=models, sources=sources, probes=raw["probes"], directions=raw["directions"],
-                  layers=raw.get("layers"), **sections)  # fmt: skip
+                  layers=raw.get("layers"), tuned_lens=raw.get("tuned_lens"), **sections)  # fmt: skip
 
 
 def parse_stages(text: str | None) -> list[str]:

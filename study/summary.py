@@ -38,14 +38,16 @@ def run_summary(study: Study) -> None:
     lens = {label: _read(study.output("logit_lens", label)) for label in study.labels
             if study.output("logit_lens", label).is_file()}  # fmt: skip
     if lens:
-        curves = {f"{label} KL(final || lens)": report["kl"]["mean"] for label, report in lens.items()}
+        readouts = {f"{label} {name}": block for label, report in lens.items()
+                    for name, block in (("logit lens", report), ("tuned lens", report.get("tuned_lens"))) if block}  # fmt: skip
+        curves = {f"{name}: KL(final || lens)": block["kl"]["mean"] for name, block in readouts.items()}
         lens_layers = next(iter(lens.values()))["layers"]
         figures["logit_lens"] = plot_layer_curves(lens_layers, curves, "nats",
-                                                  title="logit lens at the last prompt token")  # fmt: skip
-        curves = {f"{label} {target}": report[target]["prob"]["mean"] for label, report in lens.items()
+                                                  title="lenses at the last prompt token")  # fmt: skip
+        curves = {f"{name}: {target}": block[target]["prob"]["mean"] for name, block in readouts.items()
                   for target in ("answer", "solution")}  # fmt: skip
         figures["logit_lens_targets"] = plot_layer_curves(lens_layers, curves, "probability of the first token",
-                                                          title="logit lens: gold answer / solution first token")  # fmt: skip
+                                                          title="lenses: gold answer / solution first token")  # fmt: skip
     logger = TensorBoardLogger(save_dir=str(LOG_ROOT), name=study.run, version="study")
     for name, figure in figures.items():
         logger.experiment.add_figure(f"study/{name}", figure)

@@ -24,8 +24,12 @@ def study(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("study")
     quick = yaml.safe_load((REPO / "configs/presets/quick_test.yaml").read_text())
+    lens = yaml.safe_load((REPO / quick["tuned_lens"]).read_text())
+    lens["trainer"]["max_epochs"] = 2
+    (work / "tuned_lens.yaml").write_text(yaml.safe_dump(lens))
     preset = {**quick, "sources": [{"name": "toy_arithmetic", "path": "embedded", "split": "test", "limit": 24}],
               "layers": LAYERS, "probes": str(REPO / quick["probes"]), "directions": str(REPO / quick["directions"]),
+              "tuned_lens": str(work / "tuned_lens.yaml"),
               "interventions": {"greedy": True, "max_new_tokens": 8, "n_prompts": 3, "n_random": 2, "strengths": [1.0]},
               "logit_lens": {"n_bootstrap": 50}, "alignment": {"n_null": 9, "n_bootstrap": 50},
               "transplant": {"n_prompts": 3, "n_null": 2, "n_bootstrap": 50, "generate": True}}  # fmt: skip
@@ -56,6 +60,11 @@ def test_every_documented_file_with_its_shape(study):
             assert list(f.get_slice("directions").get_shape()) == [n_pos, len(LAYERS), 64]
         lens = json.loads((model / "logit_lens.json").read_text())
         assert lens["layers"] == LAYERS and len(lens["kl"]["mean"]) == len(LAYERS) and lens["n_prompts"] >= 3
+        tuned = lens["tuned_lens"]  # the tuned_lens stage's translators for layers 1 and 2, on the same rows
+        assert tuned["layers"] == LAYERS and len(tuned["answer"]["prob"]["mean"]) == len(LAYERS)
+        assert tuned["n_prompts"] == lens["n_prompts"] and (root.parents[1] / tuned["checkpoint"]).is_file()
+        trained = json.loads((model / "tuned_lens_results.json").read_text())  # evaluate.py on the lens run
+        assert [row["layer"] for row in trained["layers"]] == list(range(32))  # its own: all, the last the target
     alignment = json.loads((root / "alignment_results.json").read_text())
     assert alignment["layers"] == LAYERS and set(alignment["roles"]) == {"assistant", "think", "last"}
     for block in alignment["roles"].values():
@@ -85,7 +94,32 @@ def test_every_documented_file_with_its_shape(study):
 def test_a_rerun_skips_every_finished_stage(study):
     _, first, second = study
     assert "done already" not in first
-    assert second.count("done already") == 4 * 2 + 3 and "..." not in second.replace("[analyze] finished", "")
+    assert second.count("done already") == 5 * 2 + 3 and "..." not in second.replace("[analyze] finished", "")
+
+
+def test_a_tuned_lens_fitted_on_the_test_problems_is_refused(study, monkeypatch):
+    """The lens stage reads the directions run's test rows: a tuned lens trained with other splits is an error."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from study.pair import _tuned_lens
+    from study.preset import load_preset
+    from study.stages import Study
+
+    root, _, _ = study
+    monkeypatch.chdir(root.parents[1])
+    run = Study("s", load_preset(str(root.parents[1] / "tiny.yaml"), "tiny-qwq", "tiny-r1-distill"))
+    directions = run.run_datamodule("qwq")
+    directions.prompts.setup("predict")
+    model, _ = directions.backbone.load()
+    lens, slots, _ = _tuned_lens(run, "qwq", model, directions)  # the study's own: same splits
+    assert slots == LAYERS  # its layers are 0..31: slot l is layer l
+    # a lens run whose splits put the directions run's test problems in its train split
+    rows = [dataclasses.replace(row, split="train") for row in directions.prompts.rows]
+    lens_run = SimpleNamespace(prompts=SimpleNamespace(rows=rows, setup=lambda stage=None: None))
+    monkeypatch.setattr(Study, "run_datamodule", lambda self, label, stage="directions": lens_run)
+    with pytest.raises(UserError, match="trained or validated on"):
+        _tuned_lens(run, "qwq", model, directions)
 
 
 @pytest.mark.parametrize(

@@ -92,6 +92,11 @@ EXPECTED: dict[str, dict] = {
         "model.hparams.null_kind": "placebo", "datamodule.positions.kind": "post_instruction",
         "datamodule.batch_position": None, "trainer.max_epochs": 1,
     },
+    "tuned_lens_toy.yaml": {"class_path": LENS, **_tiny(list(range(3)), sources=TOY_200), **_TOY,
+                            "model.hparams.lr": 0.001, "model.hparams.rank": None, "datamodule.batch_size": 16,
+                            "trainer.max_epochs": 30},
+    "tuned_lens_qwq.yaml": {"class_path": LENS, **_real("Qwen/QwQ-32B", list(range(64))), "model.hparams.lr": 0.001,
+                            "model.hparams.rank": 32, "datamodule.batch_size": 16, "trainer.max_epochs": 20},
     "tuned_lens_tiny.yaml": {"class_path": LENS, **_tiny(list(range(32)), sources=EMBEDDED_100),
                              "model.hparams.lr": 0.001, "model.hparams.weight_decay": 0.0,
                              "model.hparams.rank": None,
@@ -183,7 +188,7 @@ REAL_CONFIGS = [c for c in CONFIGS if _raw(c)["data"]["init_args"]["backbone"]["
 
 def test_the_real_configs_are_the_32b_ones():
     assert set(REAL_CONFIGS) == {c for c, fields in EXPECTED.items() if fields["datamodule.d_model"] == 5120}
-    assert len(REAL_CONFIGS) == 4
+    assert len(REAL_CONFIGS) == 5
 
 
 @pytest.mark.parametrize("config_name", REAL_CONFIGS)

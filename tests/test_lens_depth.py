@@ -6,7 +6,7 @@ import torch
 
 from interp.activations import collect_activations
 from interp.errors import UserError
-from interp.lens import LogitLens
+from interp.lens import LogitLens, TunedLens
 from interp.lens_depth import first_token_ids, logit_lens_depth
 from interp.metrics import next_token_logits
 from interp.prompts import tokenize_prompts
@@ -55,3 +55,35 @@ def test_first_token_ids_and_bad_input(tiny):
         logit_lens_depth(lens, torch.zeros(3, 2, 64), torch.zeros(3, 9), torch.zeros(2), torch.zeros(3))
     with pytest.raises(UserError, match="final_logits must be"):
         logit_lens_depth(lens, torch.zeros(3, 2, 64), torch.zeros(2, 9), torch.zeros(3), torch.zeros(3))
+
+
+def test_tuned_lens_depth_equals_the_tuned_lens_own_readout(tiny, chat_prompts):
+    """A tuned lens (random translators) read one slot at a time against TunedLens.kl_per_layer / logits, which
+    apply every translator at once; the identity translators give the logit lens's report."""
+    model, tokenizer = tiny
+    layers = [3, 17, 31]  # the tuned lens needs the last layer (31)
+    acts = collect_activations(model, tokenizer, chat_prompts, layers=layers, positions="last", batch_size=2)
+    final = next_token_logits(model, tokenizer, chat_prompts, batch_size=2)
+    answers = first_token_ids(tokenizer, ["4", "72", "70", "x", "6"])
+    lens = TunedLens.for_model(model, layers)
+    identity = logit_lens_depth(lens, acts[:, :2], final, answers, answers, lens_slots=[0, 1], n_bootstrap=20)
+    logit = logit_lens_depth(LogitLens(model, tokenizer), acts[:, :2], final, answers, answers, n_bootstrap=20)
+    np.testing.assert_allclose(identity["kl"]["mean"], logit["kl"]["mean"], rtol=1e-6, atol=1e-9)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        lens.translators.weight.normal_(std=0.3 / 8)  # d_model 64: A_l x is ~30% of x
+        lens.translators.bias.normal_(std=0.3)
+        lens.translators.weight[2] = 0  # the last layer's translator stays the identity, as trained
+        lens.translators.bias[2] = 0
+    # acts in another slot order than the lens's: slot 1 of acts is lens slot 0, and so on
+    report = logit_lens_depth(lens, acts[:, [1, 0]], final, answers, answers, layers=[17, 3], lens_slots=[1, 0],
+                              n_bootstrap=20)  # fmt: skip
+    with torch.no_grad():
+        kl = lens.kl_per_layer(acts, tuned=True)[:, [1, 0]].double()  # [n, 2], float32 log-softmax
+        probs = lens.logits(acts)[:, [1, 0]].softmax(-1).gather(-1, answers[:, None, None].expand(-1, 2, 1))[..., 0]
+    # float32 log-softmax over 152k logits of magnitude ~10: KL to ~1e-5 absolute per prompt
+    np.testing.assert_allclose(report["kl"]["mean"], kl.mean(0).numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(report["answer"]["prob"]["mean"], probs.double().mean(0).numpy(), rtol=1e-4, atol=1e-9)
+    assert report["kl"]["mean"][0] != pytest.approx(logit["kl"]["mean"][1], rel=1e-2)  # the translators did act
+    with pytest.raises(UserError, match="lens slots"):
+        logit_lens_depth(lens, acts[:, :2], final, answers, answers, lens_slots=[0])

@@ -142,3 +142,47 @@ def test_the_pair_represents_prompts_alike_far_above_the_permutation_band():
           {k: [round(v, 3) for v in within[k].tolist()] for k in ("diagonal", "null_p95")})
     assert bool((band["diagonal"] > band["null_p95"] + 0.3).all()) and bool((band["p_value"] == 0.01).all())
     assert bool((within["diagonal"] > within["null_p95"]).all())
+
+
+def test_adding_the_reasoning_direction_makes_control_prompts_open_a_reasoning_trace():
+    """Addition's known answer, on toy-qwq. Direction per layer: mean(reasoning) - mean(control) at the last prompt
+    token (the "\\n" after `<think>`) over 100 problems' train rows; added at that layer (blocks.{l}.resid_post,
+    every position, strength 1) on the control (restate) prompts of 100 OTHER problems. Null: 8 placebo directions
+    per layer (balanced sign flips of the same paired differences), rescaled to the direction's norm.
+
+    Known answer: the model's first token switches from `</think>` (skip reasoning, do the control task) to an
+    opened reasoning trace, on every control prompt (measured: 1.00 at each layer; placebos 0-0.39). It does not
+    make the model solve: what follows restates the problem (README). The selection's induction_score (first-8-token
+    NLL of the gold solution, baseline - added) does not separate it from these placebos (measured 1.6-2.3 nats vs
+    -0.5-2.7): at this norm any added vector moves that NLL."""
+    from interp.activations import collect_activations
+    from interp.interventions import AddDirection
+    from interp.metrics import next_token_logits
+    from interp.null_directions import balanced_signs, paired_differences, signflip_directions
+    from interp.selection import bootstrap_ci
+
+    model, tokenizer = load_backbone("toy-qwq")
+    problems = load_problems(DatasetSource("toy_arithmetic", split="test", limit=N_HELD_OUT))
+    rows = build_prompt_rows(problems, tokenizer, control="restate", val_fraction=0.0, test_fraction=0.5)
+    train = [r for r in rows if r.split == "train"]
+    control_prompts = [r.prompt for r in rows if r.split == "test" and r.kind == "control"]
+    acts = collect_activations(model, tokenizer, [r.prompt for r in train], positions="last", batch_size=50)
+    labels = torch.tensor([r.kind == "reasoning" for r in train]).long()
+    pair = torch.tensor([r.pair_index for r in train])
+    close = tokenizer.convert_tokens_to_ids("</think>")
+    assert bool((next_token_logits(model, tokenizer, control_prompts, 50).argmax(-1) == close).all())
+
+    def opened(direction: torch.Tensor, layer: int) -> torch.Tensor:  # [n_control] 1.0 where not `</think>`
+        with AddDirection(model, direction, layers=[layer]):
+            return (next_token_logits(model, tokenizer, control_prompts, 50).argmax(-1) != close).double()
+
+    for layer in range(acts.shape[1]):
+        diffs = paired_differences(acts[:, layer], labels, pair)  # [100, d]
+        direction = diffs.mean(0).float()
+        nulls = signflip_directions(diffs, balanced_signs(len(diffs), 8, generator=layer)).float()
+        nulls = nulls / nulls.norm(dim=-1, keepdim=True) * direction.norm()
+        rate = opened(direction, layer)
+        null_rates = [float(opened(null, layer).mean()) for null in nulls]
+        low, _ = bootstrap_ci(rate, 1000, seed=0)
+        print(f"layer {layer}: opened {float(rate.mean()):.2f} (CI low {low:.2f}), placebos {null_rates}")
+        assert float(rate.mean()) >= 0.9 and low > max(null_rates) + 0.3

@@ -116,6 +116,9 @@ def test_translators_closed_form():
         magnitude = h.abs() + torch.einsum("nld,led->nle", h.abs(), product) + b.abs()
         bound = gamma(n_terms) * magnitude
         assert bool(((translators(x).detach().double() - expected).abs() <= bound).all())
+        for slot in range(3):  # one slot alone (the lens-depth readout) obeys the same bound
+            alone = translators.apply_layer(x[:, slot], slot).detach().double()
+            assert bool(((alone - expected[:, slot]).abs() <= bound[:, slot]).all())
 
 
 @pytest.mark.parametrize("rank", [None, 4])
