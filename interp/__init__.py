@@ -16,10 +16,16 @@ from interp.errors import UserError
 from interp.generation import apply_direction_intervention, generate
 from interp.grading import extract_answer, grade_answer, has_final_answer
 from interp.hooks import hooked, site_name
-from interp.interventions import AblateDirection, AddDirection, InterventionHandler
+from interp.interventions import AblateDirection, AddDirection, AddTrainableVectors, InterventionHandler
 from interp.lens import LogitLens, TunedLens
 from interp.lens_depth import logit_lens_depth
-from interp.metrics import first_tokens_logprob, gold_solution_nll, last_token_kl, next_token_logits
+from interp.metrics import (
+    completion_logprobs,
+    first_tokens_logprob,
+    gold_solution_nll,
+    last_token_kl,
+    next_token_logits,
+)
 from interp.orthogonalize import orthogonalize_weights
 from interp.patching import PathPatcher, capture_sites
 from interp.patching_sweep import attribution_patching, patching_sweep
@@ -41,6 +47,7 @@ from interp.transplant import map_directions, transplant_report
 __all__ = [
     "AblateDirection",
     "AddDirection",
+    "AddTrainableVectors",
     "BUILTIN_BACKBONES",
     "BackboneSpec",
     "InterventionHandler",
@@ -66,6 +73,7 @@ __all__ = [
     "compute_contrastive_directions",
     "decoder_layers",
     "extract_answer",
+    "completion_logprobs",
     "first_tokens_logprob",
     "format_chat_prompt",
     "generate",

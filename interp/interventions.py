@@ -3,6 +3,8 @@
 Two plain interventions, context managers active for the `with` block:
 - `AddDirection(model, directions, strength, layers)`: x <- x + strength * directions[l] at
   `blocks.{l}.resid_post` of the chosen layers (unnormalised directions: |r| sets the scale);
+  `AddTrainableVectors(model, vectors, layers)` is the same addition with live vectors (an nn.Parameter that
+  gradients reach: the steering vectors of `lightning_modules.steering`);
 - `AblateDirection(model, direction, fraction)`: removes one direction r_hat everywhere the residual stream is
   written (the `embed` output and every layer's `attn_out` and `mlp_out`): x <- x - fraction * (x . r_hat) r_hat,
   in float32 (fraction 1 = directional ablation, 0 = identity, 2 = reflection).
@@ -148,6 +150,46 @@ class AddDirection(_DirectionIntervention):
         self.strength, self.layers = float(strength), check_layers(layers, n_layers)
         rows = directions if directions.ndim == 2 else directions.expand(n_layers, -1)
         self._sites = {site_name(layer): _OnDevice(self.strength * rows[layer]) for layer in self.layers}
+
+    def _edit(self, vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x + vector
+
+
+class _Live:
+    """strength * tensor[index], read on every use: no cached copy, so gradients reach `tensor` and optimizer
+    steps take effect at once."""
+
+    def __init__(self, tensor: torch.Tensor, index: int, strength: float):
+        self.tensor, self.index, self.strength = tensor, index, strength
+
+    def on(self, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+        row = self.tensor[self.index]
+        return self.strength * row.to(device=device, dtype=dtype or row.dtype)
+
+
+class AddTrainableVectors(_DirectionIntervention):
+    """x <- x + strength * vectors[i] at `blocks.{layers[i]}.resid_post`: `AddDirection` with live vectors
+    [len(layers), d_model] (e.g. an nn.Parameter) that gradients flow into; every forward reads their current
+    values. `layers`: sorted, unique model layer indices."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        vectors: torch.Tensor,
+        layers: Sequence[int],
+        strength: float = 1.0,
+        apply_to: str = "all",
+        prompt_lengths: Sequence[int] | torch.Tensor | None = None,
+    ):
+        super().__init__(model, apply_to, prompt_lengths)
+        layers = [int(layer) for layer in layers]
+        if check_layers(layers, len(decoder_layers(model))) != layers:
+            raise UserError(f"steering layers must be sorted and unique, got {layers}")
+        if tuple(vectors.shape) != (len(layers), _d_model(model)):
+            raise UserError(f"vectors must be [{len(layers)}, {_d_model(model)}] (one per layer), got "
+                            f"{tuple(vectors.shape)}")  # fmt: skip
+        self.layers = layers
+        self._sites = {site_name(layer): _Live(vectors, i, float(strength)) for i, layer in enumerate(layers)}
 
     def _edit(self, vector: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return x + vector

@@ -59,6 +59,29 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+def completion_logprobs(
+    model: PreTrainedModel, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(completion token | prompt, earlier completion tokens) of one batch, teacher forced, differentiable.
+
+    The rows are left padded prompt + completion ids; the boundary is declared (`prompt_boundary`), so an
+    intervention with apply_to "prompt" / "generated" acts on the prompt / the completion tokens.
+    Returns (logprobs float32 [batch, n], mask bool [batch, n]) on the logits' device, n = the longest
+    completion; row i's completion is its last len(completion_ids[i]) columns, where mask is True.
+    """
+    ids, attention = _left_pad([list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)], pad_id)
+    lengths = torch.tensor([len(c) for c in completion_ids])
+    n = int(lengths.max())
+    # With left padding every row ends at the last column: the completion tokens are each row's last
+    # len(completion) tokens, predicted by the logits one position earlier.
+    with prompt_boundary(model, [len(p) for p in prompt_ids]):
+        logits = last_position_logits(model, ids, attention, n + 1)[:, :-1]  # [batch, n, vocab]
+    targets = ids[:, -n:].to(logits.device)  # [batch, n]
+    logprobs = -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # [batch, n]
+    mask = torch.arange(n)[None, :] >= (n - lengths)[:, None]  # [batch, n]
+    return logprobs, mask.to(logits.device)
+
+
 @torch.no_grad()
 def _solution_logprobs(
     model: PreTrainedModel,
@@ -84,19 +107,10 @@ def _solution_logprobs(
     lengths = [len(p) + len(s) for p, s in zip(prompt_ids, solution_ids)]
     out = torch.empty(len(prompts), dtype=torch.float64)
     for chunk in length_sorted_chunks(lengths, batch_size):
-        ids, mask = _left_pad([prompt_ids[i] + solution_ids[i] for i in chunk], pad_id)
-        n_sol = max(len(solution_ids[i]) for i in chunk)
-        # With left padding every row ends at the last column: the solution tokens are each row's last
-        # len(solution) tokens, predicted by the logits one position earlier.
-        # The boundary lets an InterventionHandler with apply_to "prompt" / "generated" act on the prompt /
-        # the solution tokens (it cannot tell them apart in a single teacher-forced forward).
-        with prompt_boundary(model, [len(prompt_ids[i]) for i in chunk]):
-            logits = last_position_logits(model, ids, mask, n_sol + 1)[:, :-1]  # [batch, n_sol, vocab]
-        targets = ids[:, -n_sol:].to(logits.device)  # [batch, n_sol]
-        logprobs = -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # [batch, n_sol]
+        logprobs, mask = completion_logprobs(model, [prompt_ids[i] for i in chunk], [solution_ids[i] for i in chunk],
+                                             pad_id)  # fmt: skip
         for row, i in enumerate(chunk):
-            n = len(solution_ids[i])
-            out[i] = logprobs[row, -n:].to(torch.float64).mean()
+            out[i] = logprobs[row][mask[row]].to(torch.float64).mean()
     return out
 
 

@@ -1,0 +1,108 @@
+"""(prompt, completion) token sequences for training through the frozen backbone (the steering vectors' sft
+objective, `lightning_modules.steering`).
+
+The problems, splits and chat templates are the prompt datamodule's (`ReasoningPromptsDataModule`): each problem's
+reasoning prompt, with its gold solution as the completion, in that problem's split, so a problem never straddles
+splits. Prompt and completion are tokenized separately (no BPE merge across the boundary) and items stay token id
+lists: `interp.metrics.completion_logprobs` pads a batch (left) and scores the completion tokens only.
+Batches: {"prompt_ids": list of [int], "completion_ids": list of [int], "rows": LongTensor [batch] (row indices
+into `prompts.rows`)}.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from datamodules.prompts import ReasoningPromptsDataModule
+from interp.backbone import BackboneSpec
+from interp.errors import UserError
+
+SPLITS = ("train", "val", "test")
+
+
+class CompletionDataModule(L.LightningDataModule):
+    """Reasoning prompts + gold solutions of the prompt datamodule's problems, per split, as token ids."""
+
+    def __init__(
+        self,
+        prompts: ReasoningPromptsDataModule,
+        backbone: BackboneSpec | None = None,
+        max_completion_tokens: int | None = 256,
+        batch_size: int = 8,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            prompts: the prompt datamodule (problems, splits, chat template); only its reasoning prompts are used.
+            backbone: the frozen model trained through (its name also selects the prompts' tokenizer).
+            max_completion_tokens: gold-solution tokens kept per problem (null: all); the loss covers these.
+            batch_size: problems per training step.
+            seed: the training order: a permutation per epoch drawn from (seed, epoch), so a resumed run sees
+                the epochs an uninterrupted one would.
+        """
+        super().__init__()
+        self.backbone = backbone or BackboneSpec()
+        if prompts.backbone is None:
+            prompts.backbone = self.backbone.name_or_path
+        elif prompts.backbone != self.backbone.name_or_path:
+            raise UserError(f"data.prompts.backbone {prompts.backbone!r} differs from data.backbone "
+                            f"{self.backbone.name_or_path!r}: leave data.prompts.backbone unset")  # fmt: skip
+        if max_completion_tokens is not None and max_completion_tokens < 1:
+            raise UserError(f"max_completion_tokens must be >= 1 or null, got {max_completion_tokens}")
+        if batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        self.prompts, self.max_completion_tokens = prompts, max_completion_tokens
+        self.batch_size, self.seed = batch_size, seed
+        self.items: dict[str, list[tuple[list[int], list[int], int]]] | None = None
+
+    @property
+    def d_model(self) -> int:
+        return self.backbone.hidden_size()
+
+    @property
+    def pad_id(self) -> int:
+        tokenizer = self.prompts.tokenizer
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def setup(self, stage: str | None = None) -> None:
+        """Tokenize every split's (reasoning prompt, gold solution) pairs (once)."""
+        if self.items is not None:
+            return
+        self.prompts.setup(stage)
+        rows = [row for row in self.prompts.rows if row.kind == "reasoning"]
+        tokenizer = self.prompts.tokenizer
+        prompt_ids = tokenizer([row.prompt for row in rows], add_special_tokens=False)["input_ids"]
+        solution_ids = tokenizer([row.gold_solution for row in rows], add_special_tokens=False)["input_ids"]
+        self.items = {split: [] for split in SPLITS}
+        for row, prompt, solution in zip(rows, prompt_ids, solution_ids):
+            if solution:
+                self.items[row.split].append((prompt, solution[: self.max_completion_tokens], row.row_index))
+        if not self.items["train"]:
+            raise UserError("no training problems with a gold solution: check data.prompts.sources")
+
+    @staticmethod
+    def collate(items: list[tuple[list[int], list[int], int]]) -> dict:
+        return {"prompt_ids": [item[0] for item in items], "completion_ids": [item[1] for item in items],
+                "rows": torch.tensor([item[2] for item in items], dtype=torch.long)}  # fmt: skip
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        items = self.items[split]
+        if not items:
+            raise UserError(f"no {split} problems: set data.prompts' {split}_fraction > 0")
+        sampler = None
+        if shuffle:  # Lightning calls set_epoch on it: the permutation of epoch e is seeded by (seed, e)
+            world = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+            sampler = DistributedSampler(items, num_replicas=world[0], rank=world[1], shuffle=True, seed=self.seed)
+        return DataLoader(items, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,191 @@
+"""Learnable steering vectors trained through the frozen backbone.
+
+One vector per steered layer l, added to the residual stream at `blocks.{l}.resid_post`
+(`interp.interventions.AddTrainableVectors`, the same addition as `AddDirection`) on the tokens `apply_to` selects:
+"all", "prompt" (the prompt's tokens) or "response" (the completion's). The backbone stays frozen: its parameters
+get no gradients and no optimizer state, and checkpoints hold only `vectors` (+ the layout and the run config).
+
+Objective "sft": teacher-forced NLL of the gold solution given the reasoning prompt, over the completion tokens
+only (`interp.metrics.completion_logprobs`; prompt tokens and padding masked), averaged over the batch's tokens.
+Optional `max_norm` caps each vector's norm after every optimizer step (a projection, not a penalty).
+Initialisation: "zeros", "random" (N(0, 1/d_model) per coordinate, i.e. norm ~1, times init_scale) or a
+directions run's `reasoning_directions.safetensors` (its selected position's direction at each steered layer,
+times init_scale; the file's backbone fingerprint and d_model must match the data's backbone).
+
+Metric keys: train/nll (per step), val/nll and val/nll_unsteered (epoch means over the val problems' tokens, the
+second with the vectors off), val/vector_norm/L{layer:02d}; ModelCheckpoint monitors val/nll.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from datamodules.completions import CompletionDataModule
+from interp.errors import UserError
+from interp.interventions import AddTrainableVectors
+from interp.metrics import completion_logprobs
+from lightning_modules.frozen_backbone import ReadsBackbone
+from lightning_modules.layout import LayerStudyModule
+
+APPLY_TO = {"all": "all", "prompt": "prompt", "response": "generated"}  # config name -> AddTrainableVectors'
+INITS = ("zeros", "random", "directions")
+
+
+class SteeringVectorModule(ReadsBackbone, LayerStudyModule):
+    """Steering vectors for `layers` of a frozen backbone, trained on a `CompletionDataModule` (module docstring)."""
+
+    checkpoint_monitor = ("val/nll", "min")
+    layout_key = "steering_layout"
+    trained_keys = ("vectors",)
+
+    def __init__(
+        self,
+        layers: list[int],
+        apply_to: str = "all",
+        objective: str = "sft",
+        init: str = "zeros",
+        init_scale: float = 1.0,
+        directions: str | None = None,
+        lr: float = 0.01,
+        weight_decay: float = 0.0,
+        max_norm: float | None = None,
+    ):
+        """
+        Args:
+            layers: model layers to steer (sorted, unique), one vector each.
+            apply_to: all | prompt | response: the tokens the vectors are added to.
+            objective: sft (teacher-forced NLL of the gold solution).
+            init: zeros | random | directions (needs `directions`).
+            init_scale: multiplies the initial vectors (random: their norm is ~init_scale).
+            directions: a directions run's reasoning_directions.safetensors (init: directions).
+            lr: AdamW learning rate.
+            weight_decay: AdamW weight decay (pulls the vectors towards zero).
+            max_norm: cap on each vector's norm, applied after every step; null: none.
+        """
+        super().__init__()
+        if apply_to not in APPLY_TO:
+            raise UserError(f"model.apply_to must be one of {', '.join(APPLY_TO)}, got {apply_to!r}")
+        if objective != "sft":
+            raise UserError(f"model.objective {objective!r} is not implemented (available: sft)")
+        if init not in INITS:
+            raise UserError(f"model.init must be one of {', '.join(INITS)}, got {init!r}")
+        if (init == "directions") != (directions is not None):
+            raise UserError("model.init: directions needs model.directions (a reasoning_directions.safetensors), "
+                            "and model.directions is only read with init: directions")  # fmt: skip
+        if max_norm is not None and max_norm <= 0:
+            raise UserError(f"model.max_norm must be > 0 or null, got {max_norm}")
+        if list(layers) != sorted(set(int(layer) for layer in layers)) or not layers:
+            raise UserError(f"model.layers must be a non-empty sorted list of distinct layers, got {layers}")
+        self.save_hyperparameters()
+        self.vectors: nn.Parameter | None = None
+        self.backbone = None  # FrozenBackbone (`ReadsBackbone`); never a submodule, never checkpointed
+
+    # ---- building (from the datamodule when fitting, from the checkpoint when loading) ---------------------
+    def layout(self) -> dict:
+        return {"layers": self.layers, "d_model": self.vectors.shape[1],
+                "backbone": self.backbone.layout_entry() if self.backbone else None}  # fmt: skip
+
+    def _build(self, layout: dict) -> None:
+        self.layers = list(layout["layers"])
+        self.vectors = nn.Parameter(torch.zeros(len(self.layers), layout["d_model"], device=self.device))
+        self.backbone_from_layout(layout.get("backbone"))
+
+    def check_data(self, datamodule) -> None:
+        """Steered layers inside the backbone; a directions file from the same backbone (before any model loads)."""
+        if not isinstance(datamodule, CompletionDataModule):
+            raise UserError("steering vectors train on (prompt, completion) data: use "
+                            "datamodules.completions.CompletionDataModule")  # fmt: skip
+        n_layers = datamodule.backbone.num_layers()
+        bad = [layer for layer in self.hparams.layers if not 0 <= layer < n_layers]
+        if bad:
+            raise UserError(f"model.layers {bad} out of range: the backbone has {n_layers} layers (0..{n_layers - 1})")
+        if self.hparams.directions is not None:
+            self._initial_directions(datamodule)
+
+    def _initial_directions(self, datamodule) -> torch.Tensor:
+        """[n_steered, d_model]: the directions file's selected position at each steered layer."""
+        from interp.directions import load_directions
+
+        directions, meta = load_directions(self.hparams.directions)  # [n_pos, n_cached_layers, d_model]
+        ours = datamodule.backbone.fingerprint()
+        if meta.get("backbone", {}).get("weights") != ours["weights"] or meta.get("d_model") != datamodule.d_model:
+            raise UserError(f"model.directions {self.hparams.directions} come from backbone "
+                            f"{meta.get('backbone', {}).get('name_or_path')!r} (d_model {meta.get('d_model')}), "
+                            f"not the data's {ours['name_or_path']!r} (d_model {datamodule.d_model})")  # fmt: skip
+        missing = [layer for layer in self.hparams.layers if layer not in meta["layers"]]
+        if missing or meta.get("selected") is None:
+            raise UserError(f"model.directions has no selected direction at layers {missing or self.hparams.layers} "
+                            f"(it holds layers {meta['layers']})")  # fmt: skip
+        position = meta["selected"]["position"]
+        return torch.stack([directions[position, meta["layers"].index(layer)] for layer in self.hparams.layers])
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        self.check_data(dm)
+        dm.setup(stage)
+        fresh = not self.layers
+        self.build_or_check({"layers": list(self.hparams.layers), "d_model": dm.d_model}, "model.layers")
+        if fresh:  # a resumed fit then loads the checkpoint's vectors over these
+            self._initialize(dm)
+        self.place_backbone(dm.backbone, self.trainer.strategy.root_device)
+        self.backbone_model.requires_grad_(False)
+        self.pad_id = dm.pad_id
+
+    @torch.no_grad()
+    def _initialize(self, datamodule) -> None:
+        hp, d_model = self.hparams, self.vectors.shape[1]
+        if hp.init == "random":
+            generator = torch.Generator().manual_seed(0)
+            self.vectors.copy_(torch.randn(self.vectors.shape, generator=generator) / math.sqrt(d_model))
+        elif hp.init == "directions":
+            self.vectors.copy_(self._initial_directions(datamodule))
+        self.vectors.mul_(hp.init_scale)
+
+    # ---- the objective ---------------------------------------------------------------------------------------
+    def steered(self, prompt_lengths: list[int], strength: float = 1.0) -> AddTrainableVectors:
+        """The vectors added to the backbone (`with module.steered(...): forward`)."""
+        apply_to = APPLY_TO[self.hparams.apply_to]
+        return AddTrainableVectors(self.backbone_model, self.vectors, self.layers, strength, apply_to,
+                                   prompt_lengths if apply_to != "all" else None)  # fmt: skip
+
+    def token_nll(self, batch: dict, strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed NLL of the batch's completion tokens, their count); strength 0 = the unsteered backbone."""
+        model = self.backbone_model
+        if strength == 0:
+            logprobs, mask = completion_logprobs(model, batch["prompt_ids"], batch["completion_ids"], self.pad_id)
+        else:
+            with self.steered([len(p) for p in batch["prompt_ids"]], strength):
+                logprobs, mask = completion_logprobs(model, batch["prompt_ids"], batch["completion_ids"], self.pad_id)
+        return -(logprobs * mask).sum(), mask.sum()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        total, count = self.token_nll(batch)
+        loss = total / count
+        self.log("train/nll", loss, prog_bar=True, batch_size=len(batch["rows"]))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.hparams.max_norm is not None:
+            with torch.no_grad():
+                norms = self.vectors.norm(dim=-1, keepdim=True).clamp_min(self.hparams.max_norm)
+                self.vectors.mul_(self.hparams.max_norm / norms)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = torch.zeros(3, dtype=torch.float64)  # steered NLL sum, unsteered NLL sum, tokens
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        steered, count = self.token_nll(batch)
+        unsteered, _ = self.token_nll(batch, strength=0.0)
+        self._val += torch.tensor([float(steered), float(unsteered), float(count)], dtype=torch.float64)
+
+    def on_validation_epoch_end(self) -> None:
+        val = self.trainer.strategy.reduce(self._val.to(self.device), reduce_op="sum").cpu()
+        self.log("val/nll", val[0] / val[2], prog_bar=True)
+        self.log("val/nll_unsteered", val[1] / val[2])
+        self.log_per_layer("val", {"vector_norm": self.vectors.detach().norm(dim=-1)})
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([self.vectors], lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
