@@ -6,7 +6,8 @@ reasoning prompt, with its gold solution as the completion, in that problem's sp
 splits. Prompt and completion are tokenized separately (no BPE merge across the boundary) and items stay token id
 lists: `interp.metrics.completion_logprobs` pads a batch (left) and scores the completion tokens only.
 Batches: {"prompt_ids": list of [int], "completion_ids": list of [int], "rows": LongTensor [batch] (row indices
-into `prompts.rows`)}.
+into `prompts.rows`)}, plus "dispreferred_ids" (list of [int]) with `pairs=True`: the same problem's bare final
+answer, `The answer is \\boxed{<gold answer>}.` (BiPO's dispreferred completion: the answer with no reasoning).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class CompletionDataModule(L.LightningDataModule):
         max_completion_tokens: int | None = 256,
         batch_size: int = 8,
         seed: int = 0,
+        pairs: bool = False,
     ):
         """
         Args:
@@ -41,6 +43,7 @@ class CompletionDataModule(L.LightningDataModule):
             batch_size: problems per training step.
             seed: the training order: a permutation per epoch drawn from (seed, epoch), so a resumed run sees
                 the epochs an uninterrupted one would.
+            pairs: also each problem's dispreferred completion, its bare final answer (the bipo objective).
         """
         super().__init__()
         self.backbone = backbone or BackboneSpec()
@@ -54,8 +57,8 @@ class CompletionDataModule(L.LightningDataModule):
         if batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
         self.prompts, self.max_completion_tokens = prompts, max_completion_tokens
-        self.batch_size, self.seed = batch_size, seed
-        self.items: dict[str, list[tuple[list[int], list[int], int]]] | None = None
+        self.batch_size, self.seed, self.pairs = batch_size, seed, pairs
+        self.items: dict[str, list[tuple]] | None = None  # split -> (prompt, completion, row[, dispreferred])
 
     @property
     def d_model(self) -> int:
@@ -75,17 +78,23 @@ class CompletionDataModule(L.LightningDataModule):
         tokenizer = self.prompts.tokenizer
         prompt_ids = tokenizer([row.prompt for row in rows], add_special_tokens=False)["input_ids"]
         solution_ids = tokenizer([row.gold_solution for row in rows], add_special_tokens=False)["input_ids"]
+        answers = tokenizer([f"The answer is \\boxed{{{row.gold_answer}}}." for row in rows],
+                            add_special_tokens=False)["input_ids"]  # fmt: skip
         self.items = {split: [] for split in SPLITS}
-        for row, prompt, solution in zip(rows, prompt_ids, solution_ids):
+        for row, prompt, solution, answer in zip(rows, prompt_ids, solution_ids, answers):
             if solution:
-                self.items[row.split].append((prompt, solution[: self.max_completion_tokens], row.row_index))
+                item = (prompt, solution[: self.max_completion_tokens], row.row_index)
+                self.items[row.split].append(item + (answer,) if self.pairs else item)
         if not self.items["train"]:
             raise UserError("no training problems with a gold solution: check data.prompts.sources")
 
     @staticmethod
-    def collate(items: list[tuple[list[int], list[int], int]]) -> dict:
-        return {"prompt_ids": [item[0] for item in items], "completion_ids": [item[1] for item in items],
-                "rows": torch.tensor([item[2] for item in items], dtype=torch.long)}  # fmt: skip
+    def collate(items: list[tuple]) -> dict:
+        batch = {"prompt_ids": [item[0] for item in items], "completion_ids": [item[1] for item in items],
+                 "rows": torch.tensor([item[2] for item in items], dtype=torch.long)}  # fmt: skip
+        if len(items[0]) > 3:
+            batch["dispreferred_ids"] = [item[3] for item in items]
+        return batch
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()

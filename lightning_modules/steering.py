@@ -5,14 +5,17 @@ One vector per steered layer l, added to the residual stream at `blocks.{l}.resi
 "all", "prompt" (the prompt's tokens) or "response" (the completion's). The backbone stays frozen: its parameters
 get no gradients and no optimizer state, and checkpoints hold only `vectors` (+ the layout and the run config).
 
-Objective "sft": teacher-forced NLL of the gold solution given the reasoning prompt, over the completion tokens
-only (`interp.metrics.completion_logprobs`; prompt tokens and padding masked), averaged over the batch's tokens.
+Objectives (`interp.steering_objectives`): "sft", teacher-forced NLL of the gold solution given the reasoning prompt,
+over the completion tokens only (`interp.metrics.completion_logprobs`; prompt tokens and padding masked), averaged
+over the batch's tokens; "bipo", BiPO's bidirectional preference loss (preferred = the gold solution, dispreferred
+= the bare final answer: `CompletionDataModule(pairs=True)`), multiplier d = +1 or -1 per step, drawn from
+(seed 0, global step) so a resumed run draws what an uninterrupted one would.
 Optional `max_norm` caps each vector's norm after every optimizer step (a projection, not a penalty).
 Initialisation: "zeros", "random" (N(0, 1/d_model) per coordinate, i.e. norm ~1, times init_scale) or a
 directions run's `reasoning_directions.safetensors` (its selected position's direction at each steered layer,
 times init_scale; the file's backbone fingerprint and d_model must match the data's backbone).
 
-Metric keys: train/nll (per step), val/nll and val/nll_unsteered (epoch means over the val problems' tokens, the
+Metric keys: train/nll or train/bipo_loss (per step), val/nll and val/nll_unsteered (epoch means over the val problems' tokens, the
 second with the vectors off), val/vector_norm/L{layer:02d}; ModelCheckpoint monitors val/nll.
 """
 
@@ -27,11 +30,13 @@ from datamodules.completions import CompletionDataModule
 from interp.errors import UserError
 from interp.interventions import AddTrainableVectors
 from interp.metrics import completion_logprobs
+from interp.steering_objectives import bipo_loss, sequence_logprob, sft_loss
 from lightning_modules.frozen_backbone import ReadsBackbone
 from lightning_modules.layout import LayerStudyModule
 
 APPLY_TO = {"all": "all", "prompt": "prompt", "response": "generated"}  # config name -> AddTrainableVectors'
 INITS = ("zeros", "random", "directions")
+OBJECTIVES = ("sft", "bipo")
 
 
 class SteeringVectorModule(ReadsBackbone, LayerStudyModule):
@@ -46,6 +51,7 @@ class SteeringVectorModule(ReadsBackbone, LayerStudyModule):
         layers: list[int],
         apply_to: str = "all",
         objective: str = "sft",
+        beta: float = 0.1,
         init: str = "zeros",
         init_scale: float = 1.0,
         directions: str | None = None,
@@ -57,7 +63,8 @@ class SteeringVectorModule(ReadsBackbone, LayerStudyModule):
         Args:
             layers: model layers to steer (sorted, unique), one vector each.
             apply_to: all | prompt | response: the tokens the vectors are added to.
-            objective: sft (teacher-forced NLL of the gold solution).
+            objective: sft (teacher-forced NLL of the gold solution) | bipo (needs data.pairs: true).
+            beta: BiPO's temperature on the log-likelihood-ratio margin.
             init: zeros | random | directions (needs `directions`).
             init_scale: multiplies the initial vectors (random: their norm is ~init_scale).
             directions: a directions run's reasoning_directions.safetensors (init: directions).
@@ -68,8 +75,8 @@ class SteeringVectorModule(ReadsBackbone, LayerStudyModule):
         super().__init__()
         if apply_to not in APPLY_TO:
             raise UserError(f"model.apply_to must be one of {', '.join(APPLY_TO)}, got {apply_to!r}")
-        if objective != "sft":
-            raise UserError(f"model.objective {objective!r} is not implemented (available: sft)")
+        if objective not in OBJECTIVES:
+            raise UserError(f"model.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         if init not in INITS:
             raise UserError(f"model.init must be one of {', '.join(INITS)}, got {init!r}")
         if (init == "directions") != (directions is not None):
@@ -98,6 +105,8 @@ class SteeringVectorModule(ReadsBackbone, LayerStudyModule):
         if not isinstance(datamodule, CompletionDataModule):
             raise UserError("steering vectors train on (prompt, completion) data: use "
                             "datamodules.completions.CompletionDataModule")  # fmt: skip
+        if self.hparams.objective == "bipo" and not datamodule.pairs:
+            raise UserError("model.objective bipo needs preferred / dispreferred completions: set data.pairs: true")
         n_layers = datamodule.backbone.num_layers()
         bad = [layer for layer in self.hparams.layers if not 0 <= layer < n_layers]
         if bad:
@@ -151,19 +160,37 @@ class SteeringVectorModule(ReadsBackbone, LayerStudyModule):
         return AddTrainableVectors(self.backbone_model, self.vectors, self.layers, strength, apply_to,
                                    prompt_lengths if apply_to != "all" else None)  # fmt: skip
 
+    def logprobs(self, batch: dict, strength: float = 1.0, key: str = "completion_ids") -> tuple:
+        """completion_logprobs of batch[key] (completion_ids or dispreferred_ids) with the vectors times
+        `strength` added; strength 0 = the unsteered backbone. (logprobs [batch, n], mask [batch, n])."""
+        model, prompts = self.backbone_model, batch["prompt_ids"]
+        if strength == 0:
+            return completion_logprobs(model, prompts, batch[key], self.pad_id)
+        with self.steered([len(p) for p in prompts], strength):
+            return completion_logprobs(model, prompts, batch[key], self.pad_id)
+
     def token_nll(self, batch: dict, strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed NLL of the batch's completion tokens, their count); strength 0 = the unsteered backbone."""
-        model = self.backbone_model
-        if strength == 0:
-            logprobs, mask = completion_logprobs(model, batch["prompt_ids"], batch["completion_ids"], self.pad_id)
-        else:
-            with self.steered([len(p) for p in batch["prompt_ids"]], strength):
-                logprobs, mask = completion_logprobs(model, batch["prompt_ids"], batch["completion_ids"], self.pad_id)
+        logprobs, mask = self.logprobs(batch, strength)
         return -(logprobs * mask).sum(), mask.sum()
 
+    def multiplier(self, step: int) -> float:
+        """BiPO's d in {-1, +1} for a global step (seeded by the step alone)."""
+        return 1.0 if torch.randint(2, (1,), generator=torch.Generator().manual_seed(step)).item() else -1.0
+
+    def bipo_step(self, batch: dict, step: int) -> torch.Tensor:
+        d = self.multiplier(step)
+        with torch.no_grad():
+            reference = [sequence_logprob(*self.logprobs(batch, 0.0, key)) for key in ("completion_ids", "dispreferred_ids")]
+        steered = [sequence_logprob(*self.logprobs(batch, d, key)) for key in ("completion_ids", "dispreferred_ids")]
+        return bipo_loss(steered[0], reference[0], steered[1], reference[1], d, self.hparams.beta)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        total, count = self.token_nll(batch)
-        loss = total / count
+        if self.hparams.objective == "bipo":
+            loss = self.bipo_step(batch, self.global_step)
+            self.log("train/bipo_loss", loss, prog_bar=True, batch_size=len(batch["rows"]))
+            return loss
+        loss = sft_loss(*self.logprobs(batch))
         self.log("train/nll", loss, prog_bar=True, batch_size=len(batch["rows"]))
         return loss
 

@@ -14,15 +14,17 @@ from interp.errors import UserError
 from interp.interventions import AddTrainableVectors, InterventionHandler
 from interp.metrics import completion_logprobs
 from interp.prompts import tokenize_prompts
+from interp.steering_objectives import bipo_loss, sequence_logprob
 from lightning_modules.steering import SteeringVectorModule
 
 LAYERS = [8, 16]
 
 
-def _data(limit: int = 10, batch_size: int = 4) -> CompletionDataModule:
+def _data(limit: int = 10, batch_size: int = 4, pairs: bool = False) -> CompletionDataModule:
     prompts = ReasoningPromptsDataModule(sources=[DatasetSource("gsm8k", limit=limit)], val_fraction=0.2,
                                          test_fraction=0.2)  # fmt: skip
-    return CompletionDataModule(prompts, BackboneSpec("tiny"), max_completion_tokens=24, batch_size=batch_size)
+    return CompletionDataModule(prompts, BackboneSpec("tiny"), max_completion_tokens=24, batch_size=batch_size,
+                                pairs=pairs)  # fmt: skip
 
 
 def _module(data: CompletionDataModule, layers=LAYERS, **kwargs) -> SteeringVectorModule:
@@ -141,7 +143,8 @@ def test_fit_checkpoints_only_the_vectors_and_resumes_exactly(tmp_path):
         ({"layers": [8, 32]}, r"model.layers \[32\] out of range"),
         ({"layers": [16, 8]}, "sorted list of distinct layers"),
         ({"layers": [8], "apply_to": "tokens"}, "model.apply_to must be one of"),
-        ({"layers": [8], "objective": "bipo"}, "not implemented"),
+        ({"layers": [8], "objective": "dpo"}, "model.objective must be one of"),
+        ({"layers": [8], "objective": "bipo"}, "bipo needs preferred / dispreferred completions"),
         ({"layers": [8], "init": "directions"}, "init: directions needs model.directions"),
         ({"layers": [8], "init": "directions", "directions": "nowhere.safetensors"}, "does not exist"),
     ],
@@ -159,3 +162,35 @@ def test_directions_from_another_backbone_are_refused(tmp_path):
     module = SteeringVectorModule(layers=[8], init="directions", directions=str(tmp_path / "d.safetensors"))
     with pytest.raises(UserError, match="come from backbone 'tiny-r1-distill'"):
         module.check_data(_data())
+
+
+def test_bipo_loss_by_hand():
+    """margin = (-2 - -3) - (-5 - -4) = 2; beta 0.5: -log sigmoid(+-1) = log(1 + e^-+1)."""
+    values = [torch.tensor([-2.0]), torch.tensor([-3.0]), torch.tensor([-5.0]), torch.tensor([-4.0])]
+    assert float(bipo_loss(*values, multiplier=1.0, beta=0.5)) == pytest.approx(0.313261687518, abs=1e-7)
+    assert float(bipo_loss(*values, multiplier=-1.0, beta=0.5)) == pytest.approx(1.313261687518, abs=1e-6)
+    logprobs, mask = torch.tensor([[-1.0, -2.0, -9.0], [-3.0, -4.0, -5.0]]), torch.tensor([[0, 1, 1], [1, 1, 1]]).bool()
+    assert sequence_logprob(logprobs, mask).tolist() == [-11.0, -12.0]
+
+
+def test_bipo_step_starts_at_log_2_and_learns():
+    """Zero vectors: steered = reference, so the loss is log 2 exactly; the seeded multiplier takes both signs;
+    20 steps of AdamW on one batch lower the loss of a fixed-sign evaluation below log 2."""
+    data = _data(pairs=True)
+    module = _module(data, objective="bipo", beta=1.0)
+    batch = data.collate(data.items["train"][:4])
+    assert batch["dispreferred_ids"][0] == data.prompts.tokenizer(
+        "The answer is \\boxed{" + data.prompts.rows[int(batch["rows"][0])].gold_answer + "}.", add_special_tokens=False
+    )["input_ids"]
+    assert float(module.bipo_step(batch, 0)) == pytest.approx(float(torch.log(torch.tensor(2.0))), abs=1e-6)
+    signs = [module.multiplier(step) for step in range(20)]
+    assert set(signs) == {-1.0, 1.0}
+    optimizer = torch.optim.AdamW([module.vectors], lr=0.05)
+    for step in range(20):
+        loss = module.bipo_step(batch, step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = [float(module.bipo_step(batch, step)) for step in (signs.index(1.0), signs.index(-1.0))]
+    assert max(after) < float(torch.log(torch.tensor(2.0))) - 0.01, after
