@@ -58,6 +58,7 @@ class SteeringVectorModule(ReadsBackbone, LayerStudyModule):
         lr: float = 0.01,
         weight_decay: float = 0.0,
         max_norm: float | None = None,
+        gradient_checkpointing: bool = False,
     ):
         """
         Args:
@@ -71,6 +72,9 @@ class SteeringVectorModule(ReadsBackbone, LayerStudyModule):
             lr: AdamW learning rate.
             weight_decay: AdamW weight decay (pulls the vectors towards zero).
             max_norm: cap on each vector's norm, applied after every step; null: none.
+            gradient_checkpointing: recompute each decoder layer in the backward pass instead of keeping its
+                activations (HF's activation_checkpointing_enable, non-reentrant; it needs the backbone in train
+                mode, which Qwen2's zero dropout leaves deterministic).
         """
         super().__init__()
         if apply_to not in APPLY_TO:
@@ -141,6 +145,9 @@ class SteeringVectorModule(ReadsBackbone, LayerStudyModule):
             self._initialize(dm)
         self.place_backbone(dm.backbone, self.trainer.strategy.root_device)
         self.backbone_model.requires_grad_(False)
+        if self.hparams.gradient_checkpointing:
+            self.backbone_model.activation_checkpointing_enable()  # non-reentrant
+            self.backbone_model.train()
         self.pad_id = dm.pad_id
 
     @torch.no_grad()

@@ -194,3 +194,33 @@ def test_bipo_step_starts_at_log_2_and_learns():
     with torch.no_grad():
         after = [float(module.bipo_step(batch, step)) for step in (signs.index(1.0), signs.index(-1.0))]
     assert max(after) < float(torch.log(torch.tensor(2.0))) - 0.01, after
+
+
+def test_gradient_checkpointing_gives_the_same_vector_gradients(monkeypatch):
+    """Activation checkpointing (each layer recomputed in the backward) leaves the vectors' gradient unchanged:
+    the recomputed forward is the same float32 arithmetic (tolerance: a few ulps, not a loose bound). The vectors'
+    hooks sit on the decoder layers' outputs, outside the checkpointed forward, so they act once per forward."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    mlp_calls = []
+    forward = modeling_qwen2.Qwen2MLP.forward
+    monkeypatch.setattr(modeling_qwen2.Qwen2MLP, "forward", lambda self, x: mlp_calls.append(1) or forward(self, x))
+    data = _data()
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        module = _module(data, layers=[3, 20])
+        module.backbone.release()  # a fresh backbone per run: checkpointing must not leak into the other
+        model = module.backbone_model
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            model.train()
+        with torch.no_grad():
+            module.vectors.normal_(generator=torch.Generator().manual_seed(0))
+        mlp_calls.clear()
+        total, count = module.token_nll(data.collate(data.items["train"][:4]))
+        (total / count).backward()
+        calls.append(len(mlp_calls))
+        grads.append(module.vectors.grad.clone())
+    assert calls[0] == 32 and calls[1] > calls[0]  # the layers the gradient passes through ran again
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-9)
+    assert bool(grads[0].abs().sum() > 0)
