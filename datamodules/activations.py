@@ -91,12 +91,7 @@ class CachedActivationDataModule(L.LightningDataModule):
         super().__init__()
         self.backbone = backbone or BackboneSpec()
         self.prompts = prompts
-        # One model decides the tokenizer and the activations: fill in the prompts' backbone, never overwrite it.
-        if prompts.backbone is None:
-            prompts.backbone = self.backbone.name_or_path
-        elif prompts.backbone != self.backbone.name_or_path:
-            raise UserError(f"data.prompts.backbone {prompts.backbone!r} differs from data.backbone "
-                            f"{self.backbone.name_or_path!r}: leave data.prompts.backbone unset")  # fmt: skip
+        prompts.bind_backbone(self.backbone.name_or_path)
         self.layers = check_layers(layers, self.backbone.num_layers())
         self.positions = PositionSpec.parse(positions)
         if label not in PROBE_LABELS:

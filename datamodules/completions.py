@@ -47,11 +47,7 @@ class CompletionDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.backbone = backbone or BackboneSpec()
-        if prompts.backbone is None:
-            prompts.backbone = self.backbone.name_or_path
-        elif prompts.backbone != self.backbone.name_or_path:
-            raise UserError(f"data.prompts.backbone {prompts.backbone!r} differs from data.backbone "
-                            f"{self.backbone.name_or_path!r}: leave data.prompts.backbone unset")  # fmt: skip
+        prompts.bind_backbone(self.backbone.name_or_path)
         if max_completion_tokens is not None and max_completion_tokens < 1:
             raise UserError(f"max_completion_tokens must be >= 1 or null, got {max_completion_tokens}")
         if batch_size < 1:

@@ -171,6 +171,15 @@ class ReasoningPromptsDataModule(LightningDataModule):
         self._labels: dict[str, torch.Tensor] | None = None
         self._spec: dict | None = None
 
+    def bind_backbone(self, name_or_path: str) -> None:
+        """Format with the reading datamodule's backbone: fill in an unset `backbone`, never overwrite it (one
+        model decides the tokenizer and what is read); a different one already set is a UserError."""
+        if self.backbone is None:
+            self.backbone = name_or_path
+        elif self.backbone != name_or_path:
+            raise UserError(f"data.prompts.backbone {self.backbone!r} differs from data.backbone "
+                            f"{name_or_path!r}: leave data.prompts.backbone unset")  # fmt: skip
+
     def setup(self, stage: str | None = None) -> None:
         """Load the tokenizer, the problems and the rows (once; later calls do nothing)."""
         if self.rows is not None:
