@@ -14,7 +14,8 @@ of the model's last layer gives the same), so per layer l and prompt i:
                     at the answer the model will box at the end?
     solution        the same for the gold solution's first token: does it point at how the solution starts?
 Reported per layer: the mean over prompts with a percentile bootstrap 95% CI over prompts (kl, probabilities),
-the median rank and the top-1 rate (rank 0).
+the median rank (for an even number of prompts the mean of the middle two: ranks are often bimodal, near 0 or near
+the bottom of the vocabulary) and the top-1 rate (rank 0).
 """
 
 from __future__ import annotations
@@ -97,6 +98,6 @@ def logit_lens_depth(
     for name in targets:
         rank, prob = torch.stack(ranks[name], 1), torch.stack(probs[name], 1)  # [n, L] each
         report[name] = {"prob": _summary(prob.double(), n_bootstrap, seed),
-                        "median_rank": rank.double().median(0).values.tolist(),
+                        "median_rank": rank.double().quantile(0.5, dim=0).tolist(),  # even n: mean of the middle two
                         "top1_rate": (rank == 0).double().mean(0).tolist()}  # fmt: skip
     return report

@@ -40,6 +40,7 @@ def test_depth_report_equals_hidden_states_through_norm_and_head(tiny, chat_prom
     np.testing.assert_allclose(report["answer"]["prob"]["mean"][:31], probs.mean(0), rtol=1e-3, atol=1e-6)
     ranks = (lens_logits > np.take_along_axis(lens_logits, target[:, None, None].repeat(31, 1), -1)).sum(-1)
     np.testing.assert_array_equal(report["answer"]["top1_rate"][:31], (ranks == 0).mean(0))
+    # ranks from differently blocked float32 logits can differ by a near-tie; np.median is the usual (even-n) median
     np.testing.assert_allclose(report["answer"]["median_rank"][:31], np.median(ranks, 0), rtol=0.05)
     assert all(low <= mean <= high for (low, high), mean in zip(report["kl"]["ci"], report["kl"]["mean"]))
 
@@ -87,3 +88,18 @@ def test_tuned_lens_depth_equals_the_tuned_lens_own_readout(tiny, chat_prompts):
     assert report["kl"]["mean"][0] != pytest.approx(logit["kl"]["mean"][1], rel=1e-2)  # the translators did act
     with pytest.raises(UserError, match="lens slots"):
         logit_lens_depth(lens, acts[:, :2], final, answers, answers, lens_slots=[0])
+
+
+def test_median_rank_of_an_even_number_of_prompts_is_the_usual_median():
+    """Ranks 0, 1, 100, 900 of the target: median 50.5 (a lower median would say 1 and hide the bimodal spread)."""
+
+    class FixedLens:  # the same logits at every layer: target i sits at rank ranks[i]
+        def layer_logits(self, resid, slot):
+            return logits
+
+    ranks = [0, 1, 100, 900]
+    logits = torch.arange(1000, 0, -1, dtype=torch.float32).repeat(4, 1)  # token t has rank t
+    report = logit_lens_depth(FixedLens(), torch.zeros(4, 2, 8), logits, torch.tensor(ranks), torch.tensor(ranks),
+                              n_bootstrap=10)  # fmt: skip
+    assert report["answer"]["median_rank"] == [50.5, 50.5] and report["answer"]["top1_rate"] == [0.25, 0.25]
+    assert report["kl"]["mean"] == [0.0, 0.0]  # the lens is the final distribution itself
