@@ -9,9 +9,11 @@ on the CPU; batch 8 x (96 prompt + 32 completion) tokens, half the rows left pad
     plain       every weight trainable: forward + backward (weight gradients), no optimizer step
     vectors     frozen weights, a vector at every layer (`AddTrainableVectors`): forward + backward + AdamW step
     vectors_gc  the same with HF gradient checkpointing (non-reentrant, backbone in train mode)
+    lora        frozen weights, a rank-8 peft LoRA adapter on every projection of every layer (the baseline of
+                lightning_modules/steering_lora.py): forward + backward + AdamW step
 Timings: one process, conditions interleaved round-robin, medians, reported as ratios to `plain` (compare ratios:
 these machines are noisy). Peak memory: each condition alone in a fresh subprocess (2 steps), peak RSS growth over
-the loaded model. Target (issue 10): vectors <= 1.1x plain. The LoRA baseline is not benchmarked yet.
+the loaded model. Target (issue 10): vectors <= 1.1x plain.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from extraction import BATCH, bench_model  # noqa: E402
 from interp.interventions import AddTrainableVectors  # noqa: E402
 from interp.metrics import completion_logprobs  # noqa: E402
 from interp.steering_objectives import sft_loss  # noqa: E402
+from lightning_modules.steering_lora import PROJECTIONS  # noqa: E402
 
 PROMPT, COMPLETION = 96, 32
-CONDITIONS = ("plain", "vectors", "vectors_gc")
+CONDITIONS = ("plain", "vectors", "vectors_gc", "lora")
 
 
 def batch() -> tuple[list[list[int]], list[list[int]]]:
@@ -58,6 +61,19 @@ def step_fn(condition: str, model):
 
         return step
     model.requires_grad_(False)
+    if condition == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, target_modules=list(PROJECTIONS)), model)
+        adapter = [p for name, p in model.named_parameters() if "lora_" in name]
+        optimizer = torch.optim.AdamW(adapter, lr=1e-3)
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            sft_loss(*completion_logprobs(model, prompts, completions, 0)).backward()
+            optimizer.step()
+
+        return step
     if condition == "vectors_gc":
         model.activation_checkpointing_enable()
         model.train()

@@ -5,44 +5,35 @@ One vector per steered layer l, added to the residual stream at `blocks.{l}.resi
 "all", "prompt" (the prompt's tokens) or "response" (the completion's). The backbone stays frozen: its parameters
 get no gradients and no optimizer state, and checkpoints hold only `vectors` (+ the layout and the run config).
 
-Objectives (`interp.steering_objectives`): "sft", teacher-forced NLL of the gold solution given the reasoning prompt,
-over the completion tokens only (`interp.metrics.completion_logprobs`; prompt tokens and padding masked), averaged
-over the batch's tokens; "bipo", BiPO's bidirectional preference loss (preferred = the gold solution, dispreferred
-= the bare final answer: `CompletionDataModule(pairs=True)`), multiplier d = +1 or -1 per step, drawn from
-(seed 0, global step) so a resumed run draws what an uninterrupted one would.
+Objectives, validation and the trainable-parameter count: `lightning_modules.steering_objective` (shared with the
+LoRA baseline, `lightning_modules.steering_lora`).
 Optional `max_norm` caps each vector's norm after every optimizer step (a projection, not a penalty).
 Initialisation: "zeros", "random" (N(0, 1/d_model) per coordinate, i.e. norm ~1, times init_scale) or a
 directions run's `reasoning_directions.safetensors` (its selected position's direction at each steered layer,
 times init_scale; the file's backbone fingerprint and d_model must match the data's backbone).
 
-Metric keys: train/nll or train/bipo_loss (per step), val/nll and val/nll_unsteered (epoch means over the val problems' tokens, the
-second with the vectors off), val/vector_norm/L{layer:02d}; ModelCheckpoint monitors val/nll.
+Metric keys: those of the objective module, and val/vector_norm/L{layer:02d}; ModelCheckpoint monitors val/nll.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import nn
 
-from datamodules.completions import CompletionDataModule
 from interp.errors import UserError
 from interp.interventions import AddTrainableVectors
-from interp.metrics import completion_logprobs
-from interp.steering_objectives import bipo_loss, sequence_logprob, sft_loss
-from lightning_modules.frozen_backbone import ReadsBackbone
-from lightning_modules.layout import LayerStudyModule
+from lightning_modules.steering_objective import SteeringObjectiveModule
 
 APPLY_TO = {"all": "all", "prompt": "prompt", "response": "generated"}  # config name -> AddTrainableVectors'
 INITS = ("zeros", "random", "directions")
-OBJECTIVES = ("sft", "bipo")
 
 
-class SteeringVectorModule(ReadsBackbone, LayerStudyModule):
+class SteeringVectorModule(SteeringObjectiveModule):
     """Steering vectors for `layers` of a frozen backbone, trained on a `CompletionDataModule` (module docstring)."""
 
-    checkpoint_monitor = ("val/nll", "min")
     layout_key = "steering_layout"
     trained_keys = ("vectors",)
 
@@ -77,10 +68,10 @@ class SteeringVectorModule(ReadsBackbone, LayerStudyModule):
                 mode, which Qwen2's zero dropout leaves deterministic).
         """
         super().__init__()
+        self.save_hyperparameters()
+        self.check_objective()
         if apply_to not in APPLY_TO:
             raise UserError(f"model.apply_to must be one of {', '.join(APPLY_TO)}, got {apply_to!r}")
-        if objective not in OBJECTIVES:
-            raise UserError(f"model.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         if init not in INITS:
             raise UserError(f"model.init must be one of {', '.join(INITS)}, got {init!r}")
         if (init == "directions") != (directions is not None):
@@ -88,9 +79,6 @@ class SteeringVectorModule(ReadsBackbone, LayerStudyModule):
                             "and model.directions is only read with init: directions")  # fmt: skip
         if max_norm is not None and max_norm <= 0:
             raise UserError(f"model.max_norm must be > 0 or null, got {max_norm}")
-        if list(layers) != sorted(set(int(layer) for layer in layers)) or not layers:
-            raise UserError(f"model.layers must be a non-empty sorted list of distinct layers, got {layers}")
-        self.save_hyperparameters()
         self.vectors: nn.Parameter | None = None
         self.backbone = None  # FrozenBackbone (`ReadsBackbone`); never a submodule, never checkpointed
 
@@ -105,16 +93,8 @@ class SteeringVectorModule(ReadsBackbone, LayerStudyModule):
         self.backbone_from_layout(layout.get("backbone"))
 
     def check_data(self, datamodule) -> None:
-        """Steered layers inside the backbone; a directions file from the same backbone (before any model loads)."""
-        if not isinstance(datamodule, CompletionDataModule):
-            raise UserError("steering vectors train on (prompt, completion) data: use "
-                            "datamodules.completions.CompletionDataModule")  # fmt: skip
-        if self.hparams.objective == "bipo" and not datamodule.pairs:
-            raise UserError("model.objective bipo needs preferred / dispreferred completions: set data.pairs: true")
-        n_layers = datamodule.backbone.num_layers()
-        bad = [layer for layer in self.hparams.layers if not 0 <= layer < n_layers]
-        if bad:
-            raise UserError(f"model.layers {bad} out of range: the backbone has {n_layers} layers (0..{n_layers - 1})")
+        """The objective's checks; a directions file from the same backbone (before any model loads)."""
+        super().check_data(datamodule)
         if self.hparams.directions is not None:
             self._initial_directions(datamodule)
 
@@ -143,12 +123,7 @@ class SteeringVectorModule(ReadsBackbone, LayerStudyModule):
         self.build_or_check({"layers": list(self.hparams.layers), "d_model": dm.d_model}, "model.layers")
         if fresh:  # a resumed fit then loads the checkpoint's vectors over these
             self._initialize(dm)
-        self.place_backbone(dm.backbone, self.trainer.strategy.root_device)
-        self.backbone_model.requires_grad_(False)
-        if self.hparams.gradient_checkpointing:
-            self.backbone_model.activation_checkpointing_enable()  # non-reentrant
-            self.backbone_model.train()
-        self.pad_id = dm.pad_id
+        self.freeze_backbone(dm)
 
     @torch.no_grad()
     def _initialize(self, datamodule) -> None:
@@ -160,46 +135,17 @@ class SteeringVectorModule(ReadsBackbone, LayerStudyModule):
             self.vectors.copy_(self._initial_directions(datamodule))
         self.vectors.mul_(hp.init_scale)
 
-    # ---- the objective ---------------------------------------------------------------------------------------
-    def steered(self, prompt_lengths: list[int], strength: float = 1.0) -> AddTrainableVectors:
-        """The vectors added to the backbone (`with module.steered(...): forward`)."""
+    # ---- steering -----------------------------------------------------------------------------------------------
+    def steered(self, prompt_lengths: list[int], strength: float = 1.0):
+        """The vectors times `strength` added to the backbone (`with module.steered(...): forward`)."""
+        if strength == 0:
+            return contextlib.nullcontext()
         apply_to = APPLY_TO[self.hparams.apply_to]
         return AddTrainableVectors(self.backbone_model, self.vectors, self.layers, strength, apply_to,
                                    prompt_lengths if apply_to != "all" else None)  # fmt: skip
 
-    def logprobs(self, batch: dict, strength: float = 1.0, key: str = "completion_ids") -> tuple:
-        """completion_logprobs of batch[key] (completion_ids or dispreferred_ids) with the vectors times
-        `strength` added; strength 0 = the unsteered backbone. (logprobs [batch, n], mask [batch, n])."""
-        model, prompts = self.backbone_model, batch["prompt_ids"]
-        if strength == 0:
-            return completion_logprobs(model, prompts, batch[key], self.pad_id)
-        with self.steered([len(p) for p in prompts], strength):
-            return completion_logprobs(model, prompts, batch[key], self.pad_id)
-
-    def token_nll(self, batch: dict, strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed NLL of the batch's completion tokens, their count); strength 0 = the unsteered backbone."""
-        logprobs, mask = self.logprobs(batch, strength)
-        return -(logprobs * mask).sum(), mask.sum()
-
-    def multiplier(self, step: int) -> float:
-        """BiPO's d in {-1, +1} for a global step (seeded by the step alone)."""
-        return 1.0 if torch.randint(2, (1,), generator=torch.Generator().manual_seed(step)).item() else -1.0
-
-    def bipo_step(self, batch: dict, step: int) -> torch.Tensor:
-        d = self.multiplier(step)
-        with torch.no_grad():
-            reference = [sequence_logprob(*self.logprobs(batch, 0.0, key)) for key in ("completion_ids", "dispreferred_ids")]
-        steered = [sequence_logprob(*self.logprobs(batch, d, key)) for key in ("completion_ids", "dispreferred_ids")]
-        return bipo_loss(steered[0], reference[0], steered[1], reference[1], d, self.hparams.beta)
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if self.hparams.objective == "bipo":
-            loss = self.bipo_step(batch, self.global_step)
-            self.log("train/bipo_loss", loss, prog_bar=True, batch_size=len(batch["rows"]))
-            return loss
-        loss = sft_loss(*self.logprobs(batch))
-        self.log("train/nll", loss, prog_bar=True, batch_size=len(batch["rows"]))
-        return loss
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [self.vectors]
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.hparams.max_norm is not None:
@@ -207,19 +153,6 @@ class SteeringVectorModule(ReadsBackbone, LayerStudyModule):
                 norms = self.vectors.norm(dim=-1, keepdim=True).clamp_min(self.hparams.max_norm)
                 self.vectors.mul_(self.hparams.max_norm / norms)
 
-    def on_validation_epoch_start(self) -> None:
-        self._val = torch.zeros(3, dtype=torch.float64)  # steered NLL sum, unsteered NLL sum, tokens
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        steered, count = self.token_nll(batch)
-        unsteered, _ = self.token_nll(batch, strength=0.0)
-        self._val += torch.tensor([float(steered), float(unsteered), float(count)], dtype=torch.float64)
-
     def on_validation_epoch_end(self) -> None:
-        val = self.trainer.strategy.reduce(self._val.to(self.device), reduce_op="sum").cpu()
-        self.log("val/nll", val[0] / val[2], prog_bar=True)
-        self.log("val/nll_unsteered", val[1] / val[2])
+        super().on_validation_epoch_end()
         self.log_per_layer("val", {"vector_norm": self.vectors.detach().norm(dim=-1)})
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW([self.vectors], lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -29,14 +29,15 @@ CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
 HUB_CONFIGS = {"Qwen/QwQ-32B": "qwq-32b", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B": "r1-distill-qwen-32b"}
 QWQ_32B_PARAMETERS = 32_763_876_352  # Qwen/QwQ-32B, embeddings and the untied lm_head included
 
-PROBES, DIRECTIONS, LENS, STEERING = (
+PROBES, DIRECTIONS, LENS, STEERING, LORA = (
     "lightning_modules.probes.LayerProbeModule",
     "lightning_modules.directions.ReasoningDirectionModule",
     "lightning_modules.tuned_lens.TunedLensModule",
     "lightning_modules.steering.SteeringVectorModule",
+    "lightning_modules.steering_lora.LoraSteeringModule",
 )
 MONITORS = {PROBES: ("val/acc_best", "max"), DIRECTIONS: ("val/selected_ablation_score", "max"),
-            LENS: ("val/kl_tuned_mean", "min"), STEERING: ("val/nll", "min")}  # what best.ckpt is chosen by
+            LENS: ("val/kl_tuned_mean", "min"), STEERING: ("val/nll", "min"), LORA: ("val/nll", "min")}  # what best.ckpt is chosen by
 HUB_SOURCES = [("gsm8k", "openai/gsm8k", "main", 500), ("math", "HuggingFaceH4/MATH-500", None, 500)]
 EMBEDDED_100 = [("gsm8k", "embedded", None, 100), ("math", "embedded", None, 100)]
 EVEN_LAYERS = list(range(0, 64, 2))
@@ -103,6 +104,11 @@ EXPECTED: dict[str, dict] = {
                            "datamodule.d_model": 64, "trainer.accelerator_name": "cpu", "model.hparams.layers": [8, 16],
                            "model.hparams.apply_to": "all", "model.hparams.init": "zeros", "datamodule.batch_size": 4,
                            "datamodule.max_completion_tokens": 64, "trainer.max_epochs": 3},
+    "steering_lora_tiny.yaml": {"class_path": LORA, "sources": [("gsm8k", "embedded", None, 20), ("math", "embedded", None, 20)],
+                                "datamodule.backbone.name_or_path": "tiny", "datamodule.prompts.backbone": "tiny",
+                                "datamodule.d_model": 64, "trainer.accelerator_name": "cpu", "model.hparams.layers": [8, 16],
+                                "model.hparams.rank": 4, "model.hparams.alpha": 8.0, "datamodule.batch_size": 4,
+                                "trainer.max_epochs": 3},
     "tuned_lens_tiny.yaml": {"class_path": LENS, **_tiny(list(range(32)), sources=EMBEDDED_100),
                              "model.hparams.lr": 0.001, "model.hparams.weight_decay": 0.0,
                              "model.hparams.rank": None,
@@ -231,6 +237,7 @@ FAST_DEV_RUNS = {
     DIRECTIONS: ("directions_tiny.yaml", 5, {"layers": [0, 2, 4, 30]}),  # 2 val problems: 1 chooses, 1 reports
     LENS: ("tuned_lens_tiny.yaml", 2, {}),
     STEERING: ("steering_tiny.yaml", 5, {}),
+    LORA: ("steering_lora_tiny.yaml", 5, {}),
 }
 
 
@@ -257,7 +264,7 @@ def test_fast_dev_run_per_module_class(class_path, tmp_path, monkeypatch):
     assert f"{type(cli.model).__module__}.{type(cli.model).__name__}" == class_path
     assert cli.trainer.state.finished and cli.trainer.state.fn == "fit"
     assert cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed == 1  # fast_dev_run: one train batch
-    if class_path == STEERING:  # trains through the backbone: no activation cache
+    if class_path in (STEERING, LORA):  # train through the backbone: no activation cache
         assert not (tmp_path / "cache").exists()
         return
     (manifest,) = (tmp_path / "cache").glob("*/manifest.json")

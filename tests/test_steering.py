@@ -224,3 +224,48 @@ def test_gradient_checkpointing_gives_the_same_vector_gradients(monkeypatch):
     assert calls[0] == 32 and calls[1] > calls[0]  # the layers the gradient passes through ran again
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-9)
     assert bool(grads[0].abs().sum() > 0)
+
+
+def _fit_lora(tmp_path, max_epochs: int, ckpt_path=None):
+    from lightning_modules.steering_lora import LoraSteeringModule
+
+    L.seed_everything(0)
+    module = LoraSteeringModule(layers=LAYERS, rank=4, lr=0.01)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, deterministic=True,
+                        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="last")])  # fmt: skip
+    trainer.fit(module, datamodule=_data(), ckpt_path=ckpt_path)
+    return module
+
+
+def test_lora_baseline_trains_only_its_adapter_checkpoints_it_alone_and_resumes(tmp_path):
+    """The LoRA baseline on the same data and objective: rank 4 on the 7 projections of layers 8 and 16; the
+    checkpoint holds lora_A / lora_B only; a resumed fit equals an uninterrupted one; strength 0 is the backbone."""
+    from lightning_modules.steering_lora import LoraSteeringModule
+
+    whole = _fit_lora(tmp_path / "whole", 3)
+    checkpoint = torch.load(tmp_path / "whole" / "last.ckpt", map_location="cpu", weights_only=False)
+    adapter = checkpoint["lora_adapter"]
+    assert checkpoint["state_dict"] == {} and len(adapter) == 2 * 7 * len(LAYERS)
+    assert all(".lora_A." in name or ".lora_B." in name for name in adapter)
+    assert {int(name.split(".layers.")[1].split(".")[0]) for name in adapter} == set(LAYERS)
+    n_adapter = sum(t.numel() for t in adapter.values())
+    assert n_adapter == sum(p.numel() for p in whole.trainable_parameters()) > 64 * len(LAYERS)  # vs the vectors'
+    _fit_lora(tmp_path / "part", 1)
+    resumed = _fit_lora(tmp_path / "resumed", 3, ckpt_path=str(tmp_path / "part" / "last.ckpt"))
+    for ours, theirs in zip(resumed.trainable_parameters(), whole.trainable_parameters()):
+        assert torch.equal(ours, theirs)
+    assert any(bool(p.abs().sum() > 0) for name, p in whole.adapted_backbone().named_parameters() if "lora_B" in name)
+    loaded = LoraSteeringModule.load_from_checkpoint(tmp_path / "whole" / "last.ckpt", map_location="cpu")
+    data = _data()
+    data.setup()
+    loaded.pad_id = data.pad_id
+    batch = data.collate(data.items["val"][:2])
+    steered, _ = loaded.token_nll(batch)
+    plain, _ = loaded.token_nll(batch, strength=0.0)
+    reference = _module(data, layers=LAYERS)  # a fresh backbone, no adapter
+    base, _ = reference.token_nll(batch, strength=0.0)
+    torch.testing.assert_close(plain, base, rtol=0, atol=0)
+    trained, _ = whole.token_nll(batch)
+    torch.testing.assert_close(steered, trained, rtol=1e-6, atol=1e-5)  # the checkpoint's adapter, reloaded
+    assert not torch.equal(steered, plain)
