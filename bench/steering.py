@@ -13,7 +13,7 @@ on the CPU; batch 8 x (96 prompt + 32 completion) tokens, half the rows left pad
                 lightning_modules/steering_lora.py): forward + backward + AdamW step
 Timings: one process, conditions interleaved round-robin, medians, reported as ratios to `plain` (compare ratios:
 these machines are noisy). Peak memory: each condition alone in a fresh subprocess (2 steps), peak RSS growth over
-the loaded model. Target (issue 10): vectors <= 1.1x plain.
+the loaded model (VmHWM after a reset, minus VmRSS before the steps). Target (issue 10): vectors <= 1.1x plain.
 """
 
 from __future__ import annotations
@@ -108,12 +108,14 @@ def timings(repeats: int) -> dict:
 
 
 def peak_rss(condition: str) -> float:
-    """Peak RSS growth (GB) of 2 steps of `condition` over the loaded model, in a fresh process."""
-    code = (f"import resource, sys; sys.argv = ['x']; sys.path[:0] = [{str(REPO / 'bench')!r}, {str(REPO)!r}]\n"
+    """Peak RSS growth (GB) of 2 steps of `condition` over the loaded model, in a fresh process (Linux: the peak is
+    reset after loading by writing 5 to /proc/self/clear_refs, then read as VmHWM)."""
+    code = (f"import sys; sys.argv = ['x']; sys.path[:0] = [{str(REPO / 'bench')!r}, {str(REPO)!r}]\n"
             "from steering import bench_model, step_fn\n"
+            "def status(key): return int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith(key)))\n"
             f"model = bench_model(); step = step_fn({condition!r}, model)\n"
-            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            "step(); step(); print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20)")  # fmt: skip
+            "open('/proc/self/clear_refs', 'w').write('5'); base = status('VmRSS:')\n"
+            "step(); step(); print((status('VmHWM:') - base) / 2**20)")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return round(float(done.stdout.strip().splitlines()[-1]), 3)
 
