@@ -17,14 +17,15 @@ def plot_layer_curves(
     ylabel: str,
     title: str = "",
     chance: float | None = None,
+    xlabel: str = "layer",
 ) -> Figure:
-    """One line per named curve against the layer index (e.g. probe accuracy vs layer)."""
+    """One line per named curve against the layer index (e.g. probe accuracy vs layer; `xlabel` for another axis)."""
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for name, values in curves.items():
         ax.plot(list(layers), [float(v) for v in values], marker="o", markersize=3, label=name)
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
-    ax.set_xlabel("layer")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)

@@ -66,7 +66,9 @@ class SteeringObjectiveModule(ReadsBackbone, LayerStudyModule):
         return model
 
     # ---- what a subclass defines --------------------------------------------------------------------------------
-    def steered(self, prompt_lengths: list[int], strength: float = 1.0) -> AbstractContextManager:
+    def steered(self, prompt_lengths: list[int] | None, strength: float = 1.0) -> AbstractContextManager:
+        """prompt_lengths: where each row's prompt ends in a teacher-forced forward (None: a forward that declares
+        it with `interp.token_roles.prompt_boundary`, or a plain prompt forward)."""
         raise NotImplementedError
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -122,6 +124,24 @@ class SteeringObjectiveModule(ReadsBackbone, LayerStudyModule):
         val = self.trainer.strategy.reduce(self._val.to(self.device), reduce_op="sum").cpu()
         self.log("val/nll", val[0] / val[2], prog_bar=True)
         self.log("val/nll_unsteered", val[1] / val[2])
+
+    # ---- the evaluation protocol (lightning_modules/protocol.py) ------------------------------------------------
+    def build_report(self, trainer, datamodule, split: str, options, checkpoint: str) -> dict:
+        """`lightning_modules.steering_report.steering_report`: the strength sweep (options.strengths and 0) on
+        the test split (options.n_prompts problems)."""
+        from lightning_modules.steering_report import steering_report
+
+        if split != "test":
+            raise UserError(f"the steering report is computed on the test split, not {split!r}")
+        return steering_report(self, datamodule, options.strengths, checkpoint, n_prompts=options.n_prompts,
+                               seed=options.seed)  # fmt: skip
+
+    @staticmethod
+    def write_report(report: dict, output_dir) -> dict:
+        """steering_results.json + visualizations/steering_nll.png (`write_steering_report`)."""
+        from lightning_modules.steering_report import write_steering_report
+
+        return write_steering_report(report, output_dir)
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -269,3 +269,41 @@ def test_lora_baseline_trains_only_its_adapter_checkpoints_it_alone_and_resumes(
     trained, _ = whole.token_nll(batch)
     torch.testing.assert_close(steered, trained, rtol=1e-6, atol=1e-5)  # the checkpoint's adapter, reloaded
     assert not torch.equal(steered, plain)
+
+
+def test_evaluate_sweeps_strengths_on_the_test_problems(tmp_path, monkeypatch):
+    """train.py then evaluate.py on configs/steering_tiny.yaml (5 problems per source): steering_results.json's
+    gold NLL at strength 0 is the plain backbone's and at strength 1 the vectors added by InterventionHandler, both
+    recomputed here on the same test problems; the control KL is 0 at strength 0."""
+    import json
+
+    from pipeline_utils import tiny_config
+
+    import evaluate
+    import train
+    from interp.backbone import load_backbone
+    from interp.metrics import gold_solution_nll
+
+    monkeypatch.chdir(tmp_path)
+    train.main(["--config", str(tiny_config("steering_tiny.yaml", tmp_path, limit=5)), "--run_name", "steer",
+                "--trainer.max_epochs", "2"])  # fmt: skip
+    evaluate.main(["--ckpt", str(tmp_path / "checkpoints" / "steer" / "best.ckpt"), "--strengths", "1", "-1"])
+    report = json.loads((tmp_path / "logs" / "steer" / "steering_results.json").read_text())
+    assert report["strengths"] == [-1.0, 0.0, 1.0] and report["trainable_parameters"] == 2 * 64
+    assert (tmp_path / "logs" / "steer" / "visualizations" / "steering_nll.png").is_file()
+    by_strength = {c["strength"]: c for c in report["conditions"]}
+    module = SteeringVectorModule.load_from_checkpoint(tmp_path / "checkpoints" / "steer" / "best.ckpt")
+    data = CompletionDataModule(ReasoningPromptsDataModule(sources=[DatasetSource("gsm8k", limit=5),
+                                DatasetSource("math", limit=5)]), BackboneSpec("tiny"))  # fmt: skip
+    data.setup()
+    test = sorted((r for r in data.prompts.rows if r.split == "test" and r.kind == "reasoning"), key=lambda r: r.pair_index)
+    model, tokenizer = load_backbone("tiny", dtype="float32")
+    prompts, solutions = [r.prompt for r in test], [r.gold_solution for r in test]
+    plain = gold_solution_nll(model, tokenizer, prompts, solutions)
+    rows = torch.zeros(32, 64)
+    rows[LAYERS] = module.vectors.detach()
+    with InterventionHandler(model, rows, 1.0, layers=LAYERS):
+        added = gold_solution_nll(model, tokenizer, prompts, solutions)
+    assert by_strength[0.0]["gold_nll"]["per_prompt"] == plain.tolist()
+    assert by_strength[1.0]["gold_nll"]["per_prompt"] == added.tolist()
+    assert by_strength[0.0]["control_kl"]["mean"] == 0.0 and by_strength[1.0]["control_kl"]["mean"] > 0
