@@ -10,17 +10,16 @@ visualizations/interventions.png (accuracy and gold NLL vs strength) and prints 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from datamodules.prompts import problem_pairs
-from interp.directions import finite_json
 from interp.errors import UserError
 from interp.intervention_eval import intervention_report
 from interp.plots import plt  # pyplot with the Agg backend
+from lightning_modules.protocol import write_report_files
 
 RESULTS_FILE = "intervention_results.json"
 FIGURE_FILE = "interventions.png"
@@ -87,14 +86,7 @@ def plot_interventions(report: dict):
 
 def write_intervention_report(report: dict, output_dir) -> dict[str, Path]:
     """Write intervention_results.json and visualizations/interventions.png into output_dir, print a table."""
-    output_dir = Path(output_dir)
-    (output_dir / "visualizations").mkdir(parents=True, exist_ok=True)
-    json_path = output_dir / RESULTS_FILE
-    json_path.write_text(json.dumps(finite_json(report), indent=2) + "\n")
-    fig = plot_interventions(report)
-    png_path = output_dir / "visualizations" / FIGURE_FILE
-    fig.savefig(png_path)
-    plt.close(fig)
+    paths = write_report_files(report, output_dir, RESULTS_FILE, plot_interventions(report), FIGURE_FILE)
     table = Table(title=f"Interventions at layer {report['selected_layer']} (n={len(report['reasoning_rows'])} problems)")
     for column in ("condition", "accuracy", "truncated", "gold NLL", "95% CI", "dNLL", "control KL", "ctrl solved",
                    "4-gram rep.", "compr."):
@@ -115,4 +107,4 @@ def write_intervention_report(report: dict, output_dir) -> dict[str, Path]:
         console.print(f"{result['condition']} vs its null directions: {result['metric']} {result['value']:.3f} "
                       f"(nulls {nulls}), per-prompt difference {result['difference']:+.3f} "
                       f"[{result['ci'][0]:+.3f}, {result['ci'][1]:+.3f}], rank p {result['p_rank']:.3f}")  # fmt: skip
-    return {"json": json_path, "figure": png_path}
+    return paths

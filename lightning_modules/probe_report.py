@@ -35,11 +35,9 @@ probabilities renormalised over them).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning as L
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from rich.console import Console
@@ -51,6 +49,7 @@ from sklearn.preprocessing import StandardScaler
 
 from datamodules.tensors import QUESTION_TYPE
 from interp.plots import plot_layer_curves
+from lightning_modules.protocol import write_report_files
 
 
 def sklearn_layer_scores(x_train, y_train, x_test, y_test, num_classes: int, seed: int = 0) -> dict[str, float]:
@@ -148,10 +147,6 @@ def probe_report(trainer: L.Trainer, module, datamodule, checkpoint: str) -> dic
 
 
 def write_probe_report(report: dict, output_dir: Path) -> dict[str, Path]:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "visualizations").mkdir(exist_ok=True)
-    json_path = output_dir / "probe_accuracies.json"
-    json_path.write_text(json.dumps(report, indent=2))
     layers = [row["layer"] for row in report["layers"]]
     curves = {key: [row[key] for row in report["layers"]]
               for key in ("accuracy", "balanced_accuracy", "sklearn_accuracy", "control_accuracy")}  # fmt: skip
@@ -159,9 +154,7 @@ def write_probe_report(report: dict, output_dir: Path) -> dict[str, Path]:
     fig = plot_layer_curves(
         layers, curves, ylabel="test accuracy", title=f"{report['backbone']}: {report['label']} probes"
     )
-    png_path = output_dir / "visualizations" / "probe_accuracy.png"
-    fig.savefig(png_path)
-    plt.close(fig)
+    paths = write_report_files(report, output_dir, "probe_accuracies.json", fig, "probe_accuracy.png")
     table = Table(
         title=f"Probe test accuracy per layer ({report['label']}, n_test={report['n_test']}, "
         f"majority baseline {report['majority_baseline']:.3f}, control-type coverage "
@@ -177,4 +170,4 @@ def write_probe_report(report: dict, output_dir: Path) -> dict[str, Path]:
     for row in report["layers"]:
         table.add_row(str(row["layer"]), *(f"{row[key]:.3f}" for key in columns.values()))
     Console().print(table)
-    return {"json": json_path, "figure": png_path}
+    return paths

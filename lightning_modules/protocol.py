@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -67,6 +68,22 @@ def study_module_class(class_path: str) -> type[L.LightningModule]:
         raise UserError(f"{class_path} has no evaluation report: a study module needs build_report() and "
                         f"write_report() (lightning_modules/protocol.py)")  # fmt: skip
     return cls
+
+
+def write_report_files(report: dict, output_dir, json_name: str, figure, figure_name: str) -> dict[str, Path]:
+    """What every write_report writes: `report` as output_dir/json_name (NaN -> null: standard JSON) and `figure`
+    (a matplotlib Figure, closed here) as output_dir/visualizations/figure_name. Returns {"json", "figure"}."""
+    from interp.directions import finite_json
+    from interp.plots import plt
+
+    output_dir = Path(output_dir)
+    (output_dir / "visualizations").mkdir(parents=True, exist_ok=True)
+    json_path = output_dir / json_name
+    json_path.write_text(json.dumps(finite_json(report), indent=2) + "\n")
+    png_path = output_dir / "visualizations" / figure_name
+    figure.savefig(png_path)
+    plt.close(figure)
+    return {"json": json_path, "figure": png_path}
 
 
 def cached_test_report(report_fn, module, trainer: L.Trainer, datamodule, split: str, checkpoint: str, what: str):

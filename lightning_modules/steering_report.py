@@ -19,7 +19,6 @@ times s):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -28,8 +27,9 @@ from rich.table import Table
 
 from interp.errors import UserError
 from interp.metrics import gold_solution_nll, last_token_kl, next_token_logits
-from interp.plots import plot_layer_curves, plt
+from interp.plots import plot_layer_curves
 from interp.selection import bootstrap_ci
+from lightning_modules.protocol import write_report_files
 
 RESULTS_FILE = "steering_results.json"
 FIGURE_FILE = "steering_nll.png"
@@ -82,17 +82,11 @@ def steering_report(module, datamodule, strengths, checkpoint: str, n_prompts: i
 
 def write_steering_report(report: dict, output_dir: Path) -> dict[str, Path]:
     """Write steering_results.json and visualizations/steering_nll.png into output_dir, print a table."""
-    output_dir = Path(output_dir)
-    (output_dir / "visualizations").mkdir(parents=True, exist_ok=True)
-    json_path = output_dir / RESULTS_FILE
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
     rows = report["conditions"]
     fig = plot_layer_curves([row["strength"] for row in rows], {"gold-solution NLL": [r["gold_nll"]["mean"] for r in rows]},
                             ylabel="nats per token", xlabel="steering strength",
                             title=f"{report['module']} on {report['backbone']} ({report['split']})")  # fmt: skip
-    png_path = output_dir / "visualizations" / FIGURE_FILE
-    fig.savefig(png_path)
-    plt.close(fig)
+    paths = write_report_files(report, output_dir, RESULTS_FILE, fig, FIGURE_FILE)
     table = Table(title=f"Steering sweep (n={report['n_problems']} test problems, "
                         f"{report['trainable_parameters']} trained parameters)")  # fmt: skip
     for column in ("strength", "gold NLL", "95% CI", "change", "control KL"):
@@ -102,4 +96,4 @@ def write_steering_report(report: dict, output_dir: Path) -> dict[str, Path]:
         table.add_row(f"{row['strength']:g}", f"{row['gold_nll']['mean']:.3f}", f"[{low:.3f}, {high:.3f}]",
                       f"{row['gold_nll_change']['mean']:+.3f}", f"{row['control_kl']['mean']:.4f}")  # fmt: skip
     Console().print(table)
-    return {"json": json_path, "figure": png_path}
+    return paths

@@ -19,14 +19,14 @@ KL in nats.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning as L
 from rich.console import Console
 from rich.table import Table
 
-from interp.plots import plot_layer_curves, plt
+from interp.plots import plot_layer_curves
+from lightning_modules.protocol import write_report_files
 
 RESULTS_FILE = "tuned_lens_results.json"
 FIGURE_FILE = "tuned_lens_kl.png"
@@ -55,17 +55,11 @@ def tuned_lens_report(trainer: L.Trainer, module, datamodule, checkpoint: str) -
 
 def write_tuned_lens_report(report: dict, output_dir: Path) -> dict[str, Path]:
     """Write tuned_lens_results.json and visualizations/tuned_lens_kl.png into output_dir, print a table."""
-    output_dir = Path(output_dir)
-    (output_dir / "visualizations").mkdir(parents=True, exist_ok=True)
-    json_path = output_dir / RESULTS_FILE
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
     rows = report["layers"]
     curves = {"tuned lens": [row["kl_tuned"] for row in rows], "logit lens": [row["kl_logit"] for row in rows]}
     fig = plot_layer_curves([row["layer"] for row in rows], curves, ylabel="KL(model || lens), nats",
                             title=f"{report['backbone']}: tuned vs logit lens ({report['split']})")  # fmt: skip
-    png_path = output_dir / "visualizations" / FIGURE_FILE
-    fig.savefig(png_path)
-    plt.close(fig)
+    paths = write_report_files(report, output_dir, RESULTS_FILE, fig, FIGURE_FILE)
     table = Table(title=f"Lens KL per layer (n_{report['split']}={report['n_test']}; means over the lensed "
                   f"layers: tuned {report['kl_tuned_mean']:.4f}, logit {report['kl_logit_mean']:.4f})")  # fmt: skip
     for column in ("layer", "KL tuned", "KL logit"):
@@ -73,4 +67,4 @@ def write_tuned_lens_report(report: dict, output_dir: Path) -> dict[str, Path]:
     for row in rows:
         table.add_row(str(row["layer"]), f"{row['kl_tuned']:.4f}", f"{row['kl_logit']:.4f}")
     Console().print(table)
-    return {"json": json_path, "figure": png_path}
+    return paths
