@@ -77,7 +77,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -97,9 +98,9 @@ class Condition:
     """One of the CONDITIONS (module docstring). Its fields, in this order, open the condition's report entry."""
 
     name: str
-    intervention: str  # "none" | "ablate" | "add"
-    direction: str  # "none" | "selected" | "random"
-    strength: float | None = None  # the multiplier s of an added direction
+    intervention: str  # "none" | "ablate" | "add" | "steer" (a steering module's vectors or adapter)
+    direction: str  # "none" | "selected" | "random" (a null) | "learned" (a steering module's own)
+    strength: float | None = None  # the multiplier s of an added direction or of the steering
     random_index: int | None = None  # which null direction, for direction "random"
 
     def handler(self, model, direction: torch.Tensor, randoms: torch.Tensor, layer: int):
@@ -111,6 +112,9 @@ class Condition:
         if self.intervention == "ablate":
             return AblateDirection(model, r)
         return AddDirection(model, r, self.strength, layers=[layer])
+
+
+CONTROL_GENERATED = ("none", "add", "steer")  # interventions under which the control prompts are generated too
 
 
 def build_conditions(strengths: Sequence[float], n_random: int) -> list[Condition]:
@@ -160,10 +164,7 @@ def intervention_report(
     Returns:
         the report dict (JSON shape in the module docstring).
     """
-    reasoning = [row for row in rows if row.kind == "reasoning"]
-    control = [row for row in rows if row.kind == "control"]
-    if not reasoning or not control:
-        raise UserError(f"the report needs reasoning and control prompts; got {len(reasoning)} and {len(control)}")
+    reasoning, control = _split_rows(rows)
     if not strengths:
         raise UserError("give at least one strength")
     if n_random < 0 or n_bootstrap < 1:
@@ -186,20 +187,56 @@ def intervention_report(
             raise UserError(f"the run saved null directions {tuple(randoms.shape)}: ask for at most {len(randoms)} "
                             f"random directions of d_model {direction.shape[0]} (--n_random)")  # fmt: skip
         randoms = (randoms / randoms.norm(dim=-1, keepdim=True) * norm).to(direction.dtype)  # [n, d_model], |r|
+    gen = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature, "top_p": top_p,
+           "seed": seed}  # fmt: skip
+    conditions = build_conditions(strengths, n_random)
+    results = evaluate_conditions(model, tokenizer, rows, conditions,
+                                  lambda c: c.handler(model, direction, randoms, selected_layer), gen, batch_size,
+                                  n_samples, n_bootstrap, max_solution_tokens)  # fmt: skip
+    return {
+        "selected_layer": int(selected_layer), "direction_norm": norm, "strengths": [float(s) for s in strengths],
+        "n_random": n_random, "null": null, "n_null": n_random,
+        "null_source": source or "isotropic, drawn here (the run saved none)", "generation": gen,
+        "n_bootstrap": n_bootstrap, "max_solution_tokens": max_solution_tokens,
+        "reasoning_rows": [row.row_index for row in reasoning], "control_rows": [row.row_index for row in control],
+        "pair_indices": sorted({row.pair_index for row in rows}), "conditions": results,
+        "vs_null": vs_null(results, n_bootstrap, seed),
+    }  # fmt: skip
+
+
+def evaluate_conditions(
+    model,
+    tokenizer,
+    rows: Sequence,
+    conditions: Sequence[Condition],
+    handler: Callable[[Condition], AbstractContextManager],
+    generation: dict,
+    batch_size: int = 8,
+    n_samples: int | None = 4,
+    n_bootstrap: int = 1000,
+    max_solution_tokens: int | None = 256,
+) -> list[dict]:
+    """The per-condition entries of the report (module docstring: "Per condition" and the "conditions" JSON), for
+    any intervention: `handler(condition)` is the context manager that applies it (the first condition must be
+    the unsteered baseline: the changes and the KL are measured against it). generation: `interp.generation.generate`
+    keywords (max_new_tokens, do_sample, temperature, top_p, seed), the same in every condition. Control prompts
+    are generated under conditions whose intervention is not "ablate" (CONTROL_GENERATED)."""
+    reasoning, control = _split_rows(rows)
+    if not conditions or conditions[0].intervention != "none":
+        raise UserError("evaluate_conditions: the first condition must be the baseline (intervention 'none')")
     prompts = [row.prompt for row in reasoning]
     solutions = [row.gold_solution for row in reasoning]
     control_prompts = [row.prompt for row in control]
-    gen = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature, "top_p": top_p,
-           "seed": seed}  # fmt: skip
+    seed = generation["seed"]  # the bootstrap's too
     results, base_nll, base_logits, base_correct = [], None, None, None
-    for condition in build_conditions(strengths, n_random):
-        with condition.handler(model, direction, randoms, selected_layer):
-            graded = _generate_and_grade(model, tokenizer, reasoning, gen, batch_size, n_samples)
+    for condition in conditions:
+        with handler(condition):
+            graded = _generate_and_grade(model, tokenizer, reasoning, generation, batch_size, n_samples)
             nll = gold_solution_nll(model, tokenizer, prompts, solutions, batch_size, max_solution_tokens)  # [n]
             logits = next_token_logits(model, tokenizer, control_prompts, batch_size)  # [n_control, vocab]
             graded_control = None  # control prompts are generated only where adding could make them solve
-            if condition.intervention in ("none", "add"):
-                graded_control = _generate_and_grade(model, tokenizer, control, gen, batch_size, n_samples)
+            if condition.intervention in CONTROL_GENERATED:
+                graded_control = _generate_and_grade(model, tokenizer, control, generation, batch_size, n_samples)
         if base_nll is None:
             base_nll, base_logits, base_correct = nll, logits, _as_float(graded["correct"])
         kl = last_token_kl(base_logits, logits)  # [n_control] float64
@@ -226,15 +263,16 @@ def intervention_report(
             "samples": graded["samples"],
             "control_samples": None if graded_control is None else graded_control["samples"],
         })  # fmt: skip
-    return {
-        "selected_layer": int(selected_layer), "direction_norm": norm, "strengths": [float(s) for s in strengths],
-        "n_random": n_random, "null": null, "n_null": n_random,
-        "null_source": source or "isotropic, drawn here (the run saved none)", "generation": gen,
-        "n_bootstrap": n_bootstrap, "max_solution_tokens": max_solution_tokens,
-        "reasoning_rows": [row.row_index for row in reasoning], "control_rows": [row.row_index for row in control],
-        "pair_indices": sorted({row.pair_index for row in rows}), "conditions": results,
-        "vs_null": vs_null(results, n_bootstrap, seed),
-    }  # fmt: skip
+    return results
+
+
+def _split_rows(rows: Sequence) -> tuple[list, list]:
+    """(reasoning rows, control rows); UserError unless both kinds are there."""
+    reasoning = [row for row in rows if row.kind == "reasoning"]
+    control = [row for row in rows if row.kind == "control"]
+    if not reasoning or not control:
+        raise UserError(f"the report needs reasoning and control prompts; got {len(reasoning)} and {len(control)}")
+    return reasoning, control
 
 
 def _as_float(flags: Sequence[bool]) -> torch.Tensor:
@@ -261,34 +299,49 @@ def _generate_and_grade(model, tokenizer, rows: Sequence, gen: dict, batch_size:
             "truncated": [answer is None for answer in answers], "samples": samples}  # fmt: skip
 
 
-def vs_null(conditions: Sequence[dict], n_bootstrap: int = 1000, seed: int = 0) -> dict:
-    """The selected direction against its null directions, prompt by prompt (module docstring, VS_NULL).
+# name -> (intervention, per-prompt key, sign): sign +1 when larger is the effect looked for
+VS_NULL_TESTS = {
+    "ablated": ("ablate", "correct", -1),
+    "added": ("add", "control_correct", 1),
+    "steered": ("steer", "correct", 1),
+    "steered_gold_nll": ("steer", "gold_nll", -1),
+}
+VS_NULL_METRICS = {"correct": "accuracy", "control_correct": "control_accuracy", "gold_nll": "gold_nll"}
 
-    conditions: the report's condition entries (`intervention_report`); {} when there are no null conditions."""
+
+def _per_prompt(condition: dict, key: str) -> list | None:
+    value = condition[key]
+    return value["per_prompt"] if isinstance(value, dict) else value
+
+
+def vs_null(conditions: Sequence[dict], n_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """The tested intervention against its nulls, prompt by prompt (module docstring, VS_NULL): one entry per
+    VS_NULL_TESTS name whose intervention has null conditions (direction "random").
+
+    conditions: the report's condition entries (`evaluate_conditions`); {} when there are no null conditions."""
     out = {}
-    for kind, key, sign in (("ablate", "correct", -1), ("add", "control_correct", 1)):
+    for name, (kind, key, sign) in VS_NULL_TESTS.items():
         nulls = [c for c in conditions if c["direction"] == "random" and c["intervention"] == kind]
         if not nulls:
             continue
         strength = nulls[0]["strength"]
         if any(c["strength"] != strength for c in nulls):
             raise UserError(f"vs_null: the {kind} null conditions have different strengths")
-        chosen = [c for c in conditions if c["direction"] == "selected" and c["intervention"] == kind
+        chosen = [c for c in conditions if c["direction"] in ("selected", "learned") and c["intervention"] == kind
                   and c["strength"] == strength]  # fmt: skip
         if not chosen:
-            raise UserError(f"vs_null: no selected-direction {kind} condition at strength {strength} to compare with "
-                            f"its nulls")  # fmt: skip
-        if not chosen[0][key]:
+            raise UserError(f"vs_null: no {kind} condition at strength {strength} to compare with its nulls")
+        if not _per_prompt(chosen[0], key):
             raise UserError(f"vs_null: condition {chosen[0]['name']} has no {key}")
-        value = _as_float(chosen[0][key])  # [n_prompts] 0/1
-        if any(c[key] is None or len(c[key]) != len(value) for c in nulls):
+        value = _as_float(_per_prompt(chosen[0], key))  # [n_prompts]
+        if any(_per_prompt(c, key) is None or len(_per_prompt(c, key)) != len(value) for c in nulls):
             raise UserError(f"vs_null: every {kind} null condition needs {key} for the same {len(value)} prompts")
-        null = torch.stack([_as_float(c[key]) for c in nulls])  # [m, n_prompts]
+        null = torch.stack([_as_float(_per_prompt(c, key)) for c in nulls])  # [m, n_prompts]
         d = value - null.mean(0)
         null_values = null.mean(1)
         extreme = int((sign * null_values >= sign * value.mean()).sum())
-        out["ablated" if kind == "ablate" else "added"] = {
-            "condition": chosen[0]["name"], "metric": "accuracy" if kind == "ablate" else "control_accuracy",
+        out[name] = {
+            "condition": chosen[0]["name"], "metric": VS_NULL_METRICS[key],
             "value": float(value.mean()), "null_values": null_values.tolist(), "difference": float(d.mean()),
             "ci": list(bootstrap_ci(d, n_bootstrap, seed=seed)), "p_rank": (1 + extreme) / (len(nulls) + 1),
         }  # fmt: skip

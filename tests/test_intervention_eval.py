@@ -327,7 +327,7 @@ def test_vs_null_compares_prompt_by_prompt_with_the_null_conditions():
         low, high = result["ci"]
         assert min(per_prompt) <= low <= result["difference"] <= high <= max(per_prompt)
     assert vs_null(conditions[:4]) == {}  # no null conditions
-    with pytest.raises(UserError, match="no selected-direction add condition at strength 4"):
+    with pytest.raises(UserError, match="no add condition at strength 4"):
         vs_null([c for c in conditions if c["name"] != "added@4"])
     with pytest.raises(UserError, match="the same 4 prompts"):
         vs_null(conditions[:-1] + [{**conditions[-1], "correct": [1, 1]}])
