@@ -12,6 +12,9 @@ model.class_path) builds and writes its own report through the study-module prot
   (lightning_modules/direction_report.py, interp/intervention_eval.py). Options below marked [directions].
 - tuned-lens runs: tuned- and logit-lens KL per layer: tuned_lens_results.json + visualizations/tuned_lens_kl.png
   (lightning_modules/tuned_lens_report.py)
+- steering runs (vectors or LoRA): a strength sweep with answer accuracy, gold-solution NLL, control KL,
+  degeneration, null vectors and the cosine to a directions run: steering_results.json +
+  visualizations/steering_sweep.png (lightning_modules/steering_report.py). Options marked [steering].
 """
 
 import argparse
@@ -25,7 +28,12 @@ from lightning.pytorch.callbacks import RichProgressBar
 from cli import LOG_ROOT, datamodule_from_run_config, run_main
 from interp.errors import UserError
 from interp.generation import DEFAULT_MAX_NEW_TOKENS
-from lightning_modules.protocol import EvaluateOptions, study_module_class
+from lightning_modules.protocol import (
+    DIRECTION_STRENGTHS,
+    STEERING_STRENGTHS,
+    EvaluateOptions,
+    study_module_class,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,16 +41,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best.ckpt or last.ckpt)")
     parser.add_argument("--output_dir", default=None, help="where result files go (default: logs/<run_name>)")
     parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                        help="[directions] tokens generated per prompt (a generation with no final answer by then "
-                        "counts as truncated and incorrect; see truncation_rate)")  # fmt: skip
-    parser.add_argument("--greedy", action="store_true", help="[directions] greedy decoding (default: sampling, "
-                        "temperature 0.6, top_p 0.95)")  # fmt: skip
-    parser.add_argument("--n_prompts", type=int, default=None, help="[directions] test problems (default: all)")
-    parser.add_argument("--strengths", type=float, nargs="+", default=[-1.0, 1.0, 2.0, 4.0],
-                        help="[directions] multipliers of the added direction")  # fmt: skip
-    parser.add_argument("--n_random", type=int, default=1, help="[directions] null directions: the run's saved ones "
-                        "(its null, e.g. placebo), isotropic of the same norm if it saved none")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0, help="[directions] sampling, problem sample, random directions")
+                        help="[directions, steering] tokens generated per prompt (a generation with no final answer by "
+                        "then counts as truncated and incorrect; see truncation_rate)")  # fmt: skip
+    parser.add_argument("--greedy", action="store_true", help="[directions, steering] greedy decoding (default: "
+                        "sampling, temperature 0.6, top_p 0.95)")  # fmt: skip
+    parser.add_argument("--n_prompts", type=int, default=None, help="[directions, steering] test problems (default: all)")
+    parser.add_argument("--strengths", type=float, nargs="+", default=None,
+                        help="[directions, steering] multipliers of the added direction (default "
+                        f"{' '.join(map(str, DIRECTION_STRENGTHS))}) or of the learned steering (default "
+                        f"{' '.join(map(str, STEERING_STRENGTHS))}; 0 and 1 always added)")  # fmt: skip
+    parser.add_argument("--n_random", type=int, default=1, help="[directions, steering] null directions: the run's "
+                        "saved ones (its null, e.g. placebo), isotropic of the same norm if it saved none; steering "
+                        "vectors: placebo contrasts of the train problems")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="[directions, steering] sampling, problem sample, nulls")
+    parser.add_argument("--directions", default=None, help="[steering] a directions run's "
+                        "reasoning_directions.safetensors: cosine of each learned vector with its direction")  # fmt: skip
     args = parser.parse_args(argv)
     ckpt = Path(args.ckpt)
     if not ckpt.is_file():
@@ -55,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     output_dir = Path(args.output_dir) if args.output_dir else LOG_ROOT / config["run_name"]
     options = EvaluateOptions(
         max_new_tokens=args.max_new_tokens, greedy=args.greedy, n_prompts=args.n_prompts,
-        strengths=tuple(args.strengths), n_random=args.n_random, seed=args.seed,
+        strengths=None if args.strengths is None else tuple(args.strengths), n_random=args.n_random, seed=args.seed,
+        directions=args.directions,
     )  # fmt: skip
     datamodule = datamodule_from_run_config(checkpoint["run_config"])
     trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,

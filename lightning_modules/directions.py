@@ -68,6 +68,7 @@ from interp.stats import RunningMoments
 from lightning_modules.direction_report import directions_report, write_intervention_report
 from lightning_modules.frozen_backbone import ReadsBackbone
 from lightning_modules.layout import LayerStudyModule
+from lightning_modules.protocol import DIRECTION_STRENGTHS
 
 CLASSES = {"reasoning": 1, "control": 0}  # the datamodule's "reasoning" label encoding
 
@@ -394,7 +395,7 @@ class ReasoningDirectionModule(ReadsBackbone, LayerStudyModule):
         generating with the evaluate options; the trainer is not used (the backbone follows this module)."""
         self.to("cuda" if torch.cuda.is_available() else "cpu")  # the backbone follows the module's device
         report = directions_report(
-            self, datamodule, split=split, n_prompts=options.n_prompts, strengths=list(options.strengths),
+            self, datamodule, split=split, n_prompts=options.n_prompts, strengths=list(options.strengths or DIRECTION_STRENGTHS),
             n_random=options.n_random, max_new_tokens=options.max_new_tokens, do_sample=not options.greedy,
             seed=options.seed,
         )  # fmt: skip

@@ -1,5 +1,5 @@
-"""The one evaluation protocol every study module implements (probes, directions, tuned lens, and the modules
-still to come: steering vectors, the two-model comparison). `evaluate.py` calls it and never names a module class.
+"""The one evaluation protocol every study module implements (probes, directions, tuned lens, steering vectors
+and their LoRA baseline). `evaluate.py` calls it and never names a module class.
 
 A study module (a LightningModule named by a run config's `model.class_path`) provides
     build_report(self, trainer, datamodule, split, options, checkpoint) -> dict
@@ -29,23 +29,32 @@ from interp.errors import UserError
 from interp.generation import DEFAULT_MAX_NEW_TOKENS
 from lightning_modules.cache_writer import extract_activations
 
+DIRECTION_STRENGTHS = (-1.0, 1.0, 2.0, 4.0)  # multiples of the direction added by the directions report
+STEERING_STRENGTHS = (-1.0, 0.5, 1.0, 2.0)  # multiples of the learned steering (0 is always added)
+
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateOptions:
     """evaluate.py's flags, for the modules that use them (probes and the tuned lens use none)."""
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    """[directions] tokens generated per prompt (a generation with no final answer by then counts as truncated)"""
+    """[directions, steering] tokens generated per prompt (a generation with no final answer by then counts as
+    truncated)"""
     greedy: bool = False
-    """[directions] greedy decoding (default: sampling, temperature 0.6, top_p 0.95)"""
+    """[directions, steering] greedy decoding (default: sampling, temperature 0.6, top_p 0.95)"""
     n_prompts: int | None = None
-    """[directions] test problems (None = all)"""
-    strengths: tuple[float, ...] = (-1.0, 1.0, 2.0, 4.0)
-    """[directions] multipliers of the added direction"""
+    """[directions, steering] test problems (None = all)"""
+    strengths: tuple[float, ...] | None = None
+    """[directions, steering] multipliers of the added direction / the learned steering (None: the module's
+    default, DIRECTION_STRENGTHS or STEERING_STRENGTHS)"""
     n_random: int = 1
-    """[directions] null directions: the run's saved ones, isotropic of the same norm if it saved none"""
+    """[directions, steering] null directions / null vector sets (directions: the run's saved ones, isotropic of
+    the same norm if it saved none; steering vectors: placebo contrasts)"""
     seed: int = 0
-    """[directions] sampling, problem sample, random directions"""
+    """[directions, steering] sampling, problem sample, null directions"""
+    directions: str | None = None
+    """[steering] a directions run's reasoning_directions.safetensors: cosine of each learned vector with its
+    direction at the same layer"""
 
 
 @runtime_checkable

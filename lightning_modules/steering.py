@@ -31,6 +31,26 @@ APPLY_TO = {"all": "all", "prompt": "prompt", "response": "generated"}  # config
 INITS = ("zeros", "random", "directions")
 
 
+def selected_directions(path, layers: list[int], backbone, d_model: int, what: str) -> tuple[torch.Tensor, int]:
+    """A directions run's reasoning_directions.safetensors read for steering: ([len(layers), d_model] its selected
+    position's direction at each of `layers`, that position). UserError (naming `what`, the option that gave
+    the path) when the file comes from another backbone than `backbone` (a BackboneSpec: fingerprint of the
+    weights) or another d_model, has no selection, or lacks a layer."""
+    from interp.directions import load_directions
+
+    directions, meta = load_directions(path)  # [n_pos, n_cached_layers, d_model]
+    ours = backbone.fingerprint()
+    if meta.get("backbone", {}).get("weights") != ours["weights"] or meta.get("d_model") != d_model:
+        raise UserError(f"{what} {path} come from backbone {meta.get('backbone', {}).get('name_or_path')!r} "
+                        f"(d_model {meta.get('d_model')}), not the data's {ours['name_or_path']!r} (d_model {d_model})")
+    missing = [layer for layer in layers if layer not in meta["layers"]]
+    if missing or meta.get("selected") is None:
+        raise UserError(f"{what} has no selected direction at layers {missing or layers} "
+                        f"(it holds layers {meta['layers']})")  # fmt: skip
+    position = meta["selected"]["position"]
+    return torch.stack([directions[position, meta["layers"].index(layer)] for layer in layers]), position
+
+
 class SteeringVectorModule(SteeringObjectiveModule):
     """Steering vectors for `layers` of a frozen backbone, trained on a `CompletionDataModule` (module docstring)."""
 
@@ -100,20 +120,8 @@ class SteeringVectorModule(SteeringObjectiveModule):
 
     def _initial_directions(self, datamodule) -> torch.Tensor:
         """[n_steered, d_model]: the directions file's selected position at each steered layer."""
-        from interp.directions import load_directions
-
-        directions, meta = load_directions(self.hparams.directions)  # [n_pos, n_cached_layers, d_model]
-        ours = datamodule.backbone.fingerprint()
-        if meta.get("backbone", {}).get("weights") != ours["weights"] or meta.get("d_model") != datamodule.d_model:
-            raise UserError(f"model.directions {self.hparams.directions} come from backbone "
-                            f"{meta.get('backbone', {}).get('name_or_path')!r} (d_model {meta.get('d_model')}), "
-                            f"not the data's {ours['name_or_path']!r} (d_model {datamodule.d_model})")  # fmt: skip
-        missing = [layer for layer in self.hparams.layers if layer not in meta["layers"]]
-        if missing or meta.get("selected") is None:
-            raise UserError(f"model.directions has no selected direction at layers {missing or self.hparams.layers} "
-                            f"(it holds layers {meta['layers']})")  # fmt: skip
-        position = meta["selected"]["position"]
-        return torch.stack([directions[position, meta["layers"].index(layer)] for layer in self.hparams.layers])
+        return selected_directions(self.hparams.directions, self.hparams.layers, datamodule.backbone,
+                                   datamodule.d_model, "model.directions")[0]  # fmt: skip
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
@@ -136,13 +144,18 @@ class SteeringVectorModule(SteeringObjectiveModule):
         self.vectors.mul_(hp.init_scale)
 
     # ---- steering -----------------------------------------------------------------------------------------------
-    def steered(self, prompt_lengths: list[int], strength: float = 1.0):
-        """The vectors times `strength` added to the backbone (`with module.steered(...): forward`)."""
+    def steered(self, prompt_lengths: list[int] | None, strength: float = 1.0, vectors: torch.Tensor | None = None):
+        """The vectors times `strength` added to the backbone (`with module.steered(...): forward`); `vectors`
+        ([n_steered, d_model], e.g. a null) are added instead of the learned ones, at the same layers and tokens."""
         if strength == 0:
             return contextlib.nullcontext()
         apply_to = APPLY_TO[self.hparams.apply_to]
-        return AddTrainableVectors(self.backbone_model, self.vectors, self.layers, strength, apply_to,
-                                   prompt_lengths if apply_to != "all" else None)  # fmt: skip
+        return AddTrainableVectors(self.backbone_model, self.vectors if vectors is None else vectors, self.layers,
+                                   strength, apply_to, prompt_lengths if apply_to != "all" else None)  # fmt: skip
+
+    def learned_vectors(self) -> torch.Tensor:
+        """[n_steered, d_model], detached: what the steering report compares with nulls and directions."""
+        return self.vectors.detach()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [self.vectors]

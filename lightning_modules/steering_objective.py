@@ -74,6 +74,10 @@ class SteeringObjectiveModule(ReadsBackbone, LayerStudyModule):
     def trainable_parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError
 
+    def learned_vectors(self) -> torch.Tensor | None:
+        """[n_steered, d_model] when the module steers by adding vectors (nulls and cosines need them), else None."""
+        return None
+
     # ---- the objectives ------------------------------------------------------------------------------------------
     def logprobs(self, batch: dict, strength: float = 1.0, key: str = "completion_ids") -> tuple:
         """completion_logprobs of batch[key] (completion_ids or dispreferred_ids), steered at `strength` (0: the
@@ -127,18 +131,18 @@ class SteeringObjectiveModule(ReadsBackbone, LayerStudyModule):
 
     # ---- the evaluation protocol (lightning_modules/protocol.py) ------------------------------------------------
     def build_report(self, trainer, datamodule, split: str, options, checkpoint: str) -> dict:
-        """`lightning_modules.steering_report.steering_report`: the strength sweep (options.strengths and 0) on
-        the test split (options.n_prompts problems)."""
+        """`lightning_modules.steering_report.steering_report`: the strength sweep (options.strengths, 0 and 1)
+        with its nulls on the test split (options.n_prompts problems)."""
         from lightning_modules.steering_report import steering_report
 
         if split != "test":
             raise UserError(f"the steering report is computed on the test split, not {split!r}")
-        return steering_report(self, datamodule, options.strengths, checkpoint, n_prompts=options.n_prompts,
-                               seed=options.seed)  # fmt: skip
+        self.to("cuda" if torch.cuda.is_available() else "cpu")  # the backbone follows the module's device
+        return steering_report(self, datamodule, options, checkpoint)
 
     @staticmethod
     def write_report(report: dict, output_dir) -> dict:
-        """steering_results.json + visualizations/steering_nll.png (`write_steering_report`)."""
+        """steering_results.json + visualizations/steering_sweep.png (`write_steering_report`)."""
         from lightning_modules.steering_report import write_steering_report
 
         return write_steering_report(report, output_dir)

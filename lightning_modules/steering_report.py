@@ -1,48 +1,62 @@
 """The steering evaluation report (vectors and the LoRA baseline): a strength sweep on held-out problems.
 
-`steering_report(module, datamodule, strengths, ...)` reads the run's test split (reasoning and control prompts of
-the same problems; `--n_prompts` caps the problems) and, for every strength s (0 always included: the unsteered
-backbone), with the module's steering at s (`module.steered`: the vectors times s, or every adapter's output
-times s):
-    gold_nll     per reasoning prompt, the teacher-forced mean NLL per token of its gold solution
-                 (`interp.metrics.gold_solution_nll`, first max_solution_tokens tokens); mean and percentile
-                 bootstrap 95% CI over problems, and the paired change vs s = 0 with its CI
-    control_kl   per control prompt, KL(unsteered || steered) of the next-token distribution after the prompt
-                 (`last_token_kl` of `next_token_logits`); mean and max
-`write_steering_report` writes steering_results.json and visualizations/steering_nll.png. JSON shape:
+`steering_report(module, datamodule, options, checkpoint)` reads the run's test split (reasoning and control
+prompts of the same problems; `--n_prompts` caps the problems) and measures, through the one intervention
+evaluation (`interp.intervention_eval.evaluate_conditions`, so every number means what it means in the directions
+report: accuracy, gold_nll, accuracy_change, gold_nll_change, control_kl, control_accuracy, truncation,
+degeneration, samples), these conditions:
+    baseline            strength 0: the unsteered backbone
+    steered@{s}         the module's steering at strength s (`module.steered`: the vectors times s, or every
+                        adapter's output times s), for s in --strengths (default STEERING_STRENGTHS) and 1
+    null{k}_steered@1   steering vectors only: null vector set k added instead of the learned vectors, at
+                        strength 1 and the same layers and tokens (NULL_DEFINITION: placebo contrasts of the
+                        train problems' residual stream, rescaled to each learned vector's norm; `--n_random` sets)
+vs_null (`interp.intervention_eval.vs_null`, steering vectors with --n_random >= 1): steered@1 against its nulls
+prompt by prompt, on accuracy ("steered": > 0 = more answers right than with the nulls) and on the gold NLL
+("steered_gold_nll": < 0 = the gold solution more likely than with the nulls); CI over prompts, p_rank over the
+m nulls (never below 1 / (m + 1)).
+cosine_to_directions (steering vectors and `--directions`): per steered layer, cos(v_l, r_l) between the learned
+vector and a directions run's direction at its selected position (same backbone, checked), and the cosines of
+the null vectors with r_l (what a data-shaped direction of no learned meaning gives).
+`write_steering_report` writes steering_results.json and visualizations/steering_sweep.png. JSON shape:
     {"checkpoint", "module", "backbone", "layers", "trainable_parameters", "split": "test", "n_problems",
-     "max_solution_tokens", "n_bootstrap", "strengths": [float],
-     "conditions": [{"strength", "gold_nll": {"mean", "ci", "per_prompt"}, "gold_nll_change": {"mean", "ci"},
-                     "control_kl": {"mean", "max"}}],
-     "not_measured": [str]}      what the issue asks that this report does not compute yet
+     "max_solution_tokens", "n_bootstrap", "strengths": [float, 0 and 1 included], "generation": {...},
+     "null": NULL_DEFINITION | null, "n_null": int, "reasoning_rows", "control_rows", "pair_indices",
+     "conditions": [the `evaluate_conditions` entries, `interp.intervention_eval` docstring],
+     "vs_null": {"steered": {...}, "steered_gold_nll": {...}} | {},
+     "cosine_to_directions": {"directions", "position", "layers", "cosine": [per layer],
+                              "null_cosine": [[per null] per layer]} | null,
+     "not_measured": [str]}      what this report cannot compute for this module
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from interp.activations import collect_activations
 from interp.errors import UserError
-from interp.metrics import gold_solution_nll, last_token_kl, next_token_logits
-from interp.plots import plot_layer_curves
-from interp.selection import bootstrap_ci
-from lightning_modules.protocol import write_report_files
+from interp.intervention_eval import Condition, evaluate_conditions, vs_null
+from interp.null_directions import null_directions
+from interp.plots import plt
+from lightning_modules.protocol import STEERING_STRENGTHS, write_report_files
 
 RESULTS_FILE = "steering_results.json"
-FIGURE_FILE = "steering_nll.png"
-NOT_MEASURED = ["graded answer accuracy under steering", "degeneration measures",
-                "cosine of the vectors to a directions run's directions"]  # fmt: skip
+FIGURE_FILE = "steering_sweep.png"
+NULL_PROBLEMS = 256  # train problems the placebo nulls are built from (the first by problem order)
+NULL_DEFINITION = (
+    "per null k and steered layer l: the balanced within-pair sign-flip placebo (interp.null_directions, "
+    "'placebo') of the residual stream blocks.{l}.resid_post at the last prompt token of the first "
+    f"{NULL_PROBLEMS} train problems (one sign vector per k, shared by all layers), rescaled to |v_l|"
+)
 
 
-def steering_report(module, datamodule, strengths, checkpoint: str, n_prompts: int | None = None,
-                    n_bootstrap: int = 1000, seed: int = 0, max_solution_tokens: int | None = 256,
-                    batch_size: int = 8) -> dict:  # fmt: skip
-    """The strength sweep of `module` (a SteeringObjectiveModule loaded from `checkpoint`) on the test split."""
-    datamodule.setup("test")
-    module.pad_id = datamodule.pad_id
+def _test_rows(datamodule, n_prompts: int | None) -> list:
+    """The reasoning and control rows of the first n_prompts test problems that have both."""
     by_pair: dict[int, dict[str, object]] = {}
     for row in datamodule.prompts.rows:
         if row.split == "test":
@@ -50,50 +64,141 @@ def steering_report(module, datamodule, strengths, checkpoint: str, n_prompts: i
     pairs = [kinds for _, kinds in sorted(by_pair.items()) if len(kinds) == 2][:n_prompts]
     if not pairs:
         raise UserError("the run has no test problems with a reasoning and a control prompt")
-    reasoning, control = [p["reasoning"] for p in pairs], [p["control"] for p in pairs]
-    model, tokenizer = module.backbone_model, datamodule.prompts.tokenizer
-    strengths = sorted({0.0, *(float(s) for s in strengths)})
-    measured = {}
-    for s in strengths:
-        with torch.no_grad(), module.steered(None, s):
-            nll = gold_solution_nll(model, tokenizer, [r.prompt for r in reasoning], [r.gold_solution for r in reasoning],
-                                    batch_size, max_solution_tokens)  # fmt: skip
-            logits = next_token_logits(model, tokenizer, [r.prompt for r in control], batch_size)
-        measured[s] = (nll, logits)
-    base_nll, base_logits = measured[0.0]
-    conditions = []
-    for s, (nll, logits) in measured.items():
-        change, kl = nll - base_nll, last_token_kl(base_logits, logits)
-        conditions.append({
-            "strength": s,
-            "gold_nll": {"mean": float(nll.mean()), "ci": list(bootstrap_ci(nll, n_bootstrap, seed=seed)),
-                         "per_prompt": nll.tolist()},
-            "gold_nll_change": {"mean": float(change.mean()), "ci": list(bootstrap_ci(change, n_bootstrap, seed=seed))},
-            "control_kl": {"mean": float(kl.mean()), "max": float(kl.max())},
-        })  # fmt: skip
+    return [pair[kind] for kind in ("reasoning", "control") for pair in pairs]
+
+
+def placebo_vectors(model, tokenizer, rows, layers: list[int], like: torch.Tensor, n: int, seed: int,
+                    batch_size: int = 8) -> torch.Tensor:  # fmt: skip
+    """[n, len(layers), d_model] null vector sets (NULL_DEFINITION) for the vectors `like` [len(layers), d_model],
+    from `rows` (the train PromptRows; the first NULL_PROBLEMS problems with both kinds)."""
+    pairs = sorted({row.pair_index for row in rows if row.kind == "reasoning"}
+                   & {row.pair_index for row in rows if row.kind == "control"})[:NULL_PROBLEMS]  # fmt: skip
+    if len(pairs) < 2:
+        raise UserError(f"the placebo null needs at least 2 train problems with both prompts, the run has {len(pairs)}")
+    keep = set(pairs)
+    chosen = [row for row in rows if row.pair_index in keep]
+    acts = collect_activations(model, tokenizer, [row.prompt for row in chosen], layers, "last", batch_size)
+    labels = torch.tensor([row.kind == "reasoning" for row in chosen], dtype=torch.long)
+    problems = torch.tensor([row.pair_index for row in chosen])
+    per_layer = [null_directions("placebo", like[i].cpu().to(torch.float64), n, seed, acts[:, i], labels, problems)
+                 for i in range(len(layers))]  # fmt: skip  same seed: the same signs at every layer
+    return torch.stack(per_layer, dim=1).to(like.dtype)  # [n, n_layers, d_model]
+
+
+def _cosines(vectors: torch.Tensor, directions: torch.Tensor) -> list[float]:
+    """Row-wise cosine of [n, d] with [n, d], float64."""
+    return torch.nn.functional.cosine_similarity(vectors.to(torch.float64), directions.to(torch.float64), dim=-1).tolist()
+
+
+def steering_report(module, datamodule, options, checkpoint: str, n_bootstrap: int = 1000,
+                    max_solution_tokens: int | None = 256, batch_size: int = 8) -> dict:  # fmt: skip
+    """The strength sweep of `module` (a SteeringObjectiveModule loaded from `checkpoint`) on the test split, with
+    `options` (`lightning_modules.protocol.EvaluateOptions`); JSON shape in the module docstring."""
+    from lightning_modules.steering import selected_directions
+
+    vectors = module.learned_vectors()  # [n_steered, d_model] | None (LoRA)
+    if options.directions is not None and vectors is None:
+        raise UserError(f"--directions compares steering vectors with directions; {type(module).__name__} has none")
+    datamodule.setup("test")
+    module.pad_id = datamodule.pad_id
     spec = module.backbone_spec or datamodule.backbone
+    # before any generation: a wrong directions file is one line, not an error after the sweep
+    reference = None if options.directions is None else selected_directions(
+        options.directions, list(module.layers), spec, datamodule.d_model, "--directions")  # fmt: skip
+    rows = _test_rows(datamodule, options.n_prompts)
+    model, tokenizer = module.backbone_model, datamodule.prompts.tokenizer
+    n_null = options.n_random if vectors is not None else 0
+    nulls = None
+    if n_null:
+        train = [row for row in datamodule.prompts.rows if row.split == "train"]
+        nulls = placebo_vectors(model, tokenizer, train, list(module.layers), vectors, n_null, options.seed, batch_size)
+    strengths = sorted({0.0, 1.0, *(float(s) for s in (options.strengths or STEERING_STRENGTHS))})
+    conditions = [Condition("baseline", "none", "none", strength=0.0)]
+    conditions += [Condition(f"steered@{s:g}", "steer", "learned", strength=s) for s in strengths if s != 0]
+    conditions += [Condition(f"null{k}_steered@1", "steer", "random", strength=1.0, random_index=k) for k in range(n_null)]
+
+    def handler(condition: Condition):
+        if condition.intervention == "none":
+            return contextlib.nullcontext()
+        if condition.direction == "learned":
+            return module.steered(None, condition.strength)
+        return module.steered(None, condition.strength, nulls[condition.random_index].to(vectors))
+
+    gen = {"max_new_tokens": options.max_new_tokens, "do_sample": not options.greedy, "temperature": 0.6,
+           "top_p": 0.95, "seed": options.seed}  # fmt: skip
+    with torch.no_grad():
+        results = evaluate_conditions(model, tokenizer, rows, conditions, handler, gen, batch_size, n_samples=4,
+                                      n_bootstrap=n_bootstrap, max_solution_tokens=max_solution_tokens)  # fmt: skip
+    cosine = None
+    if reference is not None:
+        directions, position = reference
+        cosine = {"directions": str(options.directions), "position": position, "layers": list(module.layers),
+                  "cosine": _cosines(vectors.cpu(), directions),
+                  "null_cosine": None if nulls is None else [_cosines(nulls[:, i].cpu(), directions[i].expand(n_null, -1))
+                                                             for i in range(len(module.layers))]}  # fmt: skip
+    not_measured = [] if vectors is not None else [
+        "null conditions (a null for an adapter's weight change is not defined here)",
+        "cosine to a directions run (an adapter has no vectors)"]  # fmt: skip
+    reasoning = [row for row in rows if row.kind == "reasoning"]
     return {
         "checkpoint": str(checkpoint), "module": type(module).__name__, "backbone": spec.name_or_path,
         "layers": list(module.layers), "trainable_parameters": sum(p.numel() for p in module.trainable_parameters()),
-        "split": "test", "n_problems": len(pairs), "max_solution_tokens": max_solution_tokens,
-        "n_bootstrap": n_bootstrap, "strengths": strengths, "conditions": conditions, "not_measured": NOT_MEASURED,
+        "split": "test", "n_problems": len(reasoning), "max_solution_tokens": max_solution_tokens,
+        "n_bootstrap": n_bootstrap, "strengths": strengths, "generation": gen,
+        "null": NULL_DEFINITION if n_null else None, "n_null": n_null,
+        "reasoning_rows": [row.row_index for row in reasoning],
+        "control_rows": [row.row_index for row in rows if row.kind == "control"],
+        "pair_indices": [row.pair_index for row in reasoning], "conditions": results,
+        "vs_null": vs_null(results, n_bootstrap, options.seed), "cosine_to_directions": cosine,
+        "not_measured": not_measured,
     }  # fmt: skip
 
 
+def plot_steering(report: dict):
+    """Gold NLL (with CI) and accuracy vs strength, null conditions as points at strength 1; cosine vs layer."""
+    sweep = [c for c in report["conditions"] if c["direction"] != "random"]
+    nulls = [c for c in report["conditions"] if c["direction"] == "random"]
+    cosine = report["cosine_to_directions"]
+    fig, axes = plt.subplots(1, 3 if cosine else 2, figsize=(14 if cosine else 9.5, 3.8))
+    x = [c["strength"] for c in sweep]
+    for ax, key, label in ((axes[0], "gold_nll", "gold-solution NLL (nats/token)"), (axes[1], "accuracy", "accuracy")):
+        if key == "gold_nll":
+            ax.plot(x, [c[key]["mean"] for c in sweep], "o-", label=report["module"])
+            ax.fill_between(x, [c[key]["ci"][0] for c in sweep], [c[key]["ci"][1] for c in sweep], alpha=0.25)
+            ax.plot([1.0] * len(nulls), [c[key]["mean"] for c in nulls], "kx", label="null vectors")
+        else:
+            ax.plot(x, [c[key] for c in sweep], "o-", label=report["module"])
+            ax.plot([1.0] * len(nulls), [c[key] for c in nulls], "kx", label="null vectors")
+        ax.set(xlabel="steering strength", ylabel=label)
+        ax.legend(fontsize=8)
+    if cosine:
+        axes[2].plot(cosine["layers"], cosine["cosine"], "o-", label="learned vector")
+        for k, values in enumerate(zip(*cosine["null_cosine"] or [])):
+            axes[2].plot(cosine["layers"], values, "kx", label="null vectors" if k == 0 else None)
+        axes[2].axhline(0, color="grey", lw=0.5)
+        axes[2].set(xlabel="layer", ylabel="cosine to the directions run", ylim=(-1, 1))
+        axes[2].legend(fontsize=8)
+    fig.suptitle(f"{report['module']} on {report['backbone']} ({report['split']}, n={report['n_problems']})")
+    fig.tight_layout()
+    return fig
+
+
 def write_steering_report(report: dict, output_dir: Path) -> dict[str, Path]:
-    """Write steering_results.json and visualizations/steering_nll.png into output_dir, print a table."""
-    rows = report["conditions"]
-    fig = plot_layer_curves([row["strength"] for row in rows], {"gold-solution NLL": [r["gold_nll"]["mean"] for r in rows]},
-                            ylabel="nats per token", xlabel="steering strength",
-                            title=f"{report['module']} on {report['backbone']} ({report['split']})")  # fmt: skip
-    paths = write_report_files(report, output_dir, RESULTS_FILE, fig, FIGURE_FILE)
+    """Write steering_results.json and visualizations/steering_sweep.png into output_dir, print a table."""
+    paths = write_report_files(report, output_dir, RESULTS_FILE, plot_steering(report), FIGURE_FILE)
     table = Table(title=f"Steering sweep (n={report['n_problems']} test problems, "
                         f"{report['trainable_parameters']} trained parameters)")  # fmt: skip
-    for column in ("strength", "gold NLL", "95% CI", "change", "control KL"):
-        table.add_column(column, justify="right")
-    for row in rows:
-        low, high = row["gold_nll"]["ci"]
-        table.add_row(f"{row['strength']:g}", f"{row['gold_nll']['mean']:.3f}", f"[{low:.3f}, {high:.3f}]",
-                      f"{row['gold_nll_change']['mean']:+.3f}", f"{row['control_kl']['mean']:.4f}")  # fmt: skip
+    for column in ("condition", "accuracy", "truncated", "gold NLL", "95% CI", "change", "control KL",
+                   "ctrl solved", "4-gram rep."):  # fmt: skip
+        table.add_column(column, justify="right", no_wrap=True)
+    for c in report["conditions"]:
+        low, high = c["gold_nll"]["ci"]
+        solved = "-" if c["control_accuracy"] is None else f"{c['control_accuracy']:.3f}"
+        table.add_row(c["name"], f"{c['accuracy']:.3f}", f"{c['truncation_rate']:.3f}", f"{c['gold_nll']['mean']:.3f}",
+                      f"[{low:.3f}, {high:.3f}]", f"{c['gold_nll_change']['mean']:+.3f}",
+                      f"{c['control_kl']['mean']:.4f}", solved, f"{c['ngram_repetition']:.3f}")  # fmt: skip
     Console().print(table)
+    for name, test in report["vs_null"].items():
+        Console().print(f"vs null ({name}): {test['metric']} {test['value']:.3f}, difference {test['difference']:+.3f} "
+                        f"[{test['ci'][0]:+.3f}, {test['ci'][1]:+.3f}], p_rank {test['p_rank']:.3f}")  # fmt: skip
     return paths
