@@ -55,15 +55,16 @@ NULL_DEFINITION = (
 )
 
 
-def _test_rows(datamodule, n_prompts: int | None) -> list:
-    """The reasoning and control rows of the first n_prompts test problems that have both."""
+def paired_rows(datamodule, split: str, n_prompts: int | None) -> list:
+    """The reasoning rows, then the control rows, of the first n_prompts `split` problems (by problem order) that
+    have both; UserError when there are none."""
     by_pair: dict[int, dict[str, object]] = {}
     for row in datamodule.prompts.rows:
-        if row.split == "test":
+        if row.split == split:
             by_pair.setdefault(row.pair_index, {})[row.kind] = row
     pairs = [kinds for _, kinds in sorted(by_pair.items()) if len(kinds) == 2][:n_prompts]
     if not pairs:
-        raise UserError("the run has no test problems with a reasoning and a control prompt")
+        raise UserError(f"the run has no {split} problems with a reasoning and a control prompt")
     return [pair[kind] for kind in ("reasoning", "control") for pair in pairs]
 
 
@@ -105,7 +106,7 @@ def steering_report(module, datamodule, options, checkpoint: str, n_bootstrap: i
     # before any generation: a wrong directions file is one line, not an error after the sweep
     reference = None if options.directions is None else selected_directions(
         options.directions, list(module.layers), spec, datamodule.d_model, "--directions")  # fmt: skip
-    rows = _test_rows(datamodule, options.n_prompts)
+    rows = paired_rows(datamodule, "test", options.n_prompts)
     model, tokenizer = module.backbone_model, datamodule.prompts.tokenizer
     n_null = options.n_random if vectors is not None else 0
     nulls = None

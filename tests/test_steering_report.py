@@ -141,6 +141,23 @@ def test_evaluate_measures_the_sweep_against_nulls_and_directions(tmp_path, monk
     assert nll["null_values"] == pytest.approx(null.mean(1).tolist(), rel=1e-12)
     assert report["vs_null"]["steered"]["metric"] == "accuracy" and report["not_measured"] == []
 
+    # the config's SteeringSweepCallback, after the last epoch: the first 4 val problems, the final vectors
+    sweep = json.loads((out / "steering_sweep.json").read_text())
+    val = sorted((r for r in rows if r.split == "val" and r.kind == "reasoning"), key=lambda r: r.pair_index)[:4]
+    assert sweep["epochs_completed"] == 2 and sweep["pair_indices"] == [r.pair_index for r in val]
+    final = SteeringVectorModule.load_from_checkpoint(ckpt.parent / "last.ckpt").vectors.detach()
+    by_strength = {c["strength"]: c for c in sweep["conditions"]}
+    assert sorted(by_strength) == [-1.0, 0.0, 0.5, 1.0, 2.0]
+    for s in by_strength:
+        with InterventionHandler(model, per_layer(final), s, layers=LAYERS):
+            nll = gold_solution_nll(model, tokenizer, [r.prompt for r in val], [r.gold_solution for r in val], 8, 128)
+        assert by_strength[s]["gold_nll"]["per_prompt"] == nll.tolist()  # the same float ops: s * v, x + s v
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out)).Reload()
+    assert {"sweep/gold_nll@1", "sweep/control_kl@-1"} <= set(events.Tags()["scalars"])
+    assert "sweep/gold_nll_vs_strength" in events.Tags()["images"]
+
 
 def test_lora_sweep_has_no_nulls_and_refuses_directions(tmp_path, monkeypatch):
     """The LoRA baseline goes through the same sweep (strength 0 = the plain backbone); it has no vectors, so no
