@@ -109,6 +109,12 @@ EXPECTED: dict[str, dict] = {
                                 "datamodule.d_model": 64, "trainer.accelerator_name": "cpu", "model.hparams.layers": [8, 16],
                                 "model.hparams.rank": 4, "model.hparams.alpha": 8.0, "datamodule.batch_size": 4,
                                 "trainer.max_epochs": 3},
+    "steering_qwq.yaml": {"class_path": STEERING, "sources": HUB_SOURCES, "datamodule.backbone.name_or_path": "Qwen/QwQ-32B",
+                          "datamodule.backbone.dtype": "bfloat16", "datamodule.backbone.device_map": "auto",
+                          "datamodule.prompts.backbone": "Qwen/QwQ-32B", "datamodule.prompts.max_prompt_tokens": 1024,
+                          "datamodule.d_model": 5120, "trainer.accelerator_name": "auto",
+                          "model.hparams.layers": [24, 32, 40], "model.hparams.gradient_checkpointing": True,
+                          "datamodule.batch_size": 2, "datamodule.max_completion_tokens": 256, "trainer.max_epochs": 3},
     "tuned_lens_tiny.yaml": {"class_path": LENS, **_tiny(list(range(32)), sources=EMBEDDED_100),
                              "model.hparams.lr": 0.001, "model.hparams.weight_decay": 0.0,
                              "model.hparams.rank": None,
@@ -200,7 +206,7 @@ REAL_CONFIGS = [c for c in CONFIGS if _raw(c)["data"]["init_args"]["backbone"]["
 
 def test_the_real_configs_are_the_32b_ones():
     assert set(REAL_CONFIGS) == {c for c, fields in EXPECTED.items() if fields["datamodule.d_model"] == 5120}
-    assert len(REAL_CONFIGS) == 5
+    assert len(REAL_CONFIGS) == 6
 
 
 @pytest.mark.parametrize("config_name", REAL_CONFIGS)
@@ -212,7 +218,8 @@ def test_real_backbone_on_meta_device_fits_the_config(config_name):
     assert all(p.is_meta for p in model.parameters())
     assert len(decoder_layers(model)) == config.num_hidden_layers == 64
     assert model.get_input_embeddings().weight.shape == (config.vocab_size, config.hidden_size) == (152064, 5120)
-    layers = data["layers"] if data["layers"] is not None else range(config.num_hidden_layers)
+    layers = data["layers"] if "layers" in data else _raw(config_name)["model"]["init_args"]["layers"]
+    layers = layers if layers is not None else range(config.num_hidden_layers)
     assert all(0 <= layer < config.num_hidden_layers for layer in layers)
     n_parameters = sum(p.numel() for p in model.parameters())
     assert n_parameters == _qwen2_parameters(config)
