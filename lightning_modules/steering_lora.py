@@ -107,7 +107,10 @@ class LoraSteeringModule(SteeringObjectiveModule):
 
     # ---- steering -----------------------------------------------------------------------------------------------
     def _lora_layers(self) -> list[LoraLayer]:
-        return [module for module in self.adapted_backbone().modules() if isinstance(module, LoraLayer)]
+        model = self.adapted_backbone()
+        if getattr(self, "_lora_cache", (None,))[0] is not model:  # found once per backbone, not every forward
+            self._lora_cache = (model, [module for module in model.modules() if isinstance(module, LoraLayer)])
+        return self._lora_cache[1]
 
     @contextlib.contextmanager
     def steered(self, prompt_lengths: list[int], strength: float = 1.0):

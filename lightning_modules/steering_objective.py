@@ -118,11 +118,15 @@ class SteeringObjectiveModule(ReadsBackbone, LayerStudyModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val = torch.zeros(3, dtype=torch.float64)  # steered NLL sum, unsteered NLL sum, tokens
+        if not hasattr(self, "_unsteered_nll"):
+            self._unsteered_nll: dict[tuple, float] = {}  # val batch rows -> the frozen backbone's NLL sum
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         steered, count = self.token_nll(batch)
-        unsteered, _ = self.token_nll(batch, strength=0.0)
-        self._val += torch.tensor([float(steered), float(unsteered), float(count)], dtype=torch.float64)
+        key = tuple(batch["rows"].tolist())  # the frozen backbone's NLL of a batch never changes: computed once
+        if key not in self._unsteered_nll:
+            self._unsteered_nll[key] = float(self.token_nll(batch, strength=0.0)[0])
+        self._val += torch.tensor([float(steered), self._unsteered_nll[key], float(count)], dtype=torch.float64)
 
     def on_validation_epoch_end(self) -> None:
         val = self.trainer.strategy.reduce(self._val.to(self.device), reduce_op="sum").cpu()
