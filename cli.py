@@ -28,6 +28,37 @@ CHECKPOINT_ROOT = Path("checkpoints")
 LOG_ROOT = Path("logs")
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint read as data only (torch.load weights_only=True: tensors, containers, numbers, strings), so a
+    checkpoint from anyone cannot run code; UserError (one line, naming the file) when it holds anything else or
+    cannot be read, and when train.py did not write it (no run_config)."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise UserError(f"checkpoint {path} cannot be read (not a checkpoint): {_first_line(error)}") from error
+        found = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line), "a Python object")
+        raise UserError(f"checkpoint {path} holds more than tensors and plain data ({found}); refusing to unpickle "
+                        "it, which could run code") from error  # fmt: skip
+    except Exception as error:  # torch.load of a truncated or foreign file: OSError, KeyError, RuntimeError, ...
+        raise UserError(f"checkpoint {path} cannot be read (truncated or not a checkpoint): "
+                        f"{type(error).__name__}: {_first_line(error)}") from error  # fmt: skip
+    if not isinstance(checkpoint, dict) or "run_config" not in checkpoint:
+        raise UserError(f"checkpoint {path} was not written by train.py (no run_config)")
+    return checkpoint
+
+
 class RunConfigInCheckpoint(L.Callback):
     """Stores the run's resolved config (YAML) in every checkpoint."""
 
@@ -114,6 +145,18 @@ class ProjectCLI(LightningCLI):
             return str(last) if path == "last" else None
         if not Path(path).is_file():
             raise UserError(f"--ckpt_path {path} does not exist")
+        return path
+
+    def checked_ckpt_path(self) -> str | None:
+        """`resolved_ckpt_path`, read as data (`read_checkpoint`) and checked to hold this run's kind of module,
+        before anything is loaded or written."""
+        path = self.resolved_ckpt_path()
+        if path is not None:
+            stored = yaml.safe_load(read_checkpoint(path)["run_config"])["model"]["class_path"]
+            ours = f"{type(self.model).__module__}.{type(self.model).__name__}"
+            if stored != ours:
+                raise UserError(f"--ckpt_path {path} holds a {stored.rpartition('.')[2]}, not this config's "
+                                f"{ours.rpartition('.')[2]}")  # fmt: skip
         return path
 
 

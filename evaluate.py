@@ -21,12 +21,10 @@ import argparse
 from pathlib import Path
 
 import lightning as L
-import torch
 import yaml
 from lightning.pytorch.callbacks import RichProgressBar
 
-from cli import LOG_ROOT, datamodule_from_run_config, run_main
-from interp.errors import UserError
+from cli import LOG_ROOT, datamodule_from_run_config, read_checkpoint, run_main
 from interp.generation import DEFAULT_MAX_NEW_TOKENS
 from lightning_modules.protocol import (
     DIRECTION_STRENGTHS,
@@ -58,11 +56,7 @@ def main(argv: list[str] | None = None) -> None:
                         "reasoning_directions.safetensors: cosine of each learned vector with its direction")  # fmt: skip
     args = parser.parse_args(argv)
     ckpt = Path(args.ckpt)
-    if not ckpt.is_file():
-        raise UserError(f"checkpoint {ckpt} does not exist")
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
-    if "run_config" not in checkpoint:
-        raise UserError(f"checkpoint {ckpt} was not written by train.py (no run_config)")
+    checkpoint = read_checkpoint(ckpt)  # data only: a checkpoint from anyone runs no code
     config = yaml.safe_load(checkpoint["run_config"])
     module_class = study_module_class(config["model"]["class_path"])
     output_dir = Path(args.output_dir) if args.output_dir else LOG_ROOT / config["run_name"]
@@ -74,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     datamodule = datamodule_from_run_config(checkpoint["run_config"])
     trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
                         callbacks=[RichProgressBar(leave=True)])  # fmt: skip
-    module = module_class.load_from_checkpoint(ckpt, map_location="cpu")
+    module = module_class.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     report = module.build_report(trainer, datamodule, "test", options, str(ckpt))
     paths = module_class.write_report(report, output_dir)
     print("Wrote " + " and ".join(str(path) for path in paths.values()))

@@ -15,10 +15,10 @@ from lightning_modules.cache_writer import extract_activations
 
 def main(args: list[str] | None = None) -> None:
     cli = ProjectCLI(args=args)
-    ckpt_path = cli.resolved_ckpt_path()
+    ckpt_path = cli.checked_ckpt_path()
     if isinstance(cli.datamodule, CachedActivationDataModule):
         extract_activations(cli.trainer, cli.datamodule)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def _tuned_lens(study: Study, label: str, model, datamodule) -> tuple[TunedLens,
     ckpt = study.checkpoint_dir(label, "tuned_lens") / "best.ckpt"
     if not ckpt.is_file():
         raise UserError(f"{ckpt} does not exist: run the tuned_lens stage of {label} first")
-    module = TunedLensModule.load_from_checkpoint(ckpt, map_location="cpu")
+    module = TunedLensModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     missing = [layer for layer in datamodule.layers if layer not in module.layers]
     if missing:
         raise UserError(f"the tuned lens of {label} ({ckpt}) has no translator for layers {missing}")
