@@ -38,6 +38,13 @@ from transformers import (
 )
 
 from interp.errors import UserError
+from interp.shape_backbone import (
+    build_shape_model,
+    is_shape,
+    shape_config_dir,
+    shape_fingerprint,
+    shape_tokenizer,
+)
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_BACKBONE_VERSION = 2  # bump when the tiny recipe changes: it is part of the cache path
@@ -120,10 +127,13 @@ def _looks_like_path(name: str) -> bool:
 def resolve_backbone_path(name_or_path: str) -> str:
     """Built-in name -> its local directory (built on first use); local dir -> checked; hub id -> unchanged.
 
-    Raises UserError for a local path that does not exist or holds no config.json.
+    Raises UserError for a local path that does not exist or holds no config.json. `shape:<model>` -> the
+    directory of its config.json (`interp.shape_backbone`).
     """
     if name_or_path in BUILTIN_BACKBONES:
         return str(build_tiny_backbone(name_or_path))
+    if is_shape(name_or_path):
+        return str(shape_config_dir(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -230,9 +240,12 @@ def _tiny_model(spec: TinySpec) -> PreTrainedModel:
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
     """The backbone's tokenizer, set up for batched extraction (left padding, a pad token)."""
-    tokenizer = AutoTokenizer.from_pretrained(
-        resolve_backbone_path(name_or_path), revision=revision, trust_remote_code=trust_remote_code
-    )
+    if is_shape(name_or_path):
+        tokenizer = shape_tokenizer(name_or_path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve_backbone_path(name_or_path), revision=revision, trust_remote_code=trust_remote_code
+        )
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -258,10 +271,12 @@ def load_backbone(
     """Load a frozen causal LM and its tokenizer.
 
     Args:
-        name_or_path: hub id, local `save_pretrained` directory, or a built-in name ("tiny", "tiny-qwq",
-            "tiny-r1-distill", "toy-qwq", "toy-r1-distill").
+        name_or_path: hub id, local `save_pretrained` directory, a built-in name ("tiny", "tiny-qwq",
+            "tiny-r1-distill", "toy-qwq", "toy-r1-distill"), or a real architecture with random weights
+            ("shape:qwq-32b", "shape:r1-distill-qwen-32b", "shape:<config dir>"; `interp.shape_backbone`).
         dtype: "float32" | "bfloat16" | "float16" | "auto" | torch.dtype; None = the checkpoint's own.
-        device_map: passed to `from_pretrained` ("auto" shards across visible GPUs through accelerate).
+        device_map: passed to `from_pretrained` ("auto" shards across visible GPUs through accelerate); shape
+            backbones: one device, or "meta" (no memory).
         quantization: None | "8bit" | "4bit" (bitsandbytes).
     Returns:
         (model in eval mode with requires_grad False everywhere, tokenizer with left padding).
@@ -286,7 +301,12 @@ def load_backbone(
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit"
         )
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if is_shape(name_or_path):
+        if quantization is not None:
+            raise UserError(f"{name_or_path} has random weights: quantization is not supported")
+        model = build_shape_model(name_or_path, dtype, device_map)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.requires_grad_(False).eval()
     decoder_layers(model)  # fail now, not mid-run, if the layer stack cannot be found
     return model, load_tokenizer(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
@@ -322,6 +342,8 @@ def backbone_fingerprint(name_or_path: str, revision: str | None = None) -> str:
     Hub ids: id + revision. Local directories: config.json plus, for every weight file, its name, size and
     the sha256 of its first and last MiB (cheap even for 64 GB checkpoints; changes when weights change).
     """
+    if is_shape(name_or_path):
+        return shape_fingerprint(name_or_path)
     path = Path(resolve_backbone_path(name_or_path))
     digest = hashlib.sha256()
     if not path.is_dir():
@@ -344,7 +366,9 @@ class BackboneSpec:
 
     name_or_path: str = "tiny"
     """Hub id (e.g. Qwen/QwQ-32B), local save_pretrained directory, or built-in: tiny, tiny-qwq, tiny-r1-distill
-    (random weights), toy-qwq, toy-r1-distill (trained on toy_arithmetic; built on first use, a few minutes)."""
+    (random weights), toy-qwq, toy-r1-distill (trained on toy_arithmetic; built on first use, a few minutes), or a
+    real architecture with random weights built on the device: shape:qwq-32b, shape:r1-distill-qwen-32b,
+    shape:<config dir> (speed and memory measurements; device_map "meta" for no memory)."""
     dtype: str = "float32"
     """float32 | bfloat16 | float16 | auto (the checkpoint's own)."""
     device_map: str | None = None
