@@ -26,7 +26,7 @@ from datamodules.prompts import ReasoningPromptsDataModule
 from datamodules.tensors import control_task_labels, control_type_seen, question_type
 from interp.activations import check_layers
 from interp.backbone import BackboneSpec
-from interp.cache import SPLITS, ActivationCache, ShardReader, cache_key
+from interp.cache import SPLITS, STORAGE_DTYPES, ActivationCache, ShardReader, cache_key
 from interp.errors import UserError
 from interp.positions import PositionSpec
 from interp.prompts import post_instruction_ids
@@ -74,6 +74,7 @@ class CachedActivationDataModule(L.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         control_seed: int = 0,
+        cache_dtype: str = "float32",
     ):
         """
         Args:
@@ -87,6 +88,9 @@ class CachedActivationDataModule(L.LightningDataModule):
             cache_dir: where activation caches live (one sub-directory per cache key).
             batch_size: probe-training batch size (extraction uses prompts.batch_size).
             control_seed: seed of the control-task labels (type -> label hash; selectivity).
+            cache_dtype: float32 | bfloat16 | float16: how the cache stores the activations (bfloat16 halves it at
+                ~3 significant digits; float16 keeps more digits but overflows above 65504, refused at extraction).
+                Batches are float32 either way.
         """
         super().__init__()
         self.backbone = backbone or BackboneSpec()
@@ -98,6 +102,9 @@ class CachedActivationDataModule(L.LightningDataModule):
             raise UserError(f"data.label {label!r} is not one of {list(PROBE_LABELS)}")
         self.batch_position, self.label, self.cache_dir = batch_position, label, Path(cache_dir)
         self.batch_size, self.num_workers, self.control_seed = batch_size, num_workers, control_seed
+        if cache_dtype not in STORAGE_DTYPES:
+            raise UserError(f"data.cache_dtype {cache_dtype!r} is not one of {list(STORAGE_DTYPES)}")
+        self.cache_dtype = cache_dtype
         self.datasets: dict[str, Dataset] = {}
 
     # ---- the cache -------------------------------------------------------------------------------------------
@@ -108,6 +115,8 @@ class CachedActivationDataModule(L.LightningDataModule):
             "data": self.prompts.data_spec(),
             "layers": self.layers,
             "positions": str(self.positions),
+            # a float32 cache keeps the key it had before storage dtypes existed, so existing caches stay valid
+            **({"dtype": self.cache_dtype} if self.cache_dtype != "float32" else {}),
         }
 
     @cached_property
@@ -125,7 +134,7 @@ class CachedActivationDataModule(L.LightningDataModule):
             "positions": str(self.positions),
             "n_positions": self.positions.num_positions(post),
             "d_model": self.backbone.hidden_size(),
-            "dtype": "float32",
+            "dtype": self.cache_dtype,
             "label_names": self.prompts.label_names,
         }
 

@@ -4,10 +4,11 @@ Layout of one cache (its directory name is the key, a hash of everything that de
 
     <cache_dir>/<key>/manifest.json
         {"format": 1, "key": str, "spec": {...what the key hashes...}, "complete": bool, "n_rows": int,
-         "layers": [int], "positions": str, "n_positions": int, "d_model": int, "dtype": "float32",
+         "layers": [int], "positions": str, "n_positions": int, "d_model": int, "dtype": a STORAGE_DTYPES name,
          "label_names": {label: [class names]}}
     <cache_dir>/<key>/shards/rows-<first row:08d>.safetensors, each holding
-        "activations"  [rows, n_pos, n_layers, d_model]  residual stream at blocks.{l}.resid_post
+        "activations"  [rows, n_pos, n_layers, d_model]  residual stream at blocks.{l}.resid_post, stored in the
+                       manifest's dtype (float32 by default; bfloat16 / float16 halve the cache) and read as float32
         "row_index"    [rows] int64    global prompt index (rows of a shard need not be contiguous)
         "split"        [rows] int64    0 train, 1 val, 2 test
         "label.<name>" [rows] int64    one per label (reasoning, dataset, subject, level, problem)
@@ -34,6 +35,7 @@ from interp.errors import UserError
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cache_key(spec: dict) -> str:
@@ -53,11 +55,17 @@ class ActivationCache:
         row_index: torch.Tensor,
         split: torch.Tensor,
         labels: dict[str, torch.Tensor],
+        dtype: str = "float32",
     ) -> Path:
-        """Write one batch: activations [rows, n_pos, n_layers, d_model] and its per-row metadata."""
+        """Write one batch: activations [rows, n_pos, n_layers, d_model], stored as `dtype` (a STORAGE_DTYPES
+        name), and its per-row metadata."""
         self.shard_dir.mkdir(parents=True, exist_ok=True)
+        stored = activations.to(STORAGE_DTYPES[dtype])
+        if dtype == "float16" and not bool(torch.isfinite(stored).all()) and bool(torch.isfinite(activations).all()):
+            raise UserError(f"activations up to {float(activations.abs().max()):.4g} overflow {dtype}: cache them as "
+                            "bfloat16 or float32 (data.cache_dtype)")  # fmt: skip
         tensors = {
-            "activations": activations.contiguous(),
+            "activations": stored.contiguous(),
             "row_index": row_index.to(torch.int64).cpu().contiguous(),
             "split": split.to(torch.int64).cpu().contiguous(),
             **{f"label.{name}": value.to(torch.int64).cpu().contiguous() for name, value in labels.items()},
@@ -139,12 +147,12 @@ class ShardReader:
         self._handles: dict[int, object] = {}
 
     def row(self, shard_id: int, offset: int) -> torch.Tensor:
-        """[n_pos, n_layers, d_model] activations of one row."""
+        """[n_pos, n_layers, d_model] float32 activations of one row."""
         handle = self._handles.get(shard_id)
         if handle is None:
             handle = safe_open(str(self.shards[shard_id]), framework="pt")
             self._handles[shard_id] = handle
-        return handle.get_slice("activations")[offset]
+        return handle.get_slice("activations")[offset].float()
 
     def __getstate__(self):  # handles are per process (DataLoader workers re-open them)
         return {"shards": self.shards, "_handles": {}}

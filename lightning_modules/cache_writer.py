@@ -39,7 +39,8 @@ class ActivationCacheWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         self.cache.write_shard(
-            prediction["activations"], prediction["row_index"], prediction["split"], prediction["labels"]
+            prediction["activations"], prediction["row_index"], prediction["split"], prediction["labels"],
+            dtype=self.manifest["dtype"],
         )
 
     def on_predict_end(self, trainer, pl_module):

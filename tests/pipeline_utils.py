@@ -30,7 +30,7 @@ def tiny_config(config_name: str, tmp_path: Path, limit: int = 12, **data_overri
     return path
 
 
-def build_datamodule(cache_dir, limit: int = 10, layers=None, positions: str = "last_2", batch_size: int = 4):
+def build_datamodule(cache_dir, limit: int = 10, layers=None, positions: str = "last_2", batch_size: int = 4, **kwargs):
     """A small CachedActivationDataModule on the tiny backbone and embedded data."""
     from datamodules.activations import CachedActivationDataModule
     from datamodules.problems import DatasetSource
@@ -41,7 +41,8 @@ def build_datamodule(cache_dir, limit: int = 10, layers=None, positions: str = "
         sources=[DatasetSource("gsm8k", limit=limit), DatasetSource("math", limit=limit)], batch_size=batch_size
     )
     return CachedActivationDataModule(
-        prompts=prompts, backbone=BackboneSpec("tiny"), layers=layers, positions=positions, cache_dir=str(cache_dir)
+        prompts=prompts, backbone=BackboneSpec("tiny"), layers=layers, positions=positions, cache_dir=str(cache_dir),
+        **kwargs,
     )
 
 

@@ -120,3 +120,37 @@ def test_extraction_leaves_the_random_state_as_it_found_it(tmp_path):
     assert dm.cache.complete
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
     assert np.random.rand() == expected[2]
+
+
+def test_a_bfloat16_cache_is_the_float32_cache_rounded_at_half_the_size(tmp_path, default_cache):
+    """data.cache_dtype bfloat16: its own cache key, every stored value exactly the float32 cache's rounded to
+    bfloat16, ~half the bytes, float32 batches, and per-layer probe accuracies within one held-out row of the
+    float32 cache's."""
+    from lightning_modules.probes import train_layer_probes
+
+    dm = build_datamodule(tmp_path, cache_dtype="bfloat16")
+    cache = extract_activations(_trainer(), dm)
+    assert cache.complete and cache.manifest["dtype"] == "bfloat16"
+    assert cache.directory.name != default_cache.directory.name
+    meta, acts16 = cache_contents(cache)
+    _, acts32 = cache_contents(default_cache)
+    assert acts16.dtype == torch.bfloat16 and torch.equal(acts16, acts32.to(torch.bfloat16))
+    size = lambda c: sum(path.stat().st_size for path in c.shards())  # noqa: E731
+    assert 0.45 < size(cache) / size(default_cache) < 0.55
+    dm.setup("fit")
+    assert next(iter(dm.train_dataloader()))["x"].dtype == torch.float32
+    layers, labels, problems = [0, 15, 31], meta["label.reasoning"], meta["label.problem"]
+    accuracy = {name: train_layer_probes(acts[:, -1, layers].float(), labels, 2, groups=problems, max_epochs=30)
+                for name, acts in (("float32", acts32), ("bfloat16", acts16))}  # fmt: skip
+    n_val = round(0.2 * len(problems.unique())) * 2  # two rows per held-out problem
+    assert (accuracy["float32"] - accuracy["bfloat16"]).abs().max() <= 1 / n_val + 1e-12, accuracy
+
+
+def test_float16_overflow_and_unknown_dtypes_are_refused(tmp_path):
+    from interp.cache import ActivationCache
+
+    big = torch.full((1, 1, 1, 4), 1e5)
+    with pytest.raises(UserError, match="overflow float16: cache them as bfloat16"):
+        ActivationCache(tmp_path).write_shard(big, torch.tensor([0]), torch.tensor([0]), {}, dtype="float16")
+    with pytest.raises(UserError, match="data.cache_dtype 'int8' is not one of"):
+        build_datamodule(tmp_path, cache_dtype="int8")
