@@ -50,8 +50,10 @@ def main(argv: list[str] | None = None) -> None:
                         f"{' '.join(map(str, STEERING_STRENGTHS))}; 0 and 1 always added)")  # fmt: skip
     parser.add_argument("--n_random", type=int, default=1, help="[directions, steering] null directions: the run's "
                         "saved ones (its null, e.g. placebo), isotropic of the same norm if it saved none; steering "
-                        "vectors: placebo contrasts of the train problems")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0, help="[directions, steering] sampling, problem sample, nulls")
+                        "vectors: placebo contrasts of the train problems. p_rank is never below 1 / (n_random + 1): "
+                        "19 for a test at 0.05")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="[directions, steering] sampling, nulls; [directions] the "
+                        "problem sample")  # fmt: skip
     parser.add_argument("--directions", default=None, help="[steering] a directions run's "
                         "reasoning_directions.safetensors: cosine of each learned vector with its direction")  # fmt: skip
     args = parser.parse_args(argv)

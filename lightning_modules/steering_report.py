@@ -14,7 +14,11 @@ degeneration, samples), these conditions:
 vs_null (`interp.intervention_eval.vs_null`, steering vectors with --n_random >= 1): steered@1 against its nulls
 prompt by prompt, on accuracy ("steered": > 0 = more answers right than with the nulls) and on the gold NLL
 ("steered_gold_nll": < 0 = the gold solution more likely than with the nulls); CI over prompts, p_rank over the
-m nulls (never below 1 / (m + 1)).
+m nulls. How to read them (HOW_TO_READ, also in the JSON): the test is p_rank, never below 1 / (m + 1), so
+--n_random 19 is needed for 0.05 (the default 1 gives 0.5 or 1). The CI resamples prompts with the vectors held
+fixed: it says whether the learned vectors differ from THESE nulls on the prompt population, not that they beat
+data-shaped vectors in general (a no-effect simulation, the "learned" vectors themselves a placebo draw, gave a CI
+excluding 0 in 30-41% of runs at m = 1-49; p_rank was uniform).
 cosine_to_directions (steering vectors and `--directions`): per steered layer, cos(v_l, r_l) between the learned
 vector and a directions run's direction at its selected position (same backbone, checked), and the cosines of
 the null vectors with r_l (what a data-shaped direction of no learned meaning gives).
@@ -23,7 +27,7 @@ the null vectors with r_l (what a data-shaped direction of no learned meaning gi
      "max_solution_tokens", "n_bootstrap", "strengths": [float, 0 and 1 included], "generation": {...},
      "null": NULL_DEFINITION | null, "n_null": int, "reasoning_rows", "control_rows", "pair_indices",
      "conditions": [the `evaluate_conditions` entries, `interp.intervention_eval` docstring],
-     "vs_null": {"steered": {...}, "steered_gold_nll": {...}} | {},
+     "vs_null": {"steered": {...}, "steered_gold_nll": {...}} | {}, "how_to_read": HOW_TO_READ,
      "cosine_to_directions": {"directions", "position", "layers", "cosine": [per layer],
                               "null_cosine": [[per null] per layer]} | null,
      "not_measured": [str]}      what this report cannot compute for this module
@@ -47,6 +51,12 @@ from lightning_modules.protocol import STEERING_STRENGTHS, write_report_files
 
 RESULTS_FILE = "steering_results.json"
 FIGURE_FILE = "steering_sweep.png"
+HOW_TO_READ = (
+    "vs_null: the test is p_rank = (1 + #{nulls at least as extreme}) / (m + 1), never below 1 / (m + 1) (m = "
+    "--n_random; 19 reaches 0.05). The CI resamples prompts with the learned and null vectors held fixed: whether "
+    "the learned vectors differ from these m nulls on the prompt population, not a test against null vectors in "
+    "general (with no effect it excluded 0 in 30-41% of simulated runs)."
+)
 NULL_PROBLEMS = 256  # train problems the placebo nulls are built from (the first by problem order)
 NULL_DEFINITION = (
     "per null k and steered layer l: the balanced within-pair sign-flip placebo (interp.null_directions, "
@@ -92,9 +102,10 @@ def _cosines(vectors: torch.Tensor, directions: torch.Tensor) -> list[float]:
 
 
 def steering_report(module, datamodule, options, checkpoint: str, n_bootstrap: int = 1000,
-                    max_solution_tokens: int | None = 256, batch_size: int = 8) -> dict:  # fmt: skip
+                    batch_size: int = 8) -> dict:  # fmt: skip
     """The strength sweep of `module` (a SteeringObjectiveModule loaded from `checkpoint`) on the test split, with
-    `options` (`lightning_modules.protocol.EvaluateOptions`); JSON shape in the module docstring."""
+    `options` (`lightning_modules.protocol.EvaluateOptions`); JSON shape in the module docstring. The gold NLL
+    reads the first data.max_completion_tokens solution tokens: the length the steering was trained on."""
     from lightning_modules.steering import selected_directions
 
     vectors = module.learned_vectors()  # [n_steered, d_model] | None (LoRA)
@@ -102,6 +113,7 @@ def steering_report(module, datamodule, options, checkpoint: str, n_bootstrap: i
         raise UserError(f"--directions compares steering vectors with directions; {type(module).__name__} has none")
     datamodule.setup("test")
     module.pad_id = datamodule.pad_id
+    max_solution_tokens = datamodule.max_completion_tokens
     spec = module.backbone_spec or datamodule.backbone
     # before any generation: a wrong directions file is one line, not an error after the sweep
     reference = None if options.directions is None else selected_directions(
@@ -150,14 +162,15 @@ def steering_report(module, datamodule, options, checkpoint: str, n_bootstrap: i
         "reasoning_rows": [row.row_index for row in reasoning],
         "control_rows": [row.row_index for row in rows if row.kind == "control"],
         "pair_indices": [row.pair_index for row in reasoning], "conditions": results,
-        "vs_null": vs_null(results, n_bootstrap, options.seed), "cosine_to_directions": cosine,
+        "vs_null": vs_null(results, n_bootstrap, options.seed), "how_to_read": HOW_TO_READ,
+        "cosine_to_directions": cosine,
         "not_measured": not_measured,
     }  # fmt: skip
 
 
 def plot_steering(report: dict):
     """Gold NLL (with CI) and accuracy vs strength, null conditions as points at strength 1; cosine vs layer."""
-    sweep = [c for c in report["conditions"] if c["direction"] != "random"]
+    sweep = sorted((c for c in report["conditions"] if c["direction"] != "random"), key=lambda c: c["strength"])
     nulls = [c for c in report["conditions"] if c["direction"] == "random"]
     cosine = report["cosine_to_directions"]
     fig, axes = plt.subplots(1, 3 if cosine else 2, figsize=(14 if cosine else 9.5, 3.8))
@@ -200,6 +213,8 @@ def write_steering_report(report: dict, output_dir: Path) -> dict[str, Path]:
                       f"{c['control_kl']['mean']:.4f}", solved, f"{c['ngram_repetition']:.3f}")  # fmt: skip
     Console().print(table)
     for name, test in report["vs_null"].items():
-        Console().print(f"vs null ({name}): {test['metric']} {test['value']:.3f}, difference {test['difference']:+.3f} "
-                        f"[{test['ci'][0]:+.3f}, {test['ci'][1]:+.3f}], p_rank {test['p_rank']:.3f}")  # fmt: skip
+        floor = 1 / (len(test["null_values"]) + 1)
+        Console().print(f"vs {len(test['null_values'])} null vector sets ({name}): {test['metric']} {test['value']:.3f}, "
+                        f"difference {test['difference']:+.3f} [{test['ci'][0]:+.3f}, {test['ci'][1]:+.3f}] (CI over "
+                        f"prompts, nulls fixed), p_rank {test['p_rank']:.3f} (smallest possible {floor:.3f})")  # fmt: skip
     return paths

@@ -114,11 +114,13 @@ def test_evaluate_measures_the_sweep_against_nulls_and_directions(tmp_path, monk
         full[LAYERS] = v
         return full
 
-    assert by_name["baseline"]["gold_nll"]["per_prompt"] == gold_solution_nll(model, tokenizer, prompts, solutions).tolist()
+    assert report["max_solution_tokens"] == 64  # the config's max_completion_tokens: what was trained on
+    nll = lambda: gold_solution_nll(model, tokenizer, prompts, solutions, 8, 64).tolist()  # noqa: E731
+    assert by_name["baseline"]["gold_nll"]["per_prompt"] == nll()
     for name, added in (("steered@1", vectors), ("steered@-1", -vectors), ("null0_steered@1", nulls[0]),
                         ("null1_steered@1", nulls[1])):  # fmt: skip
         with InterventionHandler(model, per_layer(added), 1.0, layers=LAYERS):
-            assert by_name[name]["gold_nll"]["per_prompt"] == gold_solution_nll(model, tokenizer, prompts, solutions).tolist()
+            assert by_name[name]["gold_nll"]["per_prompt"] == nll()
             texts = generate(model, tokenizer, prompts, max_new_tokens=6, do_sample=False, seed=0)
         assert [s["generation"] for s in by_name[name]["samples"]] == texts[:4]
         assert by_name[name]["correct"] == [grade_answer(t, r.gold_answer, r.dataset) for t, r in zip(texts, test)]
@@ -140,6 +142,10 @@ def test_evaluate_measures_the_sweep_against_nulls_and_directions(tmp_path, monk
     assert nll["difference"] == pytest.approx(float((steered - null.mean(0)).mean()), rel=1e-12)
     assert nll["null_values"] == pytest.approx(null.mean(1).tolist(), rel=1e-12)
     assert report["vs_null"]["steered"]["metric"] == "accuracy" and report["not_measured"] == []
+    from lightning_modules.steering_report import plot_steering
+
+    figure = plot_steering(report)  # the sweep is drawn in strength order, the baseline at 0
+    assert list(figure.axes[0].lines[0].get_xdata()) == [-1.0, 0.0, 1.0] and len(figure.axes) == 3
 
     # the config's SteeringSweepCallback, after the last epoch: the first 4 val problems, the final vectors
     sweep = json.loads((out / "steering_sweep.json").read_text())
