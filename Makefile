@@ -38,8 +38,10 @@ test: $(VENV_STAMP)
 lint: $(VENV_STAMP)
 	$(PY) -m ruff check .
 
+# One table on stdout and bench/results.json (bench/suite.py). The peers (TransformerLens, nnsight) are timed when
+# installed: .venv/bin/pip install -e '.[peers]' (~1.6 GB); otherwise their rows say so.
 bench: $(VENV_STAMP)
-	$(PY) bench/extraction.py
+	$(PY) bench/suite.py
 
 clean:
 	rm -rf checkpoints/* logs/* .pytest_cache

@@ -40,14 +40,15 @@ from interp.positions import PositionSpec, padded_position_ids  # noqa: E402
 BATCH, SEQ = 8, 128
 
 
-def bench_model() -> Qwen2ForCausalLM:
+def bench_model(hidden: int = 512, layers: int = 8, vocab: int = 152064) -> Qwen2ForCausalLM:
+    """The benchmarks' random-weight Qwen2 (seed 0); the defaults are the bench model, smaller sizes a smoke run's."""
     config = Qwen2Config(
-        vocab_size=152064, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
     )  # fmt: skip
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).eval().requires_grad_(False)
-    assert model.config.hidden_size == 512 and len(model.model.layers) == 8
+    assert model.config.hidden_size == hidden and len(model.model.layers) == layers
     return model
 
 

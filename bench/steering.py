@@ -42,16 +42,16 @@ PROMPT, COMPLETION = 96, 32
 CONDITIONS = ("plain", "vectors", "vectors_gc", "lora")
 
 
-def batch() -> tuple[list[list[int]], list[list[int]]]:
+def batch(vocab: int = 151000) -> tuple[list[list[int]], list[list[int]]]:
     generator = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 151000, (PROMPT - (16 if i % 2 else 0),), generator=generator).tolist() for i in range(BATCH)]
-    completions = [torch.randint(0, 151000, (COMPLETION,), generator=generator).tolist() for _ in range(BATCH)]
+    prompts = [torch.randint(0, vocab, (PROMPT - (16 if i % 2 else 0),), generator=generator).tolist() for i in range(BATCH)]
+    completions = [torch.randint(0, vocab, (COMPLETION,), generator=generator).tolist() for _ in range(BATCH)]
     return prompts, completions
 
 
 def step_fn(condition: str, model):
     """A closure running one training step of `condition` on `model` (set up for it here)."""
-    prompts, completions = batch()
+    prompts, completions = batch(min(151000, model.config.vocab_size - 100))
     if condition == "plain":
         model.requires_grad_(True)
 
