@@ -14,23 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from importlib import metadata
 
-from cli import LOG_ROOT, run_main
+from cli import LOG_ROOT, check_run_name, run_main
 from interp.backbone import BackboneSpec
 from interp.errors import UserError
 from study.preset import PER_MODEL_STAGES, load_preset, parse_stages
 from study.stages import Study, run_directions, run_interventions, run_probes, run_tuned_lens, write_json
 
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 PACKAGES = ("torch", "transformers", "lightning", "datasets", "safetensors")
 
 
 def _check(study: Study, stages: list[str]) -> None:
     """What can be checked before any model loads: run name, backbones' shapes."""
-    if not _RUN_NAME.match(study.run):
-        raise UserError(f"--run_name {study.run!r}: use letters, digits, '.', '_' and '-' (it names a folder)")
+    check_run_name(study.run)
     specs = {label: BackboneSpec(name_or_path=name) for label, name in study.preset.models.items()}
     if {"alignment", "transplant"} & set(stages):
         widths = {label: spec.hidden_size() for label, spec in specs.items()}

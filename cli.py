@@ -8,6 +8,7 @@ Every checkpoint also carries the run's full config (`run_config`), so `evaluate
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,15 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass fie
 
 CHECKPOINT_ROOT = Path("checkpoints")
 LOG_ROOT = Path("logs")
+_RUN_NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def check_run_name(name: str, flag: str = "--run_name") -> None:
+    """A run name names folders under checkpoints/ and logs/: '/'-separated parts of letters, digits, '.', '_'
+    and '-', each starting with a letter or digit (so no '..', no absolute path: it cannot escape those roots)."""
+    if not all(_RUN_NAME_PART.match(part) for part in str(name).split("/")):
+        raise UserError(f"{flag} {name!r}: use letters, digits, '.', '_' and '-' (optionally nested with '/', each "
+                        "part starting with a letter or digit): it names folders under checkpoints/ and logs/")  # fmt: skip
 
 
 def _first_line(error: BaseException) -> str:
@@ -104,6 +114,7 @@ class ProjectCLI(LightningCLI):
         if not config.run_name:
             sources = [str(c) for c in (config.get("config") or [])]
             config.run_name = Path(sources[-1]).stem if sources else "run"
+        check_run_name(config.run_name)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

@@ -84,3 +84,12 @@ def test_bad_data_files(content, expected, tmp_path, monkeypatch, capsys):
     code, err = _run_in_process(["--config", str(path)], capsys)
     assert code == 2 and len(err) == 1 and "bad.jsonl" in err[0] and expected in err[0], err
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("run_name", ["../escape", "/tmp/abs", "a/../../b", ".hidden", "a//b"])
+def test_run_names_cannot_escape_the_output_roots(run_name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = tiny_config("quickstart.yaml", tmp_path)
+    code, err = _run_in_process(["--config", str(path), "--run_name", run_name], capsys)
+    assert code == 2 and len(err) == 1 and "--run_name" in err[0], err
+    assert _nothing_written(tmp_path) and not (tmp_path.parent / "escape").exists()
