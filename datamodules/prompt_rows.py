@@ -6,6 +6,7 @@ and labels); `DATA_SPEC_VERSION` there must be bumped when the way rows are buil
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,6 +138,10 @@ def build_prompt_rows(
     if not kept:
         raise UserError(f"no problem fits max_prompt_tokens={max_prompt_tokens} "
                         f"(the shortest pair needs {min(lengths, default=0)} tokens)")  # fmt: skip
+    if len(kept) < len(problems):
+        warnings.warn(f"dropped {len(problems) - len(kept)} of {len(problems)} problems whose longer prompt has more "
+                      f"than max_prompt_tokens={max_prompt_tokens} tokens (the longest has {max(lengths)})",
+                      stacklevel=2)  # fmt: skip
     splits = split_problems([problems[i] for i in kept], val_fraction, test_fraction, seed)
     rows: list[PromptRow] = []
     for i, split in zip(kept, splits):

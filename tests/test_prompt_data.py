@@ -331,7 +331,10 @@ def test_max_prompt_tokens_drops_whole_problems(few_problems):
         n = len(tokenizer(r.prompt, add_special_tokens=False)["input_ids"])
         length[r.problem_index] = max(length.get(r.problem_index, 0), n)
     limit = sorted(length.values())[len(length) // 2]
-    rows = build_prompt_rows(few_problems, tokenizer, max_prompt_tokens=limit)
+    dropped = sum(n > limit for n in length.values())
+    with pytest.warns(UserWarning, match=f"dropped {dropped} of {len(few_problems)} problems .* longest has "
+                      f"{max(length.values())}"):  # fmt: skip
+        rows = build_prompt_rows(few_problems, tokenizer, max_prompt_tokens=limit)
     kept = sorted({r.problem_index for r in rows})
     assert kept == [i for i in range(len(few_problems)) if length[i] <= limit] and 0 < len(kept) < len(few_problems)
     assert [r.row_index for r in rows] == list(range(len(rows))) and len(rows) == 2 * len(kept)
