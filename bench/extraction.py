@@ -34,6 +34,9 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+from timing import round_robin  # noqa: E402
+
 from interp.activations import capture_residuals  # noqa: E402
 from interp.positions import PositionSpec, padded_position_ids  # noqa: E402
 
@@ -71,15 +74,8 @@ def throughput(repeats: int) -> None:
         "ours: all layers": lambda: capture_residuals(model, ids, mask, list(range(n)), last),
         "ours: first half": lambda: capture_residuals(model, ids, mask, list(range(n // 2)), last),
     }
-    times: dict[str, list[float]] = {name: [] for name in modes}
     with torch.inference_mode():
-        for fn in modes.values():  # warm-up
-            fn()
-        for _ in range(repeats):
-            for name, fn in modes.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        times = round_robin(modes, repeats)
     base = statistics.median(times["bare decoder (model.model)"])
     print(f"\nThroughput, batch {BATCH} x {SEQ} tokens, {repeats} repeats, torch threads {torch.get_num_threads()}")
     print(f"{'mode':32s} {'median s':>9s} {'tokens/s':>10s} {'x bare decoder':>15s}")

@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from bench.extraction import bench_model  # noqa: E402
+from bench.timing import round_robin  # noqa: E402
 from interp.ablation import LayerAblator  # noqa: E402
 from interp.backbone import load_tokenizer  # noqa: E402
 from interp.generation import generate_token_ids  # noqa: E402
@@ -59,19 +60,6 @@ QUESTIONS = [
 REASONING = "{q} Please reason step by step, and put your final answer within \\boxed{{}}."
 CONTROL = "{q} Restate the problem in your own words. Do not solve it."
 LAYER = 4
-
-
-def round_robin(modes: dict, repeats: int) -> dict[str, list[float]]:
-    """Wall times of each callable, run round-robin (`repeats` rounds) after one warm-up round."""
-    times: dict[str, list[float]] = {name: [] for name in modes}
-    for fn in modes.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in modes.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def timed(fn):

@@ -31,7 +31,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,6 +40,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 import torch  # noqa: E402
 from extraction import bench_model  # noqa: E402
+from timing import round_robin  # noqa: E402
 
 from interp.activations import capture_residuals  # noqa: E402
 from interp.positions import PositionSpec, padded_position_ids  # noqa: E402
@@ -51,16 +51,8 @@ FULL = {"hidden": 512, "layers": 8, "vocab": 152064, "batch": 8, "seq": 128}
 
 
 def medians(modes: dict, repeats: int) -> dict[str, float]:
-    """Median wall time of each callable, run round-robin `repeats` times after one warm-up round."""
-    times: dict[str, list[float]] = {name: [] for name in modes}
-    for fn in modes.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in modes.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    """Median wall time of each callable (`timing.round_robin`)."""
+    return {name: statistics.median(values) for name, values in round_robin(modes, repeats).items()}
 
 
 def row(section: str, case: str, ours: str, reference: str, value: float | None, target: str | None,
