@@ -1,5 +1,10 @@
 """Answer-graded evaluation of a reasoning direction: generate under interventions, grade, score.
 
+`evaluate_conditions(model, tokenizer, rows, conditions, handler, generation)` measures any list of conditions
+(`handler(condition)`: the context manager applying it; the first is the baseline) and gives the per-condition
+entries below; `intervention_report` builds the direction CONDITIONS for it, and the steering report
+(lightning_modules/steering_report.py) its own "steer" conditions, so both reports' numbers are the same numbers.
+
 `intervention_report` runs held-out problems (PromptRows: reasoning prompts with their gold answers and
 solutions, and the control prompts of the same problems) through the backbone under these CONDITIONS
 (`build_conditions`, one `Condition` each):
@@ -38,6 +43,8 @@ VS_NULL (the selected direction against its null directions, prompt by prompt; n
     each {"condition", "metric", "value", "null_values" [per null direction], "difference": mean d_i, "ci":
     percentile bootstrap 95% CI of mean d_i over prompts, "p_rank": (1 + #{null at least as extreme}) / (m + 1),
     one-sided in the direction stated}
+    steered, steered_gold_nll   (steering reports) steered@1 vs its null vector sets on the reasoning prompts:
+                    d_i = correct_i (resp. gold NLL_i) of steered@1 - mean_k of null k; > 0 (resp. < 0) = better
     How to read them: the CI resamples prompts only, with r and the m drawn null directions held fixed. It says
     whether r differs from THESE nulls on the prompt population, not whether r is unlike null directions in
     general (directions differ from one another; a no-effect simulation with direction-to-direction spread gave
