@@ -4,8 +4,9 @@ Every N epochs (after that epoch's validation) or once at the end of fit, with t
 strength s (`module.steered(None, s)`: steering vectors or the LoRA adapter times s; 0 = the unsteered backbone),
 on the first `n_prompts` VAL problems with a reasoning and a control prompt:
     gold_nll     per reasoning prompt, the teacher-forced mean NLL per token of its gold solution
-                 (`interp.metrics.gold_solution_nll`, first max_solution_tokens tokens); mean, percentile bootstrap
-                 95% CI over problems
+                 (`interp.metrics.gold_solution_nll`, first max_solution_tokens tokens; default the data's
+                 max_completion_tokens, the length trained on, as in the report); mean, percentile bootstrap 95% CI
+                 over problems
     control_kl   per control prompt, KL(unsteered || steered) of the next-token distribution after the prompt
                  (`last_token_kl` of `next_token_logits`); mean
 These are training curves: the val split also picks best.ckpt, so the reported sweep is evaluate.py's, on the
@@ -39,8 +40,9 @@ class SteeringSweepCallback(HeldOutEvaluation):
     results_file = "steering_sweep.json"
 
     def __init__(self, n_prompts: int = 8, every_n_epochs: int | None = 1, strengths: list[float] | None = None,
-                 max_solution_tokens: int | None = 128, batch_size: int = 8, n_bootstrap: int = 1000):  # fmt: skip
-        """strengths: default STRENGTHS (0 is always added); every_n_epochs None: once at the end of fit."""
+                 max_solution_tokens: int | None = None, batch_size: int = 8, n_bootstrap: int = 1000):  # fmt: skip
+        """strengths: default STRENGTHS (0 is always added); every_n_epochs None: once at the end of fit;
+        max_solution_tokens None: the datamodule's max_completion_tokens."""
         super().__init__(every_n_epochs)
         if n_prompts < 1 or batch_size < 1:
             raise UserError(f"n_prompts and batch_size must be >= 1, got {n_prompts}, {batch_size}")
@@ -56,12 +58,13 @@ class SteeringSweepCallback(HeldOutEvaluation):
         control = [row.prompt for row in rows if row.kind == "control"]
         model, tokenizer = pl_module.backbone_model, trainer.datamodule.prompts.tokenizer
         strengths = [0.0, 1.0] if fast else self.strengths
+        max_tokens = self.max_solution_tokens or trainer.datamodule.max_completion_tokens
         measured = {}
         for s in strengths:
             with torch.no_grad(), pl_module.steered(None, s):
                 nll = gold_solution_nll(model, tokenizer, [r.prompt for r in reasoning],
                                         [r.gold_solution for r in reasoning], self.batch_size,
-                                        self.max_solution_tokens)  # fmt: skip  [n_problems]
+                                        max_tokens)  # fmt: skip  [n_problems]
                 logits = next_token_logits(model, tokenizer, control, self.batch_size)  # [n_problems, vocab]
             measured[s] = (nll, logits)
         base_logits = measured[0.0][1]
@@ -80,5 +83,5 @@ class SteeringSweepCallback(HeldOutEvaluation):
                                 ylabel="nats per token (val)", xlabel="steering strength",
                                 title=f"epoch {trainer.current_epoch + 1}")  # fmt: skip
         results = {"split": "val", "pair_indices": [row.pair_index for row in reasoning],
-                   "max_solution_tokens": self.max_solution_tokens, "strengths": strengths, "conditions": conditions}
+                   "max_solution_tokens": max_tokens, "strengths": strengths, "conditions": conditions}
         return results, scalars, {"sweep/gold_nll_vs_strength": fig}

@@ -151,12 +151,13 @@ def test_evaluate_measures_the_sweep_against_nulls_and_directions(tmp_path, monk
     sweep = json.loads((out / "steering_sweep.json").read_text())
     val = sorted((r for r in rows if r.split == "val" and r.kind == "reasoning"), key=lambda r: r.pair_index)[:4]
     assert sweep["epochs_completed"] == 2 and sweep["pair_indices"] == [r.pair_index for r in val]
+    assert sweep["max_solution_tokens"] == 64  # the trained length, as in the report
     final = SteeringVectorModule.load_from_checkpoint(ckpt.parent / "last.ckpt").vectors.detach()
     by_strength = {c["strength"]: c for c in sweep["conditions"]}
     assert sorted(by_strength) == [-1.0, 0.0, 0.5, 1.0, 2.0]
     for s in by_strength:
         with InterventionHandler(model, per_layer(final), s, layers=LAYERS):
-            nll = gold_solution_nll(model, tokenizer, [r.prompt for r in val], [r.gold_solution for r in val], 8, 128)
+            nll = gold_solution_nll(model, tokenizer, [r.prompt for r in val], [r.gold_solution for r in val], 8, 64)
         assert by_strength[s]["gold_nll"]["per_prompt"] == nll.tolist()  # the same float ops: s * v, x + s v
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
