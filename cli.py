@@ -8,6 +8,8 @@ Every checkpoint also carries the run's full config (`run_config`), so `evaluate
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -36,6 +38,31 @@ def check_run_name(name: str, flag: str = "--run_name") -> None:
     if not all(_RUN_NAME_PART.match(part) for part in str(name).split("/")):
         raise UserError(f"{flag} {name!r}: use letters, digits, '.', '_' and '-' (optionally nested with '/', each "
                         "part starting with a letter or digit): it names folders under checkpoints/ and logs/")  # fmt: skip
+
+
+def check_trainer(trainer) -> None:
+    """Trainer settings Lightning would reject only with a traceback, or accept and fail on later: GPUs asked for
+    than are not visible, and non-positive epoch or step limits (-1 = unlimited, as in Lightning)."""
+    accelerator = str(trainer.get("accelerator") or "auto")
+    devices = trainer.get("devices")
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        visible = torch.cuda.device_count()
+        if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+            devices = int(devices)
+        elif isinstance(devices, str) and "," in devices:
+            devices = [int(d) for d in devices.split(",") if d.strip()]
+        wanted = devices if isinstance(devices, int) else len(devices) if isinstance(devices, list) else 1
+        highest = max(devices) + 1 if isinstance(devices, list) and devices else wanted
+        if visible == 0 or max(wanted, highest) > visible:
+            raise UserError(f"trainer.accelerator {accelerator} with trainer.devices {trainer.get('devices')}: "
+                            f"{visible} GPU(s) visible on this machine (CUDA_VISIBLE_DEVICES="
+                            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")  # fmt: skip
+    for name in ("max_epochs", "max_steps"):
+        value = trainer.get(name)
+        if value is not None and value != -1 and value < 1:
+            raise UserError(f"trainer.{name} {value}: use a positive number (or -1 for no limit)")
 
 
 def _first_line(error: BaseException) -> str:
@@ -79,8 +106,32 @@ class RunConfigInCheckpoint(L.Callback):
         checkpoint["run_config"] = self.config_yaml
 
 
+def _nested_nulls_as_json(args: list[str]) -> list[str]:
+    """jsonargparse 4.53 rejects `null` for an option of a subclass nested in a subclass when it comes from the
+    command line (`--data.init_args.prompts.init_args.max_prompt_tokens null`; the same value parses from YAML), so
+    such an option is passed as the JSON of its parent, which jsonargparse merges into the config:
+    `--data.init_args.prompts '{"init_args": {"max_prompt_tokens": null}}'`."""
+    out, i = [], 0
+    while i < len(args):
+        key, eq, value = args[i].partition("=")
+        if not eq and i + 1 < len(args):
+            value = args[i + 1]
+        if key.startswith("--") and key.count(".init_args.") >= 2 and value in ("null", "None"):
+            parent, _, leaf = key.rpartition(".init_args.")
+            out += [parent, json.dumps({"init_args": {leaf: None}})]
+            i += 1 if eq else 2
+        else:
+            out.append(args[i])
+            i += 1
+    return out
+
+
 class ProjectCLI(LightningCLI):
     def __init__(self, args=None):
+        if args is None:  # LightningCLI reads sys.argv (and warns when given both it and args)
+            sys.argv[1:] = _nested_nulls_as_json(sys.argv[1:])
+        elif isinstance(args, (list, tuple)):
+            args = _nested_nulls_as_json(list(args))
         super().__init__(
             model_class=L.LightningModule,
             datamodule_class=L.LightningDataModule,
@@ -115,6 +166,7 @@ class ProjectCLI(LightningCLI):
             sources = [str(c) for c in (config.get("config") or [])]
             config.run_name = Path(sources[-1]).stem if sources else "run"
         check_run_name(config.run_name)
+        check_trainer(config.trainer)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

@@ -100,6 +100,17 @@ class CachedActivationDataModule(L.LightningDataModule):
         self.positions = PositionSpec.parse(positions)
         if label not in PROBE_LABELS:
             raise UserError(f"data.label {label!r} is not one of {list(PROBE_LABELS)}")
+        sources = sorted({source.name for source in prompts.sources})
+        if label in ("subject", "level") and "math" not in sources:
+            raise UserError(f"data.label {label} needs MATH problems (only MATH has subjects and levels); the "
+                            f"prompt sources are {', '.join(sources)}")  # fmt: skip
+        if batch_size < 1:
+            raise UserError(f"data.batch_size must be >= 1, got {batch_size}")
+        if batch_position is not None and self.positions.kind != "post_instruction":
+            n_positions = self.positions.num_positions()
+            if not -n_positions <= batch_position < n_positions:
+                raise UserError(f"data.batch_position {batch_position} is out of range for positions "
+                                f"{self.positions} ({n_positions} cached position(s) per prompt)")  # fmt: skip
         self.batch_position, self.label, self.cache_dir = batch_position, label, Path(cache_dir)
         self.batch_size, self.num_workers, self.control_seed = batch_size, num_workers, control_seed
         if cache_dtype not in STORAGE_DTYPES:

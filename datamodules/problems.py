@@ -231,10 +231,15 @@ def _load_rows(source: DatasetSource):
     if source.is_local:
         path = source.local_file()
         validate_local_file(path, source.name, source.split)
+        bars_were_off = datasets.utils.are_progress_bars_disabled()
+        datasets.disable_progress_bars()  # "Generating train split" for a local file is noise, not progress
         try:
             return datasets.load_dataset("json", data_files=str(path), split="train")
         except Exception as err:  # e.g. a field whose type changes between rows
             raise UserError(f"{path}: `datasets` cannot read it: {str(err).splitlines()[0]}") from err
+        finally:
+            if not bars_were_off:
+                datasets.enable_progress_bars()
     try:
         return datasets.load_dataset(source.path, source.subset, split=source.split)
     except (ConnectionError, FileNotFoundError, ValueError) as err:

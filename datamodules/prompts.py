@@ -40,7 +40,7 @@ from datamodules.prompt_rows import (
     label_names,
     resolve_control_template,
 )
-from interp.backbone import load_tokenizer
+from interp.backbone import BackboneSpec, load_tokenizer
 from interp.cache import SPLITS  # the "split" tensor encoding in batches
 from interp.errors import UserError
 from interp.prompts import tokenize_prompts
@@ -197,6 +197,10 @@ class ReasoningPromptsDataModule(LightningDataModule):
         self._labels = encode_labels(self.rows, self.label_names)
         prompts = [r.prompt for r in self.rows]
         self.prompt_lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        context = getattr(BackboneSpec(self.backbone).config().get_text_config(), "max_position_embeddings", None)
+        if context is not None and max(self.prompt_lengths) > context:  # the model would read positions it never saw
+            raise UserError(f"the longest prompt has {max(self.prompt_lengths)} tokens, more than the context of "
+                            f"{self.backbone} ({context} tokens): set data.prompts.max_prompt_tokens <= {context}")
 
     def predict_dataloader(self) -> DataLoader:
         """Every row not in `exclude_rows`, longest prompts first (batches of similar length waste little

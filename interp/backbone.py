@@ -18,8 +18,10 @@ Architecture parts are found structurally, never by model name:
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -141,7 +143,28 @@ def resolve_backbone_path(name_or_path: str) -> str:
         return str(path)
     if _looks_like_path(name_or_path) or path.suffix or name_or_path.count("/") > 1:
         raise UserError(f"model path {name_or_path!r} does not exist")
+    close = difflib.get_close_matches(name_or_path, BUILTIN_BACKBONES, n=1) if "/" not in name_or_path else []
+    if close:  # a bare word next to a built-in's name is a typo, not one of the few legacy slash-less hub ids
+        raise UserError(f"unknown backbone {name_or_path!r}: did you mean {close[0]!r}? (built-ins: "
+                        f"{', '.join(BUILTIN_BACKBONES)}; otherwise a hub id owner/name or a local directory)")
     return name_or_path  # a hub id such as "Qwen/QwQ-32B"
+
+
+def check_hub_id_available(repo_id: str, revision: str | None = None) -> None:
+    """Offline (HF_HUB_OFFLINE=1), a hub id must already be in the local Hugging Face cache; UserError otherwise,
+    before anything loads (from_pretrained would fail with three chained tracebacks)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(repo_id, "config.json", revision), str):
+        raise UserError(f"backbone {repo_id!r} is not in the local Hugging Face cache and the hub is offline "
+                        f"(HF_HUB_OFFLINE=1): download it first (hf download {repo_id}) or give a local directory")
+
+
+def parameter_count(config) -> int:
+    """The parameters of the architecture in `config`, counted on the meta device (no memory; ~1 s for 32B)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
 
 
 def build_tiny_backbone(name: str) -> Path:
@@ -253,10 +276,12 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
 
 
 def load_config(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
-    """The backbone's config without loading weights (used to validate layer indices up front)."""
-    return AutoConfig.from_pretrained(
-        resolve_backbone_path(name_or_path), revision=revision, trust_remote_code=trust_remote_code
-    )
+    """The backbone's config without loading weights (used to validate layer indices up front). A hub id must be
+    in the local cache when the hub is offline (`check_hub_id_available`)."""
+    path = resolve_backbone_path(name_or_path)
+    if not Path(path).is_dir():
+        check_hub_id_available(path, revision)
+    return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
 
 
 def load_backbone(
@@ -267,6 +292,7 @@ def load_backbone(
     quantization: str | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    max_memory: dict | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a frozen causal LM and its tokenizer.
 
@@ -278,6 +304,7 @@ def load_backbone(
         device_map: passed to `from_pretrained` ("auto" shards across visible GPUs through accelerate); shape
             backbones: one device, or "meta" (no memory).
         quantization: None | "8bit" | "4bit" (bitsandbytes).
+        max_memory: accelerate's per-device limit for device_map "auto", e.g. {0: "70GiB", "cpu": "200GiB"}.
     Returns:
         (model in eval mode with requires_grad False everywhere, tokenizer with left padding).
     """
@@ -293,6 +320,8 @@ def load_backbone(
         kwargs["device_map"] = device_map
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    if max_memory is not None:
+        kwargs["max_memory"] = max_memory
     if quantization is not None:
         from transformers import BitsAndBytesConfig
 
@@ -360,6 +389,10 @@ def backbone_fingerprint(name_or_path: str, revision: str | None = None) -> str:
     return digest.hexdigest()[:16]
 
 
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
 @dataclass
 class BackboneSpec:
     """Which frozen backbone to load and how (the config's `backbone:` section)."""
@@ -376,7 +409,10 @@ class BackboneSpec:
     attn_implementation: str | None = None
     """sdpa | eager | flash_attention_2; None = the transformers default."""
     quantization: str | None = None
-    """None | 8bit | 4bit (bitsandbytes)."""
+    """None | 8bit | 4bit (bitsandbytes: pip install -e '.[quantization]'; CUDA only)."""
+    max_memory: dict[int | str, int | str] | None = None
+    """With device_map auto: the most memory per device, e.g. {0: 70GiB, 1: 70GiB, cpu: 200GiB} (accelerate's
+    max_memory); checked before loading against the weights' size (parameters x bytes per parameter)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit); part of the activation-cache key."""
     trust_remote_code: bool = False
@@ -389,26 +425,57 @@ class BackboneSpec:
             raise UserError(f"backbone.dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.quantization not in (None, "8bit", "4bit"):
             raise UserError(f"backbone.quantization {self.quantization!r} is not one of None, '8bit', '4bit'")
+        if self.quantization is not None and importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError(f"backbone.quantization {self.quantization} needs bitsandbytes, which is not installed: "
+                            "pip install -e '.[quantization]' (CUDA GPUs only)")  # fmt: skip
+        if self.max_memory is not None and self.device_map is None:
+            raise UserError("backbone.max_memory needs backbone.device_map (e.g. auto) to place the model with")
         if self.name_or_path not in BUILTIN_BACKBONES:
             resolve_backbone_path(self.name_or_path)  # a missing local path fails here, before any loading
+        self.check_max_memory()
+
+    def check_max_memory(self) -> None:
+        """UserError when `max_memory` cannot hold the weights: its total below parameters x bytes per parameter
+        (the dtype's size; 1 for 8bit, 0.5 for 4bit), the parameters counted on the meta device."""
+        if self.max_memory is None:
+            return
+        from accelerate.utils import convert_file_size_to_int
+
+        try:
+            budget = sum(convert_file_size_to_int(size) for size in self.max_memory.values())
+        except ValueError as error:
+            raise UserError(f"backbone.max_memory {self.max_memory}: {error}") from error
+        config = self.config()
+        dtype = DTYPES[self.dtype]
+        if dtype == "auto":
+            dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+            dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        per_parameter = {"8bit": 1.0, "4bit": 0.5}.get(self.quantization, dtype.itemsize)
+        n = parameter_count(config)
+        if budget < n * per_parameter:
+            raise UserError(f"backbone.max_memory totals {_gib(budget)}, less than the weights of "
+                            f"{self.name_or_path} alone ({n / 1e9:.3g}B parameters x {per_parameter:g} bytes = "
+                            f"{_gib(n * per_parameter)}): raise it, add devices or quantize")  # fmt: skip
+
+    def config(self):
+        """The architecture's config without loading (or building) any weights."""
+        if self.name_or_path in BUILTIN_BACKBONES:
+            return tiny_config(BUILTIN_BACKBONES[self.name_or_path])
+        return load_config(self.name_or_path, self.revision, self.trust_remote_code)
 
     def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         return load_backbone(
             self.name_or_path, dtype=self.dtype, device_map=self.device_map,
             attn_implementation=self.attn_implementation, quantization=self.quantization,
-            trust_remote_code=self.trust_remote_code, revision=self.revision,
+            trust_remote_code=self.trust_remote_code, revision=self.revision, max_memory=self.max_memory,
         )  # fmt: skip
 
     def num_layers(self) -> int:
         """Depth without loading weights (built-ins: from their recipe, so nothing is built or written)."""
-        if self.name_or_path in BUILTIN_BACKBONES:
-            return BUILTIN_BACKBONES[self.name_or_path].num_hidden_layers
-        return num_layers(load_config(self.name_or_path, self.revision, self.trust_remote_code))
+        return num_layers(self.config())
 
     def hidden_size(self) -> int:
-        if self.name_or_path in BUILTIN_BACKBONES:
-            return BUILTIN_BACKBONES[self.name_or_path].hidden_size
-        return load_config(self.name_or_path, self.revision, self.trust_remote_code).get_text_config().hidden_size
+        return self.config().get_text_config().hidden_size
 
     def fingerprint(self) -> dict:
         """What identifies the weights and numerics, for activation-cache keys."""

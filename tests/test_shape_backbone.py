@@ -25,6 +25,17 @@ def test_32b_shapes_on_the_meta_device_have_the_real_parameter_count(name):
     assert spec.fingerprint()["weights"].startswith("shape-")
 
 
+@pytest.mark.parametrize("dtype, quantization, bytes_per_parameter", [("bfloat16", None, 2), ("float32", None, 4)])
+def test_max_memory_below_the_weights_is_refused_before_loading(dtype, quantization, bytes_per_parameter):
+    """The weights of QwQ-32B are parameters x bytes per parameter (61.0 GiB in bf16): a max_memory 1 GiB short of
+    that is one clear error, 1 GiB over it passes (nothing is loaded either way)."""
+    weights_gib = QWQ_32B_PARAMETERS * bytes_per_parameter / 2**30
+    common = {"name_or_path": "shape:qwq-32b", "dtype": dtype, "device_map": "auto", "quantization": quantization}
+    with pytest.raises(UserError, match=f"{weights_gib:.1f} GiB"):
+        BackboneSpec(**common, max_memory={0: f"{weights_gib - 1:.2f}GiB"})
+    BackboneSpec(**common, max_memory={0: f"{weights_gib / 2 + 0.5:.2f}GiB", "cpu": f"{weights_gib / 2 + 0.5:.2f}GiB"})
+
+
 def test_templates_are_the_real_models():
     _, qwq = load_backbone("shape:qwq-32b", device_map="meta")
     _, r1 = load_backbone("shape:r1-distill-qwen-32b", device_map="meta")
