@@ -23,7 +23,7 @@ install: $(VENV_STAMP)
 quickstart: export OMP_NUM_THREADS ?= 1
 # The trained toy reasoner (configs/probes_toy.yaml): the first run builds toy-qwq once (~3 min on 2 cores).
 quickstart: $(VENV_STAMP)
-	$(PY) train.py --config configs/probes_toy.yaml --run_name quickstart
+	$(PY) train.py --config configs/probes_toy.yaml --run_name quickstart --overwrite true
 	$(PY) evaluate.py --ckpt checkpoints/quickstart/best.ckpt
 	@echo
 	@echo "Results:     logs/quickstart/probe_accuracies.json, logs/quickstart/visualizations/probe_accuracy.png"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +64,22 @@ def check_trainer(trainer) -> None:
         value = trainer.get(name)
         if value is not None and value != -1 and value < 1:
             raise UserError(f"trainer.{name} {value}: use a positive number (or -1 for no limit)")
+
+
+def check_run_is_new(run_name: str, ckpt_path: str | None, overwrite: bool) -> None:
+    """A run that already has checkpoints is never replaced by accident: without --ckpt_path it is one clear error,
+    unless --overwrite, which removes its checkpoints/ and logs/ folders first (so two experiments never mix in one
+    TensorBoard run). Rank 0 only: DDP's other ranks rerun the command while rank 0 writes."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    previous = sorted(path.name for path in (CHECKPOINT_ROOT / run_name).glob("*.ckpt"))
+    if not previous or ckpt_path is not None or rank_zero_only.rank != 0:
+        return
+    if not overwrite:
+        raise UserError(f"run {run_name!r} already exists ({CHECKPOINT_ROOT / run_name}: {', '.join(previous)}): "
+                        "resume it with --ckpt_path last, pick another --run_name, or pass --overwrite to replace it")
+    for root in (CHECKPOINT_ROOT, LOG_ROOT):
+        shutil.rmtree(root / run_name, ignore_errors=True)
 
 
 def _first_line(error: BaseException) -> str:
@@ -154,6 +171,9 @@ class ProjectCLI(LightningCLI):
             "--backbone", type=str | None, default=None,
             help="Override data.init_args.backbone.name_or_path (e.g. tiny, Qwen/QwQ-32B, a local directory).",
         )  # fmt: skip
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="Replace a run that already has checkpoints (default: refused; resume it with "
+                            "--ckpt_path last or pick another --run_name).")  # fmt: skip
 
     def before_instantiate_classes(self) -> None:
         config = self.config
@@ -167,6 +187,7 @@ class ProjectCLI(LightningCLI):
             config.run_name = Path(sources[-1]).stem if sources else "run"
         check_run_name(config.run_name)
         check_trainer(config.trainer)
+        check_run_is_new(config.run_name, config.ckpt_path, config.overwrite)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

@@ -18,6 +18,7 @@ model.class_path) builds and writes its own report through the study-module prot
 """
 
 import argparse
+import json
 from pathlib import Path
 
 import lightning as L
@@ -25,6 +26,7 @@ import yaml
 from lightning.pytorch.callbacks import RichProgressBar
 
 from cli import LOG_ROOT, datamodule_from_run_config, read_checkpoint, run_main
+from interp.errors import UserError
 from interp.generation import DEFAULT_MAX_NEW_TOKENS
 from lightning_modules.protocol import (
     DIRECTION_STRENGTHS,
@@ -32,6 +34,20 @@ from lightning_modules.protocol import (
     EvaluateOptions,
     study_module_class,
 )
+
+
+def check_not_another_checkpoints_results(results: Path, ckpt: Path) -> None:
+    """Results of a different checkpoint (their "checkpoint" field) are never replaced silently, e.g. those of
+    best.ckpt by an evaluation of last.ckpt; the same checkpoint's are (a rerun redoes them)."""
+    if not results.is_file():
+        return
+    try:
+        previous = json.loads(results.read_text()).get("checkpoint")
+    except (json.JSONDecodeError, AttributeError):
+        previous = None
+    if previous is None or Path(previous).resolve() != ckpt.resolve():
+        raise UserError(f"{results} holds the results of {previous or 'another evaluation'}, not of {ckpt}: pass "
+                        "--output_dir to keep both, or --overwrite to replace them")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
                         "19 for a test at 0.05")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="[directions, steering] sampling, nulls; [directions] the "
                         "problem sample")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", help="replace result files in the output folder that "
+                        "another checkpoint wrote (by default that is refused: pick another --output_dir)")
     parser.add_argument("--directions", default=None, help="[steering] a directions run's "
                         "reasoning_directions.safetensors: cosine of each learned vector with its direction")  # fmt: skip
     args = parser.parse_args(argv)
@@ -62,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     config = yaml.safe_load(checkpoint["run_config"])
     module_class = study_module_class(config["model"]["class_path"])
     output_dir = Path(args.output_dir) if args.output_dir else LOG_ROOT / config["run_name"]
+    if not args.overwrite:
+        check_not_another_checkpoints_results(output_dir / module_class.results_file, ckpt)
     options = EvaluateOptions(
         max_new_tokens=args.max_new_tokens, greedy=args.greedy, n_prompts=args.n_prompts,
         strengths=None if args.strengths is None else tuple(args.strengths), n_random=args.n_random, seed=args.seed,

@@ -3,13 +3,12 @@ callbacks/patching.py): when such a callback runs, and how it logs and writes it
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from interp.directions import finite_json
+from interp.atomic import write_json
 from interp.errors import UserError
 from interp.plots import plt  # pyplot with the Agg backend
 
@@ -59,7 +58,6 @@ class HeldOutEvaluation(L.Callback):
         for fig in figures.values():
             plt.close(fig)
         if log_dir is not None:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            (Path(log_dir) / self.results_file).write_text(json.dumps(finite_json(results), indent=2) + "\n")
+            write_json(Path(log_dir) / self.results_file, results)
         self.last_results = results
         return results

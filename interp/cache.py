@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from interp.atomic import replaced_atomically, write_text
 from interp.errors import UserError
 
 FORMAT_VERSION = 1
@@ -71,9 +71,8 @@ class ActivationCache:
             **{f"label.{name}": value.to(torch.int64).cpu().contiguous() for name, value in labels.items()},
         }
         path = self.shard_dir / f"rows-{int(row_index.min()):08d}.safetensors"
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
+        with replaced_atomically(path) as tmp:
+            save_file(tensors, str(tmp))
         return path
 
     def finalize(self, manifest: dict) -> dict:
@@ -82,9 +81,7 @@ class ActivationCache:
         n_rows = manifest["n_rows"]
         complete = len(rows) == n_rows and bool(torch.equal(rows.sort().values, torch.arange(n_rows)))
         manifest = {**manifest, "format": FORMAT_VERSION, "complete": complete}
-        tmp = self.directory / f"manifest.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        os.replace(tmp, self.directory / "manifest.json")
+        write_text(self.directory / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
         return manifest
 
     # ---- reading -------------------------------------------------------------------------------------------

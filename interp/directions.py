@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from interp.atomic import replaced_atomically, write_json
 from interp.errors import UserError
 from interp.positions import PositionSpec
 from interp.prompts import post_instruction_ids
@@ -261,8 +262,9 @@ def save_directions(
     tensor_path, json_path = _paths(path)
     tensor_path.parent.mkdir(parents=True, exist_ok=True)
     header = {"format": "pt", "metadata": json.dumps({k: meta.get(k) for k in _CHECKED_KEYS}, sort_keys=True)}
-    save_file(tensors, str(tensor_path), metadata=header)
-    json_path.write_text(json.dumps(finite_json(meta), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    with replaced_atomically(tensor_path) as tmp:  # the tensors first: the JSON beside them marks them finished
+        save_file(tensors, str(tmp), metadata=header)
+    write_json(json_path, meta, sort_keys=True, allow_nan=False)
     return tensor_path
 
 

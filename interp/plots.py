@@ -140,8 +140,7 @@ def create_summary_figure(
             ax.legend(loc="best", fontsize=7)
     fig.tight_layout()
     if save_path is not None:
-        from pathlib import Path
+        from interp.atomic import save_figure
 
-        Path(save_path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(save_path)
+        save_figure(fig, save_path)
     return fig

@@ -65,7 +65,7 @@ from interp.null_directions import (
 )
 from interp.selection import PER_PROMPT_KEYS, select_reasoning_direction
 from interp.stats import RunningMoments
-from lightning_modules.direction_report import directions_report, write_intervention_report
+from lightning_modules.direction_report import RESULTS_FILE, directions_report, write_intervention_report
 from lightning_modules.frozen_backbone import ReadsBackbone
 from lightning_modules.layout import LayerStudyModule
 from lightning_modules.protocol import DIRECTION_STRENGTHS
@@ -79,6 +79,7 @@ class ReasoningDirectionModule(ReadsBackbone, LayerStudyModule):
 
     checkpoint_monitor = ("val/selected_ablation_score", "max")
     layout_key = "direction_layout"
+    results_file = RESULTS_FILE  # what evaluate.py writes
     trained_keys = ("directions",)
 
     def __init__(

@@ -51,6 +51,8 @@ from datamodules.tensors import QUESTION_TYPE
 from interp.plots import plot_layer_curves
 from lightning_modules.protocol import write_report_files
 
+RESULTS_FILE = "probe_accuracies.json"
+
 
 def sklearn_layer_scores(x_train, y_train, x_test, y_test, num_classes: int, seed: int = 0) -> dict[str, float]:
     """Accuracy, balanced accuracy and macro one-vs-rest AUROC (over the classes present in y_test, with the
@@ -154,7 +156,7 @@ def write_probe_report(report: dict, output_dir: Path) -> dict[str, Path]:
     fig = plot_layer_curves(
         layers, curves, ylabel="test accuracy", title=f"{report['backbone']}: {report['label']} probes"
     )
-    paths = write_report_files(report, output_dir, "probe_accuracies.json", fig, "probe_accuracy.png")
+    paths = write_report_files(report, output_dir, RESULTS_FILE, fig, "probe_accuracy.png")
     table = Table(
         title=f"Probe test accuracy per layer ({report['label']}, n_test={report['n_test']}, "
         f"majority baseline {report['majority_baseline']:.3f}, control-type coverage "

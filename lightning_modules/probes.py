@@ -34,7 +34,7 @@ from torchmetrics.utilities import dim_zero_cat
 from interp.errors import UserError
 from interp.probe_metrics import layer_accuracy, layer_balanced_accuracy, layer_macro_auroc, present_classes
 from lightning_modules.layout import LayerStudyModule
-from lightning_modules.probe_report import probe_report, write_probe_report
+from lightning_modules.probe_report import RESULTS_FILE, probe_report, write_probe_report
 from lightning_modules.protocol import cached_test_report
 
 
@@ -82,6 +82,7 @@ class LayerProbeModule(LayerStudyModule):
     control-task probe; per-layer metrics, report and checkpoint layout as in the module docstring."""
 
     layout_key = "probe_layout"
+    results_file = RESULTS_FILE  # what evaluate.py writes (and refuses to replace with another checkpoint's)
     trained_keys = ("probe.", "control_probe.")
 
     def __init__(self, lr: float = 1e-2, weight_decay: float = 1e-3):

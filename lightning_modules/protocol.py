@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import lightning as L
 
+from interp.atomic import save_figure, write_json
 from interp.errors import UserError
 from interp.generation import DEFAULT_MAX_NEW_TOKENS
 from lightning_modules.cache_writer import extract_activations
@@ -82,15 +82,11 @@ def study_module_class(class_path: str) -> type[L.LightningModule]:
 def write_report_files(report: dict, output_dir, json_name: str, figure, figure_name: str) -> dict[str, Path]:
     """What every write_report writes: `report` as output_dir/json_name (NaN -> null: standard JSON) and `figure`
     (a matplotlib Figure, closed here) as output_dir/visualizations/figure_name. Returns {"json", "figure"}."""
-    from interp.directions import finite_json
     from interp.plots import plt
 
     output_dir = Path(output_dir)
-    (output_dir / "visualizations").mkdir(parents=True, exist_ok=True)
-    json_path = output_dir / json_name
-    json_path.write_text(json.dumps(finite_json(report), indent=2) + "\n")
-    png_path = output_dir / "visualizations" / figure_name
-    figure.savefig(png_path)
+    json_path = write_json(output_dir / json_name, report)
+    png_path = save_figure(figure, output_dir / "visualizations" / figure_name)
     plt.close(figure)
     return {"json": json_path, "figure": png_path}
 

@@ -34,6 +34,7 @@ class SteeringObjectiveModule(ReadsBackbone, LayerStudyModule):
     objective, beta, lr, weight_decay and gradient_checkpointing."""
 
     checkpoint_monitor = ("val/nll", "min")
+    results_file = "steering_results.json"  # steering_report.RESULTS_FILE (that module imports this one)
 
     def check_objective(self) -> None:
         """In __init__: the hparams that need no data."""

@@ -32,7 +32,7 @@ from interp.lens import AffineTranslators, LensReadout, TunedLens, final_layer_s
 from lightning_modules.frozen_backbone import ReadsBackbone
 from lightning_modules.layout import LayerStudyModule
 from lightning_modules.protocol import cached_test_report
-from lightning_modules.tuned_lens_report import tuned_lens_report, write_tuned_lens_report
+from lightning_modules.tuned_lens_report import RESULTS_FILE, tuned_lens_report, write_tuned_lens_report
 
 
 class LayerMean(Metric):
@@ -57,6 +57,7 @@ class TunedLensModule(ReadsBackbone, LayerStudyModule):
 
     checkpoint_monitor = ("val/kl_tuned_mean", "min")
     layout_key = "tuned_lens_layout"
+    results_file = RESULTS_FILE  # what evaluate.py writes
     trained_keys = ("translators.",)
     backbone_keep = LensReadout  # of the backbone, hold only the final norm and the LM head
 

@@ -20,11 +20,11 @@ interrupted resumes from its last.ckpt).
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from cli import CHECKPOINT_ROOT, LOG_ROOT, datamodule_from_run_config
+from interp import atomic
 from interp.errors import UserError
 from study.preset import Preset
 
@@ -111,7 +111,7 @@ def run_directions(study: Study, label: str) -> None:
     train.main(train_args(study, label, "directions"))
     written = study.model_dir(label) / "directions" / OUTPUTS["directions"]
     for path in (written.with_suffix(".json"), written):  # the tensor file last: it marks the stage finished
-        shutil.copyfile(path, study.model_dir(label) / path.name)
+        atomic.copy_file(path, study.model_dir(label) / path.name)
 
 
 def run_tuned_lens(study: Study, label: str) -> None:
@@ -139,11 +139,5 @@ def run_interventions(study: Study, label: str) -> None:
 
 
 def write_json(path: Path, payload: dict) -> Path:
-    """Write atomically (temp file + rename): a stage's output appears whole or not at all."""
-    from interp.directions import finite_json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(finite_json(payload), indent=1, allow_nan=False) + "\n")
-    tmp.replace(path)
-    return path
+    """Write atomically (`interp.atomic`): a stage's output appears whole or not at all."""
+    return atomic.write_json(path, payload, indent=1, allow_nan=False)

@@ -4,12 +4,12 @@ per-model figure as <label>_<name>.png) and the same figures plus per-layer scal
 from __future__ import annotations
 
 import json
-import shutil
 
 import matplotlib.pyplot as plt
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from cli import LOG_ROOT
+from interp.atomic import copy_file, save_figure
 from interp.plots import create_summary_figure, plot_heatmap, plot_layer_curves
 from study.stages import OUTPUTS, Study
 
@@ -57,10 +57,10 @@ def run_summary(study: Study) -> None:
     logger.finalize("success")
     for label in study.labels:  # every per-model figure beside the summary
         for png in sorted((study.model_dir(label) / "visualizations").glob("*.png")):
-            shutil.copyfile(png, out / f"{label}_{png.name}")
+            copy_file(png, out / f"{label}_{png.name}")
     summary = figures.pop("summary")
     for name, figure in figures.items():
-        figure.savefig(out / f"{name}.png")
+        save_figure(figure, out / f"{name}.png")
         plt.close(figure)
-    summary.savefig(study.root / OUTPUTS["summary"])  # last: it marks the stage finished
+    save_figure(summary, study.root / OUTPUTS["summary"])  # last: it marks the stage finished
     plt.close(summary)
