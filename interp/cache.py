@@ -13,10 +13,12 @@ Layout of one cache (its directory name is the key, a hash of everything that de
         "split"        [rows] int64    0 train, 1 val, 2 test
         "label.<name>" [rows] int64    one per label (reasoning, dataset, subject, level, problem)
 
-Shards are written atomically (temp file + rename), one per extraction batch, by whichever process computed
-them, so an interrupted extraction resumes by skipping finished rows and DDP ranks never write the same
-file. The manifest is marked complete only when every row is present exactly once. Readers memory-map the
-shards: nothing loads the whole cache into RAM.
+Shards are written atomically (temp file, fsync, rename: interp/atomic.py), one per extraction batch, by whichever
+process computed them, so an interrupted extraction resumes by skipping finished rows and DDP ranks never write the
+same file. The manifest is marked complete only when every row is present exactly once; a complete manifest also
+records each shard's size and sha256 ("shards": {name: {"bytes", "sha256"}}), checked whenever the cache is reused
+(`damaged_shards`: one read of the cache); a damaged shard is named, removed and its rows extracted again.
+Readers memory-map the shards: nothing loads the whole cache into RAM.
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 def cache_key(spec: dict) -> str:
     """Stable short hash of a JSON-able spec (sorted keys)."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class ActivationCache:
@@ -76,11 +86,15 @@ class ActivationCache:
         return path
 
     def finalize(self, manifest: dict) -> dict:
-        """Write the manifest; `complete` is True only if rows 0..n_rows-1 each appear exactly once."""
+        """Write the manifest; `complete` is True only if rows 0..n_rows-1 each appear exactly once. A complete
+        manifest records every shard's size and sha256 (`damaged_shards` checks them)."""
         rows = self._all_row_indices()
         n_rows = manifest["n_rows"]
         complete = len(rows) == n_rows and bool(torch.equal(rows.sort().values, torch.arange(n_rows)))
         manifest = {**manifest, "format": FORMAT_VERSION, "complete": complete}
+        if complete:
+            manifest["shards"] = {path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+                                  for path in self.shards()}  # fmt: skip
         write_text(self.directory / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
         return manifest
 
@@ -97,6 +111,48 @@ class ActivationCache:
     def complete(self) -> bool:
         manifest = self.manifest
         return bool(manifest and manifest.get("complete") and manifest.get("format") == FORMAT_VERSION)
+
+    def damaged_shards(self) -> dict[str, str]:
+        """{shard name: what is wrong} for every shard that cannot be read, and, in a complete cache, every shard
+        whose size or sha256 differs from the manifest's record (truncated, corrupted, missing or foreign)."""
+        damaged = {}
+        for path in self.shards():
+            try:
+                self._read(path, "row_index")
+            except Exception as error:  # safetensors' error for a truncated header or body
+                damaged[path.name] = f"unreadable ({type(error).__name__}: {str(error).splitlines()[0][:80]})"
+        recorded = (self.manifest or {}).get("shards") if self.complete else None
+        for name, record in (recorded or {}).items():
+            path = self.shard_dir / name
+            if name in damaged:
+                continue
+            if not path.is_file():
+                damaged[name] = "missing"
+            elif path.stat().st_size != record["bytes"]:
+                damaged[name] = f"{path.stat().st_size} bytes where the manifest recorded {record['bytes']}"
+            elif _sha256(path) != record["sha256"]:
+                damaged[name] = "its sha256 differs from the manifest's: the file changed after it was written"
+        if recorded is not None:
+            for path in self.shards():
+                if path.name not in recorded:
+                    damaged.setdefault(path.name, "not listed in the manifest")
+        return damaged
+
+    def drop_damaged_shards(self) -> dict[str, str]:
+        """Delete the `damaged_shards` and mark the cache incomplete, so the next extraction recomputes exactly
+        their rows; also delete the temporaries of writers that were killed. Returns what was dropped and why.
+        Call it only while no process extracts into this cache."""
+        for leftover in self.shard_dir.glob(".rows-*.tmp*") if self.shard_dir.is_dir() else []:
+            leftover.unlink(missing_ok=True)
+        damaged = self.damaged_shards()
+        if damaged:
+            for name in damaged:
+                (self.shard_dir / name).unlink(missing_ok=True)
+            if self.manifest is not None:
+                manifest = {key: value for key, value in self.manifest.items() if key != "shards"}
+                write_text(self.directory / "manifest.json", json.dumps({**manifest, "complete": False}, indent=2,
+                                                                        sort_keys=True))  # fmt: skip
+        return damaged
 
     def _all_row_indices(self) -> torch.Tensor:
         parts = [self._read(path, "row_index") for path in self.shards()]

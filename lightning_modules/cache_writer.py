@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.activations import CachedActivationDataModule
 from datamodules.prompts import PromptRow
@@ -79,6 +79,11 @@ def extract_activations(trainer: L.Trainer, datamodule: CachedActivationDataModu
     """Make sure `datamodule.cache` is complete (under fast_dev_run: holds `fast_dev_rows`), extracting what is
     missing with `trainer`."""
     cache = datamodule.cache
+    if trainer.is_global_zero:
+        for name, problem in cache.drop_damaged_shards().items():
+            rank_zero_warn(f"activation cache shard {cache.shard_dir / name}: {problem}; removed it, its rows are "
+                           "extracted again")  # fmt: skip
+    trainer.strategy.barrier()
     if cache.complete:
         rank_zero_info(f"Reusing activation cache {cache.directory}")
         return cache
