@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.prompt_rows import LABELS
 from datamodules.prompts import ReasoningPromptsDataModule
-from datamodules.tensors import control_task_labels, control_type_seen, question_type
+from datamodules.tensors import control_task_labels, control_type_seen, epoch_seeded_sampler, question_type
 from interp.activations import check_layers
 from interp.backbone import BackboneSpec
 from interp.cache import SPLITS, STORAGE_DTYPES, ActivationCache, ShardReader, cache_key
@@ -256,8 +256,9 @@ class CachedActivationDataModule(L.LightningDataModule):
         return {"x": x, "y": y[keep], "problem": meta["label.problem"][keep], "row_index": meta["row_index"][keep]}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        sampler = epoch_seeded_sampler(self.datasets[split], self.trainer, self.prompts.seed) if shuffle else None
         return DataLoader(
-            self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            self.datasets[split], batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )  # fmt: skip
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from datamodules.prompts import ReasoningPromptsDataModule
+from datamodules.tensors import epoch_seeded_sampler
 from interp.backbone import BackboneSpec
 from interp.errors import UserError
 
@@ -97,10 +98,7 @@ class CompletionDataModule(L.LightningDataModule):
         items = self.items[split]
         if not items:
             raise UserError(f"no {split} problems: set data.prompts' {split}_fraction > 0")
-        sampler = None
-        if shuffle:  # Lightning calls set_epoch on it: the permutation of epoch e is seeded by (seed, e)
-            world = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-            sampler = DistributedSampler(items, num_replicas=world[0], rank=world[1], shuffle=True, seed=self.seed)
+        sampler = epoch_seeded_sampler(items, self.trainer, self.seed) if shuffle else None
         return DataLoader(items, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate)
 
     def train_dataloader(self) -> DataLoader:

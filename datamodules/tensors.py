@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from interp.errors import UserError
 from interp.stats import RunningMoments
@@ -71,6 +71,15 @@ def control_task_labels(
         r = int.from_bytes(digest[:8], "big") % n_train
         per_type[key] = bisect.bisect_right(cumulative, r)
     return torch.tensor([per_type[key] for key in keys], dtype=torch.long)
+
+
+def epoch_seeded_sampler(dataset, trainer: L.Trainer | None, seed: int) -> DistributedSampler:
+    """The shuffled train order of every datamodule: Lightning calls set_epoch on it, so epoch e's permutation is
+    seeded by (seed, e) alone, and a run resumed from a checkpoint sees the same batches as one that never stopped
+    (DataLoader(shuffle=True) draws from the global RNG, which checkpoints do not hold). Under DDP each rank gets
+    its share, as from Lightning's own DistributedSampler."""
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
 
 
 def control_type_seen(types: Sequence | torch.Tensor, train: torch.Tensor) -> torch.Tensor:
@@ -129,7 +138,7 @@ class TensorProbeDataModule(L.LightningDataModule):
             split: (int(seen[mask].sum()), int(mask.sum())) for split, mask in self.splits.items()
         }
         self.n_layers, self.d_model = activations.shape[1], activations.shape[2]
-        self.num_classes, self.batch_size = num_classes, batch_size
+        self.num_classes, self.batch_size, self.seed = num_classes, batch_size, seed
         self.class_names = [str(c) for c in range(num_classes)]
         self.layers = list(range(self.n_layers))
 
@@ -142,7 +151,8 @@ class TensorProbeDataModule(L.LightningDataModule):
         return {"x": torch.stack(x), "y": torch.stack(y), "y_control": torch.stack(yc)}
 
     def train_dataloader(self):
-        return DataLoader(self.datasets["train"], batch_size=self.batch_size, shuffle=True, collate_fn=self._collate)
+        sampler = epoch_seeded_sampler(self.datasets["train"], self.trainer, self.seed)
+        return DataLoader(self.datasets["train"], batch_size=self.batch_size, sampler=sampler, collate_fn=self._collate)
 
     def val_dataloader(self):
         return DataLoader(self.datasets["val"], batch_size=self.batch_size, collate_fn=self._collate)
