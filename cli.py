@@ -9,10 +9,14 @@ Every checkpoint also carries the run's full config (`run_config`), so `evaluate
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +31,18 @@ from callbacks.probe_figures import ProbeAccuracyFigure
 from interp.errors import UserError
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass field docstrings become --help
+
+
+class _DropAdvertising(logging.Filter):
+    """Lightning 2.6 advertises its cloud logger on every run; a researcher reads the rest of its lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertising())
+# A deprecation inside Lightning's own code (lightning/pytorch/utilities/_pytree.py), printed on every fit.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 CHECKPOINT_ROOT = Path("checkpoints")
 LOG_ROOT = Path("logs")
@@ -77,7 +93,7 @@ def check_run_is_new(run_name: str, ckpt_path: str | None, overwrite: bool) -> N
         return
     if not overwrite:
         raise UserError(f"run {run_name!r} already exists ({CHECKPOINT_ROOT / run_name}: {', '.join(previous)}): "
-                        "resume it with --ckpt_path last, pick another --run_name, or pass --overwrite to replace it")
+                        "resume it with --ckpt_path last, pick another --run_name, or pass --overwrite true to replace it")
     for root in (CHECKPOINT_ROOT, LOG_ROOT):
         shutil.rmtree(root / run_name, ignore_errors=True)
 
@@ -201,7 +217,7 @@ class ProjectCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         run = self.config.run_name
-        monitor, mode = getattr(self.model, "checkpoint_monitor", ("val/acc_best", "max"))
+        monitor, mode = getattr(self.model, "checkpoint_monitor", ("val/acc_max_over_layers", "max"))
         # Lightning 2.6 refreshes `save_last` only when a top-k checkpoint was saved in the same step, so
         # last.ckpt comes from its own unmonitored callback that overwrites it after every validation.
         best = ModelCheckpoint(
@@ -217,8 +233,22 @@ class ProjectCLI(LightningCLI):
             best, last, RichProgressBar(leave=True), ProbeAccuracyFigure(), RunConfigInCheckpoint(config_yaml)
         ]
         if self.config.trainer.get("logger") in (None, True):
-            kwargs["logger"] = TensorBoardLogger(save_dir=str(LOG_ROOT), name=run, version="")
+            kwargs["logger"] = TensorBoardLogger(save_dir=str(LOG_ROOT), name=run, version="", default_hp_metric=False)
         return super().instantiate_trainer(**kwargs)
+
+    def where_results_are(self) -> str:
+        """What a finished fit leaves and what to run next (train.py prints it last)."""
+        run = self.config.run_name
+        lines = []
+        for callback in self.trainer.checkpoint_callbacks:
+            if callback.best_model_path:
+                score = f" ({callback.monitor} {float(callback.best_model_score):.4g})" if callback.monitor else ""
+                lines.append(f"Checkpoint:  {callback.best_model_path}{score}")
+        lines.append(f"TensorBoard: tensorboard --logdir {LOG_ROOT / run}")
+        best = CHECKPOINT_ROOT / run / "best.ckpt"
+        if best.is_file():
+            lines.append(f"Next:        python evaluate.py --ckpt {best}")
+        return "\n".join(lines)
 
     def resolved_ckpt_path(self) -> str | None:
         path = self.config.ckpt_path
@@ -276,11 +306,25 @@ def _one_line(message: str) -> str:
 
 
 def run_main(main: Callable[[], None]) -> None:
-    """Run an entry point; user errors become one line on stderr and exit status 2 (no traceback)."""
+    """Run an entry point; user errors become one line on stderr and exit status 2 (no traceback); a Ctrl-C, once
+    Lightning has stopped cleanly, becomes "interrupted; rerun the same command to resume" and exit status 130."""
     from jsonargparse import ArgumentError
 
+    interrupted = []
+
+    def on_ctrl_c(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+    previous = signal.signal(signal.SIGINT, on_ctrl_c) if in_main_thread else None
     try:
         main()
+    except (KeyboardInterrupt, SystemExit):
+        if not interrupted:  # Lightning turns a Ctrl-C inside its loops into exit(1) after a clean shutdown
+            raise
+        print("interrupted; rerun the same command to resume (train.py: add --ckpt_path last)", file=sys.stderr)
+        sys.exit(130)
     except (ArgumentError, ValueError) as error:
         cause = _user_error_in(error)
         if cause is None and not isinstance(error, ArgumentError):
@@ -288,3 +332,6 @@ def run_main(main: Callable[[], None]) -> None:
         message = str(cause).strip().splitlines()[0] if cause else _one_line(str(error))
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)

@@ -19,6 +19,8 @@ def main(args: list[str] | None = None) -> None:
     if isinstance(cli.datamodule, CachedActivationDataModule):
         extract_activations(cli.trainer, cli.datamodule)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if cli.trainer.is_global_zero:
+        print(cli.where_results_are())
 
 
 if __name__ == "__main__":

@@ -91,15 +91,15 @@ def extract_activations(trainer: L.Trainer, datamodule: CachedActivationDataModu
     prompts.setup("predict")
     manifest = datamodule.manifest()
     wanted = fast_dev_rows(prompts.rows) if trainer.fast_dev_run else set(range(manifest["n_rows"]))
-    prompts.exclude_rows = cache.finished_rows() | (set(range(manifest["n_rows"])) - wanted)
+    finished = cache.finished_rows()
+    prompts.exclude_rows = finished | (set(range(manifest["n_rows"])) - wanted)
     if len(prompts.exclude_rows) == manifest["n_rows"]:  # nothing to extract, e.g. done before the manifest
         if trainer.is_global_zero:
             cache.finalize(manifest)
         trainer.strategy.barrier()
         return cache
-    rank_zero_info(
-        f"Extracting activations of {manifest['n_rows'] - len(prompts.exclude_rows)} prompts into {cache.directory}"
-    )
+    rank_zero_info(f"Extracting activations of {manifest['n_rows'] - len(prompts.exclude_rows)} prompts into "
+                   f"{cache.directory}" + (f" (reusing {len(finished)} already cached)" if finished else ""))
     extractor = ActivationExtractor(datamodule.backbone, datamodule.layers, str(datamodule.positions))
     writer = ActivationCacheWriter(cache, manifest)
     # fast_dev_run's one-batch limit would leave rows of `wanted` out: the rows are limited above instead.

@@ -15,7 +15,7 @@ splits, see datamodules/tensors.py). Scores of an evaluated split, per layer, fr
                    lowest index), i.e. the accuracy of a constant predictor fitted on train
 
 Metric keys: {split}/acc/L{layer:02d}, {split}/balanced_acc/L.., {split}/auroc/L.., {split}/control_acc/L..,
-{split}/selectivity/L.., {split}/majority_baseline, plus {split}/acc_best (max over layers) which
+{split}/selectivity/L.., {split}/majority_baseline, plus {split}/acc_max_over_layers (this epoch's best layer) which
 ModelCheckpoint monitors. Layer numbers are the backbone's.
 """
 
@@ -174,7 +174,7 @@ class LayerProbeModule(LayerStudyModule):
         }
         values["selectivity"] = values["acc"] - values["control_acc"]
         self.log_per_layer(split, values)
-        self.log(f"{split}/acc_best", values["acc"].max(), prog_bar=True, sync_dist=True)
+        self.log(f"{split}/acc_max_over_layers", values["acc"].max(), prog_bar=True, sync_dist=True)
         values = {name: v.detach().cpu() for name, v in values.items()}
         if self.train_class_counts is not None:
             majority = int(self.train_class_counts.argmax())  # ties: the lowest class index

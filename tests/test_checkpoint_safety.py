@@ -89,3 +89,25 @@ def test_unreadable_checkpoints_are_one_line_naming_the_file(tmp_path, content, 
     with pytest.raises(UserError, match=message) as error:
         read_checkpoint(path)
     assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_hub_tokens_never_reach_any_written_file(tmp_path, monkeypatch):
+    """The hub token is read from the environment only: with fake tokens set, nothing train.py and evaluate.py
+    write (checkpoints, config.yaml, TensorBoard events, results, figures, the activation cache) contains them."""
+    from pipeline_utils import tiny_config
+
+    import evaluate
+    import train
+
+    fake = "hf_FAKEtokenFORtestsONLY0123456789abcdef"
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.setenv(name, fake)
+    monkeypatch.chdir(tmp_path)
+    train.main(["--config", str(tiny_config("quickstart.yaml", tmp_path, limit=6)), "--run_name", "run",
+                "--trainer.max_epochs", "1"])  # fmt: skip
+    evaluate.main(["--ckpt", "checkpoints/run/best.ckpt"])
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".ckpt" for path in written) and any("events" in path.name for path in written)
+    assert any(path.name == "config.yaml" for path in written) and any(path.suffix == ".safetensors" for path in written)
+    leaking = [str(path) for path in written if fake.encode() in path.read_bytes()]
+    assert not leaking

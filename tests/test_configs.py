@@ -36,7 +36,7 @@ PROBES, DIRECTIONS, LENS, STEERING, LORA = (
     "lightning_modules.steering.SteeringVectorModule",
     "lightning_modules.steering_lora.LoraSteeringModule",
 )
-MONITORS = {PROBES: ("val/acc_best", "max"), DIRECTIONS: ("val/selected_ablation_score", "max"),
+MONITORS = {PROBES: ("val/acc_max_over_layers", "max"), DIRECTIONS: ("val/selected_ablation_score", "max"),
             LENS: ("val/kl_tuned_mean", "min"), STEERING: ("val/nll", "min"), LORA: ("val/nll", "min")}  # what best.ckpt is chosen by
 HUB_SOURCES = [("gsm8k", "openai/gsm8k", "main", 500), ("math", "HuggingFaceH4/MATH-500", None, 500)]
 EMBEDDED_100 = [("gsm8k", "embedded", None, 100), ("math", "embedded", None, 100)]

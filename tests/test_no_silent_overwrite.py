@@ -37,7 +37,7 @@ def test_the_same_run_name_twice_is_refused_and_overwrite_replaces(finished_run,
     checkpoints, logs = tmp_path / "checkpoints" / "run", tmp_path / "logs" / "run"
     before = {path: path.read_bytes() for path in [*checkpoints.glob("*.ckpt"), logs / "probe_accuracies.json"]}
     code, err = _exit_and_error(lambda: train.main(finished_run), capsys)
-    assert code == 2 and len(err) == 1 and "already exists" in err[0] and "--ckpt_path last" in err[0], err
+    assert code == 2 and len(err) == 1 and "already exists" in err[0] and "--ckpt_path last" in err[0] and "--overwrite true" in err[0], err
     assert {path: path.read_bytes() for path in before} == before  # not one byte changed
 
     train.main([*finished_run, "--overwrite", "true"])

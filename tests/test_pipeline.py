@@ -39,7 +39,7 @@ def test_train_resume_evaluate(tmp_path, monkeypatch, shared_cache_dir):
     events = EventAccumulator(str(tmp_path / "logs" / "run"))
     events.Reload()
     assert "val/accuracy_vs_layer" in events.Tags()["images"]
-    assert {"val/acc/L00", "val/auroc/L31", "val/selectivity/L05", "val/acc_best"} <= set(events.Tags()["scalars"])
+    assert {"val/acc/L00", "val/auroc/L31", "val/selectivity/L05", "val/acc_max_over_layers"} <= set(events.Tags()["scalars"])
 
     train.main(["--config", str(config), "--run_name", "run", "--trainer.max_epochs", "4", "--ckpt_path", "last"])
     resumed = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)

@@ -2,6 +2,7 @@
 state and best score of a run that never stopped (deterministic CPU runs on the tiny backbone), and the kill leaves
 no checkpoint half-written under its final name."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -20,10 +21,12 @@ KILL_AT = (int(sys.argv[2]), int(sys.argv[3]))
 import lightning as L
 import cli, train
 
+SIGNAL = signal.SIGINT if os.environ.get("SEND_CTRL_C") else signal.SIGKILL
+
 class KillAt(L.Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if (trainer.current_epoch, batch_idx) == KILL_AT:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), SIGNAL)
 
 instantiate = cli.ProjectCLI.instantiate_trainer
 def with_kill(self, **kwargs):
@@ -32,7 +35,7 @@ def with_kill(self, **kwargs):
     return trainer
 cli.ProjectCLI.instantiate_trainer = with_kill
 args, sys.argv[1:] = sys.argv[4:], []
-train.main(args)
+cli.run_main(lambda: train.main(args))
 """
 
 RUNS = {  # config, extra arguments, epochs, the epoch and batch of the kill
@@ -73,3 +76,17 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(kind, tmp_path, monkey
     best = [c for c in whole["callbacks"] if c.startswith("ModelCheckpoint") and "'monitor': None" not in c]
     assert best and all(resumed["callbacks"][c]["best_model_score"] == whole["callbacks"][c]["best_model_score"]
                         for c in best)  # fmt: skip
+
+
+def test_ctrl_c_stops_cleanly_and_the_rerun_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = str(tiny_config("quickstart.yaml", tmp_path, limit=6, batch_size=4))
+    common = ["--config", config, "--trainer.max_epochs", "3", "--run_name", "run"]
+    stopped = subprocess.run([sys.executable, "-c", _KILLED_TRAINING, str(REPO), "1", "1", *common], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600, env={**os.environ, "SEND_CTRL_C": "1"})  # fmt: skip
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert stopped.stderr.strip().splitlines()[-1] == ("interrupted; rerun the same command to resume (train.py: add "
+                                                       "--ckpt_path last)")  # fmt: skip
+    assert _checkpoint(tmp_path / "checkpoints/run/last.ckpt")["epoch"] == 0
+    train.main([*common, "--ckpt_path", "last"])
+    assert _checkpoint(tmp_path / "checkpoints/run/last.ckpt")["epoch"] == 2
