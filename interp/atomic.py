@@ -4,12 +4,15 @@ the final name, never half of one (a temporary name next to it, fsync, then os.r
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from interp.errors import UserError
 
 
 @contextmanager
@@ -24,6 +27,11 @@ def replaced_atomically(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb") as written:
             os.fsync(written.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"no space left on the device while writing {path}: free some and rerun the same "
+                            "command (every file finished before this one is kept)") from error
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -113,3 +113,30 @@ def test_the_manifest_records_each_shards_size_and_sha256(tmp_path):
     assert recorded == {p.name: {"bytes": os.path.getsize(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
                         for p in cache.shards()}  # fmt: skip
     assert cache.damaged_shards() == {}
+
+
+def test_a_full_disk_stops_with_one_line_and_the_rerun_completes(tmp_path, monkeypatch, reference):
+    """The third shard write fails with ENOSPC (what a full disk raises): one clear UserError naming the file; the two
+    finished shards stay, nothing half-written is left, and a rerun with space completes the same cache."""
+    import errno
+
+    from interp import cache as cache_module
+    from interp.errors import UserError
+
+    calls, save_file = [], cache_module.save_file
+
+    def fills_the_disk(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 3:
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save_file(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "save_file", fills_the_disk)
+    with pytest.raises(UserError, match=r"no space left on the device while writing .*rows-\d+\.safetensors"):
+        extract_activations(_trainer(), build_datamodule(tmp_path, limit=4))
+    dm = build_datamodule(tmp_path, limit=4)
+    assert len(dm.cache.shards()) == 2 and not list(dm.cache.shard_dir.glob(".*"))
+    monkeypatch.undo()
+    assert _files(extract_activations(_trainer(), dm)) == reference
