@@ -284,3 +284,20 @@ def test_fast_dev_run_per_module_class(class_path, tmp_path, monkeypatch):
     assert cache.complete == (len(fast_dev_rows(rows)) == len(rows))  # complete only if that is every row
     assert cli.datamodule.cache.manifest["layers"] == cli.datamodule.layers
     assert cli.datamodule.cache.manifest["positions"] == _raw(config_name)["data"]["init_args"]["positions"]
+
+
+def test_the_short_help_lists_every_study_module_and_loads_no_lightning():
+    """`train.py --help` is printed before Lightning is imported; its module list is exactly the classes the
+    configs use plus the LoRA baseline, each an evaluable study module."""
+    import subprocess
+    import sys
+
+    from lightning_modules.protocol import study_module_class
+
+    used = {_raw(name)["model"]["class_path"] for name in CONFIGS}
+    listed = {path for path, _ in train.STUDY_MODULES.values()}
+    assert used <= listed and all(study_module_class(path) for path in listed)
+    probe = "import sys, runpy; sys.argv = ['train.py', '--help']\ntry:\n    runpy.run_path('train.py', run_name='__main__')\n" \
+            "except SystemExit:\n    pass\nprint('LIGHTNING', 'lightning' in sys.modules)"  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert "LayerProbeModule" in result.stdout and "LIGHTNING False" in result.stdout, result.stderr
