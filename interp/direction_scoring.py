@@ -30,7 +30,7 @@ Every row keeps its per-prompt values ("ablation_per_prompt" [n_reasoning], "ind
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -214,6 +214,8 @@ class PromptScorer:
     batch_size: int = 8
     intervention_strength: float = 1.0
     max_solution_tokens: int | None = 256
+    on_scored: Callable[[int, int], None] | None = None
+    """Called with (scored, of) after each direction of a call: progress for sweeps that take minutes."""
 
     def __call__(self, directions: torch.Tensor, layers: Sequence[int], problems: Sequence[tuple]) -> list[dict]:
         directions = torch.as_tensor(directions).detach().cpu().to(torch.float32)
@@ -230,5 +232,9 @@ class PromptScorer:
         scorer = _Scorer(self.model, self.tokenizer, *columns, self.metric, self.k_first_tokens,
                          self.batch_size, self.max_solution_tokens)  # fmt: skip
         baselines = scorer.baselines()
-        return [scorer.score(direction, int(layer), self.intervention_strength, baselines)
-                for direction, layer in zip(directions, layers)]  # fmt: skip
+        rows = []
+        for direction, layer in zip(directions, layers):
+            rows.append(scorer.score(direction, int(layer), self.intervention_strength, baselines))
+            if self.on_scored is not None:
+                self.on_scored(len(rows), len(directions))
+        return rows

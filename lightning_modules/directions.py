@@ -38,6 +38,7 @@ under selection.report. Undefined numbers (NaN, e.g. a z-score against a zero-sp
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import lightning as L
@@ -71,6 +72,21 @@ from lightning_modules.layout import LayerStudyModule
 from lightning_modules.protocol import DIRECTION_STRENGTHS
 
 CLASSES = {"reasoning": 1, "control": 0}  # the datamodule's "reasoning" label encoding
+
+
+class _ProgressLine:
+    """`PromptScorer.on_scored`: one line every 15 s of a scoring call (selection, report and null sweeps)."""
+
+    def __init__(self, every_s: float = 15.0):
+        self.every_s, self.started, self.last = every_s, time.monotonic(), time.monotonic()
+
+    def __call__(self, scored: int, of: int) -> None:
+        now = time.monotonic()
+        if scored == 1:
+            self.started = now
+        if now - self.last >= self.every_s or (scored == of and now - self.started >= self.every_s):
+            self.last = now
+            rank_zero_info(f"scoring directions: {scored}/{of} ({now - self.started:.0f} s)")
 
 
 class ReasoningDirectionModule(ReadsBackbone, LayerStudyModule):
@@ -318,7 +334,7 @@ class ReasoningDirectionModule(ReadsBackbone, LayerStudyModule):
         pairs = self.val_pairs(datamodule)
         problems = [(r.prompt, r.gold_solution, c.prompt, c.gold_solution) for r, c in pairs]
         scorer = PromptScorer(self.backbone_model, self.tokenizer, hp.selection_metric, hp.k_first_tokens,
-                              hp.batch_size, hp.intervention_strength)  # fmt: skip
+                              hp.batch_size, hp.intervention_strength, on_scored=_ProgressLine())  # fmt: skip
         full = torch.stack([self.directions_by_layer(p) for p in range(len(self.position_labels))])
 
         def train_rows(position: int, layer: int) -> tuple:  # the rows the directions were built from, one site
