@@ -14,6 +14,7 @@ import sys
 
 import lightning as L
 import pytest
+import safetensors.torch
 import torch
 from pipeline_utils import REPO, build_datamodule, cache_contents, tiny_config
 
@@ -364,6 +365,14 @@ def test_one_epoch_writes_the_directions_file(tmp_path, monkeypatch, shared_cach
     expected = next(r for r in meta["selection_table"] if r["selected"])["ablation_score"]
     assert events.Scalars("val/selected_ablation_score")[-1].value == pytest.approx(expected, rel=1e-6)
     assert all("layer 27 >= 25.6" in r["filtered"] for r in meta["selection_table"] if r["layer"] == 27)
+
+    # The same config and seed again: the same directions, scores, nulls and selection, bit for bit.
+    train.main(["--config", str(config), "--run_name", "again", "--model.init_args.candidate_layers", "[2, 10, 27]",
+                "--model.init_args.n_selection_prompts", "2", "--model.init_args.kl_threshold", "100"])
+    again, first = tmp_path / "logs" / "again" / "reasoning_directions", log_dir / "reasoning_directions"
+    assert again.with_suffix(".json").read_bytes() == first.with_suffix(".json").read_bytes()
+    tensors = [safetensors.torch.load_file(path.with_suffix(".safetensors")) for path in (first, again)]
+    assert tensors[0].keys() == tensors[1].keys() and all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
 
 
 @pytest.mark.slow
