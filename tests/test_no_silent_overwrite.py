@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from pipeline_utils import tiny_config
+from pipeline_utils import REPO, tiny_config
 
 import evaluate
 import train
@@ -87,3 +87,33 @@ def test_a_killed_writer_never_leaves_a_partial_file_under_the_final_name(tmp_pa
     assert path.read_text() == "old"  # the kill left only the hidden temporary beside it
     left = [p.name for p in tmp_path.iterdir() if p.name != "result.json"]
     assert len(left) == 1 and left[0].startswith(".result.json.tmp"), left
+
+
+_KILLED_EVALUATE = """
+import os, signal, sys
+sys.path[:0] = [sys.argv[1]]
+import lightning_modules.protocol as protocol
+from interp.atomic import replaced_atomically
+
+def dies_while_saving(figure, path, **kwargs):
+    with replaced_atomically(path) as tmp:
+        tmp.write_bytes(b"half a png")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+protocol.save_figure = dies_while_saving
+import evaluate
+evaluate.main(sys.argv[2:])
+"""
+
+
+def test_a_killed_evaluation_leaves_no_partial_file_and_the_rerun_redoes_it(finished_run, tmp_path):
+    out = tmp_path / "logs" / "run" / "last"
+    args = ["--ckpt", "checkpoints/run/last.ckpt", "--output_dir", str(out)]
+    killed = subprocess.run([sys.executable, "-c", _KILLED_EVALUATE, str(REPO), *args], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (out / "visualizations" / "probe_accuracy.png").exists()  # only its hidden temporary
+    assert [p.name for p in (out / "visualizations").iterdir()][0].startswith(".probe_accuracy.png.tmp")
+    evaluate.main(args)  # the same checkpoint: redone in place
+    assert (out / "visualizations" / "probe_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "probe_accuracies.json").read_text())["checkpoint"] == "checkpoints/run/last.ckpt"

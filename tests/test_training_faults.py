@@ -1,6 +1,6 @@
 """A training run SIGKILLed mid-epoch and resumed with --ckpt_path last ends with exactly the weights, optimizer
-state and best score of a run that never stopped (deterministic CPU runs on the tiny backbone), and the kill leaves
-no checkpoint half-written under its final name."""
+state and best score of a run that never stopped (deterministic CPU runs on the tiny backbone: probes, tuned lens,
+steering vectors), and the kill leaves no checkpoint half-written under its final name. Ctrl-C stops cleanly."""
 
 import os
 import signal
@@ -41,6 +41,7 @@ cli.run_main(lambda: train.main(args))
 RUNS = {  # config, extra arguments, epochs, the epoch and batch of the kill
     "probes": ("quickstart.yaml", {"limit": 6, "batch_size": 4}, 3, (2, 1)),
     "tuned_lens": ("tuned_lens_tiny.yaml", {"limit": 4, "batch_size": 4}, 3, (1, 1)),
+    "steering": ("steering_tiny.yaml", {"limit": 5, "batch_size": 2, "max_completion_tokens": 16}, 3, (1, 1)),
 }
 
 
