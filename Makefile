@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test lint bench clean
+.PHONY: install quickstart test lint bench bench-gpu clean
 
 $(VENV_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -42,6 +42,10 @@ lint: $(VENV_STAMP)
 # installed: .venv/bin/pip install -e '.[peers]' (~1.6 GB); otherwise their rows say so.
 bench: $(VENV_STAMP)
 	$(PY) bench/suite.py
+
+# The GPU part (bench/gpu.py: QwQ-32B's shape in bf16, MFU, peak memory), under 8 minutes on a machine with a GPU.
+bench-gpu: $(VENV_STAMP)
+	PY=$(PY) bash bench/gpu.sh
 
 clean:
 	rm -rf checkpoints/* logs/* .pytest_cache

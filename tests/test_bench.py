@@ -35,3 +35,17 @@ def test_unknown_sections_are_refused():
 
     with pytest.raises(SystemExit):
         suite.main(["--smoke", "--sections", "extraction,gpu"])
+
+
+def test_gpu_bench_smoke_runs_on_the_cpu(tmp_path):
+    """bench/gpu.py's code path (shape backbone, extraction vs bare decoder, the JSON) on the CPU; the MFU needs a
+    card's peak, looked up by name (most specific first)."""
+    import gpu
+
+    output = tmp_path / "results_gpu.json"
+    result = gpu.main(["--smoke", "--output", str(output)])
+    assert json.loads(output.read_text())["smoke"] is True
+    assert result["device"] == "cpu" and result["mfu"] is None and result["parameters"] > 0
+    assert result["extraction_vs_bare"] > 0 and set(result["tokens_per_s"]) == {"ours", "bare decoder"}
+    assert gpu.peak_flops("NVIDIA H100 PCIe") == 756e12 and gpu.peak_flops("NVIDIA H200") == 989e12
+    assert gpu.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and gpu.peak_flops("some CPU") is None
