@@ -58,6 +58,24 @@ def main(args: list[str] | None = None) -> None:
         print(cli.where_results_are())
 
 
+def config_files_error(argv: list[str]) -> str | None:
+    """The first-contact mistakes found before Lightning is imported (seconds earlier): a --config file that does not
+    exist or is not YAML. Everything else is checked by the CLI, still before any model loads."""
+    import yaml
+
+    paths = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("--config", "-c")]
+    paths += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    for path in paths:
+        try:
+            with open(path) as f:
+                yaml.safe_load(f)
+        except OSError as error:
+            return f"--config {path}: {error.strerror}"
+        except yaml.YAMLError as error:
+            return f"--config {path} is not valid YAML: {str(error).splitlines()[0]}"
+    return None
+
+
 def short_help() -> str:
     """This tool's help, printed without importing Lightning (`--help` alone answers at once)."""
     modules = "\n".join(f"  {name:<12} {path.rpartition('.')[2]:<26} {what}"
@@ -69,6 +87,9 @@ if __name__ == "__main__":
     if sys.argv[1:] in (["-h"], ["--help"]):
         print(short_help())
         sys.exit(0)
+    if (message := config_files_error(sys.argv[1:])) is not None:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
     from cli import run_main
 
     run_main(main)

@@ -34,6 +34,16 @@ def test_missing_config_from_the_real_command_line(tmp_path):
     assert "Traceback" not in result.stderr and _nothing_written(tmp_path)
 
 
+def test_a_malformed_config_from_the_real_command_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(bad)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: --config {bad} is not valid YAML: while parsing a flow sequence"], result.stderr
+    assert _nothing_written(tmp_path)
+
+
 def _edit(tmp_path, edit):
     path = tiny_config("quickstart.yaml", tmp_path)
     config = yaml.safe_load(path.read_text())
