@@ -28,6 +28,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks.probe_figures import ProbeAccuracyFigure
+from callbacks.tensorboard_layout import PerLayerLayout
 from interp.errors import UserError
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass field docstrings become --help
@@ -230,7 +231,8 @@ class ProjectCLI(LightningCLI):
         )  # fmt: skip
         config_yaml = self.parser.dump(self.config, skip_none=False, skip_validation=True)
         self.trainer_defaults["callbacks"] = [
-            best, last, RichProgressBar(leave=True), ProbeAccuracyFigure(), RunConfigInCheckpoint(config_yaml)
+            best, last, RichProgressBar(leave=True), ProbeAccuracyFigure(), PerLayerLayout(),
+            RunConfigInCheckpoint(config_yaml),
         ]
         if self.config.trainer.get("logger") in (None, True):
             kwargs["logger"] = TensorBoardLogger(save_dir=str(LOG_ROOT), name=run, version="", default_hp_metric=False)
