@@ -30,9 +30,18 @@ quickstart: $(VENV_STAMP)
 	@echo "Checkpoints: checkpoints/quickstart/ (best.ckpt, last.ckpt)"
 	@echo "TensorBoard: .venv/bin/tensorboard --logdir logs"
 
+# The report's browser tests (tests/test_report_html.py) drive Debian's chromium through selenium: installed here when
+# missing and apt and root are at hand (~35 s), else those tests skip and say why.
+BROWSER_STAMP := .venv/.browser
+$(BROWSER_STAMP): $(VENV_STAMP)
+	command -v chromedriver >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  DEBIAN_FRONTEND=noninteractive timeout 600 sh -c 'apt-get update -q && apt-get install -y -q chromium chromium-driver' \
+	  >/dev/null; } || echo "no chromium: the report's browser tests will skip"
+	touch $(BROWSER_STAMP)
+
 # pytest-xdist: one worker per core (PYTEST_WORKERS=0 runs in one process, e.g. for pdb).
 PYTEST_WORKERS ?= auto
-test: $(VENV_STAMP)
+test: $(VENV_STAMP) $(BROWSER_STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
 
 lint: $(VENV_STAMP)

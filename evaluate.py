@@ -15,6 +15,8 @@ model.class_path) builds and writes its own report through the study-module prot
 - steering runs (vectors or LoRA): a strength sweep with answer accuracy, gold-solution NLL, control KL,
   degeneration, null vectors and the cosine to a directions run: steering_results.json +
   visualizations/steering_sweep.png (lightning_modules/steering_report.py). Options marked [steering].
+Every run also gets report.html beside those files: every result file in the folder, interactive, self-contained
+(interp/report_html.py).
 """
 
 import argparse
@@ -28,6 +30,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from cli import LOG_ROOT, datamodule_from_run_config, read_checkpoint, run_main
 from interp.errors import UserError
 from interp.generation import DEFAULT_MAX_NEW_TOKENS
+from interp.report_html import provenance, write_report_html
 from lightning_modules.protocol import (
     DIRECTION_STRENGTHS,
     STEERING_STRENGTHS,
@@ -93,7 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     module = module_class.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     report = module.build_report(trainer, datamodule, "test", options, str(ckpt))
     paths = module_class.write_report(report, output_dir)
-    print("Wrote " + " and ".join(str(path) for path in paths.values()))
+    backbone = getattr(datamodule, "backbone", None)
+    fingerprint = backbone.fingerprint() if hasattr(backbone, "fingerprint") else None
+    paths["html"] = write_report_html(output_dir, provenance(checkpoint["run_config"], fingerprint))
+    print("Wrote " + ", ".join(str(path) for path in paths.values()))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,64 @@
+"""report.html: one self-contained file per result folder that shows a run's artifacts interactively.
+
+    write_report_html(output_dir, provenance)   # evaluate.py calls it after writing a run's result files
+
+It embeds, verbatim, every known result file found in `output_dir` (`ARTIFACTS`) plus the run's provenance, as one
+JSON block (<script id="report-data" type="application/json">); the page's script (interp/assets/report.html, plain
+JavaScript and SVG: no network, no server, no library) draws everything from that block and computes nothing:
+- every artifact with a "layers" list ({"layer": int, <metric>: number, ...}): one chart of its metrics vs layer
+  (hover: the values at the nearest layer; click: select that layer);
+- one layer control (a slider) for the whole page: a table shows every per-layer metric at the selected layer;
+- every artifact with "conditions" (the intervention and steering reports): accuracy per condition with the gold-NLL
+  mean and CI, and the generated samples, graded, with the truncation flag, filterable by condition and correctness;
+- the provenance: the exact config, the backbone fingerprint, package versions and the command.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from interp.atomic import write_text
+
+ARTIFACTS = ("probe_accuracies.json", "tuned_lens_results.json", "intervention_results.json",
+             "steering_results.json")  # fmt: skip
+REPORT_FILE = "report.html"
+TEMPLATE = Path(__file__).parent / "assets" / "report.html"
+PACKAGES = ("torch", "transformers", "lightning", "datasets", "safetensors")
+
+
+def provenance(config_yaml: str | None = None, fingerprint: dict | None = None) -> dict:
+    """What produced a report: the run's config (YAML text), backbone fingerprint, package versions, command."""
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"config": config_yaml, "backbone": fingerprint, "versions": versions,
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}  # fmt: skip
+
+
+def embedded_data(output_dir: str | Path, provenance: dict) -> dict:
+    """{"artifacts": {file name: its JSON, verbatim}, "provenance": ...}: what the page shows."""
+    output_dir = Path(output_dir)
+    artifacts = {name: json.loads((output_dir / name).read_text()) for name in ARTIFACTS
+                 if (output_dir / name).is_file()}  # fmt: skip
+    return {"artifacts": artifacts, "provenance": provenance}
+
+
+def write_report_html(output_dir: str | Path, provenance: dict) -> Path:
+    """output_dir/report.html (module docstring), written atomically; returns its path."""
+    data = json.dumps(embedded_data(output_dir, provenance), allow_nan=False)
+    data = data.replace("</", "<\\/")  # a "</script>" inside a generated sample must not end the data block
+    return write_text(Path(output_dir) / REPORT_FILE, TEMPLATE.read_text().replace("__REPORT_DATA__", data))
+
+
+def read_embedded_data(report: str | Path) -> dict:
+    """The JSON block of a written report (for checks: it must equal the artifacts)."""
+    text = Path(report).read_text()
+    start = text.index('<script id="report-data" type="application/json">') + len(
+        '<script id="report-data" type="application/json">')
+    return json.loads(text[start:text.index("</script>", start)])  # JSON reads "<\/" as "</"

@@ -1,0 +1,133 @@
+"""report.html (interp/report_html.py): the embedded numbers are the result files verbatim, and in a real headless
+browser (Debian's chromium through selenium; the Makefile installs it, else these tests skip saying so) the page loads
+with no console error, every chart draws, the layer control and hover show the JSON's values for that layer, the
+samples filter by condition and correctness, and a screenshot is saved beside the report."""
+
+import json
+import shutil
+
+import pytest
+from pipeline_utils import tiny_config
+
+import evaluate
+import train
+from interp.report_html import ARTIFACTS, provenance, read_embedded_data, write_report_html
+
+
+@pytest.fixture(scope="module")
+def probe_run(tmp_path_factory):
+    """A quick probe run evaluated on best.ckpt: logs/run holds probe_accuracies.json and report.html."""
+    root = tmp_path_factory.mktemp("report")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        train.main(["--config", str(tiny_config("quickstart.yaml", root, limit=6)), "--run_name", "run",
+                    "--trainer.max_epochs", "1"])  # fmt: skip
+        evaluate.main(["--ckpt", "checkpoints/run/best.ckpt"])
+    return root / "logs" / "run"
+
+
+def _conditions_artifact() -> dict:
+    """An intervention report's shape (interp/intervention_eval.py) with two conditions and graded samples, one of
+    them holding "</script>" (it must not end the page's data block)."""
+    def sample(i, correct, text):
+        return {"row_index": i, "pair_index": i, "dataset": "gsm8k", "gold_answer": "4", "generation": text,
+                "extracted_answer": "4" if correct else "5", "correct": correct, "truncated": not correct}  # fmt: skip
+
+    def condition(name, accuracy, samples):
+        return {"name": name, "accuracy": accuracy, "truncation_rate": 0.5, "samples": samples,
+                "gold_nll": {"mean": 1.25, "ci": [1.0, 1.5]}, "accuracy_change": {"mean": -0.5, "ci": [-1.0, 0.0]},
+                "control_kl": {"mean": 0.01}}  # fmt: skip
+
+    return {"checkpoint": "c.ckpt", "conditions": [
+        condition("baseline", 1.0, [sample(0, True, "2 + 2 = \\boxed{4}"), sample(1, True, "so 4 </script> ok")]),
+        condition("ablated", 0.5, [sample(0, False, "2 + 2 = 5"), sample(1, True, "four: \\boxed{4}")]),
+    ]}  # fmt: skip
+
+
+def test_the_embedded_numbers_are_the_result_files(probe_run):
+    embedded = read_embedded_data(probe_run / "report.html")
+    assert embedded["artifacts"] == {"probe_accuracies.json": json.loads((probe_run / "probe_accuracies.json").read_text())}
+    assert "LayerProbeModule" in embedded["provenance"]["config"]  # the exact config of the run
+    assert embedded["provenance"]["backbone"]["name_or_path"] == "tiny"
+    assert set(embedded["provenance"]["versions"]) >= {"torch", "transformers", "lightning"}
+    assert (probe_run / "report.html").stat().st_size < 200_000  # self-contained, no bundled library
+
+
+def test_a_generated_script_tag_cannot_break_the_page(tmp_path):
+    (tmp_path / "intervention_results.json").write_text(json.dumps(_conditions_artifact()))
+    report = write_report_html(tmp_path, provenance())
+    assert "</script> ok" not in report.read_text()
+    assert read_embedded_data(report)["artifacts"]["intervention_results.json"] == _conditions_artifact()
+    assert "intervention_results.json" in ARTIFACTS
+
+
+# ---- in a real browser ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
+    driver_path = shutil.which("chromedriver")
+    if driver_path is None or not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        pytest.skip("no chromium/chromedriver on this machine (make test installs Debian's where apt and root allow)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1600"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+def _open(browser, report):
+    browser.get(report.resolve().as_uri())
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]
+    assert not errors, errors
+
+
+@pytest.mark.slow
+def test_the_report_works_in_a_browser(browser, probe_run):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    _open(browser, probe_run / "report.html")
+    rows = json.loads((probe_run / "probe_accuracies.json").read_text())["layers"]
+    charts = browser.find_elements(By.CSS_SELECTOR, ".chart svg")
+    assert charts and all(chart.find_elements(By.CSS_SELECTOR, "path[d^='M']") for chart in charts)
+    slider = browser.find_element(By.ID, "layer-slider")
+    for row in (rows[0], rows[7], rows[-1]):  # the layer control shows exactly the JSON's values of that layer
+        browser.execute_script("arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'))",
+                               slider, row["layer"])  # fmt: skip
+        shown = {tr.get_attribute("data-metric"): json.loads(tr.find_elements(By.TAG_NAME, "td")[2].get_attribute("data-value"))
+                 for tr in browser.find_elements(By.CSS_SELECTOR, "#layer-table tbody tr")}  # fmt: skip
+        assert shown == {key: value for key, value in row.items() if key != "layer"}
+        assert browser.find_element(By.ID, "layer-value").text == str(row["layer"])
+    chart = charts[0]
+    ActionChains(browser).move_to_element_with_offset(chart, -chart.size["width"] // 2 + 56, 0).perform()  # layer 0
+    tip = browser.find_element(By.CSS_SELECTOR, ".tooltip")
+    assert tip.is_displayed() and tip.text.splitlines()[0] == f"layer {rows[0]['layer']}"
+    assert f"accuracy: {rows[0]['accuracy']:.4g}" in tip.text or f"accuracy: {rows[0]['accuracy']}" in tip.text
+    browser.save_screenshot(str(probe_run / "report.png"))
+    assert (probe_run / "report.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_samples_filter_by_condition_and_correctness_in_a_browser(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    (tmp_path / "intervention_results.json").write_text(json.dumps(_conditions_artifact()))
+    _open(browser, write_report_html(tmp_path, provenance()))
+    def shown():
+        return [(tr.get_attribute("data-condition"), tr.get_attribute("data-correct"))
+                for tr in browser.find_elements(By.CSS_SELECTOR, "table.samples tr[data-condition]")]  # fmt: skip
+
+    assert shown() == [("baseline", "true"), ("baseline", "true"), ("ablated", "false"), ("ablated", "true")]
+    assert "so 4 </script> ok" in browser.find_element(By.CSS_SELECTOR, "table.samples").text
+    Select(browser.find_element(By.CSS_SELECTOR, "select[data-filter='condition']")).select_by_value("ablated")
+    assert shown() == [("ablated", "false"), ("ablated", "true")]
+    Select(browser.find_element(By.CSS_SELECTOR, "select[data-filter='correct']")).select_by_value("incorrect")
+    assert shown() == [("ablated", "false")]
+    bars = browser.find_elements(By.CSS_SELECTOR, "svg.bars rect")
+    assert [bar.find_element(By.TAG_NAME, "title").get_attribute("textContent") for bar in bars] == [
+        "baseline: accuracy 1", "ablated: accuracy 0.5000"]
