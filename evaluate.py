@@ -16,7 +16,7 @@ model.class_path) builds and writes its own report through the study-module prot
   degeneration, null vectors and the cosine to a directions run: steering_results.json +
   visualizations/steering_sweep.png (lightning_modules/steering_report.py). Options marked [steering].
 Every run also gets report.html beside those files: every result file in the folder, interactive, self-contained
-(interp/report_html.py).
+(interp/report_html.py). `--compare RUN_A RUN_B` writes one report.html overlaying two result folders instead.
 """
 
 import argparse
@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from cli import LOG_ROOT, datamodule_from_run_config, read_checkpoint, run_main
 from interp.errors import UserError
 from interp.generation import DEFAULT_MAX_NEW_TOKENS
-from interp.report_html import provenance, write_report_html
+from interp.report_html import provenance, write_comparison_html, write_report_html
 from lightning_modules.protocol import (
     DIRECTION_STRENGTHS,
     STEERING_STRENGTHS,
@@ -55,7 +55,11 @@ def check_not_another_checkpoints_results(results: Path, ckpt: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best.ckpt or last.ckpt)")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--ckpt", help="checkpoint written by train.py (best.ckpt or last.ckpt)")
+    target.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="two result folders (e.g. logs/a "
+                        "logs/b): one report.html overlaying their results, in --output_dir (default "
+                        "logs/compare/<a>_vs_<b>); nothing is evaluated")  # fmt: skip
     parser.add_argument("--output_dir", default=None, help="where result files go (default: logs/<run_name>)")
     parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                         help="[directions, steering] tokens generated per prompt (a generation with no final answer by "
@@ -78,6 +82,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--directions", default=None, help="[steering] a directions run's "
                         "reasoning_directions.safetensors: cosine of each learned vector with its direction")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.compare:
+        first, second = (Path(folder) for folder in args.compare)
+        output_dir = Path(args.output_dir or LOG_ROOT / "compare" / f"{first.name}_vs_{second.name}")
+        print(f"Wrote {write_comparison_html(first, second, output_dir, provenance())}")
+        return
     ckpt = Path(args.ckpt)
     checkpoint = read_checkpoint(ckpt)  # data only: a checkpoint from anyone runs no code
     config = yaml.safe_load(checkpoint["run_config"])

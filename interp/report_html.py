@@ -21,9 +21,11 @@ from importlib import metadata
 from pathlib import Path
 
 from interp.atomic import write_text
+from interp.errors import UserError
 
 ARTIFACTS = ("probe_accuracies.json", "tuned_lens_results.json", "intervention_results.json",
              "steering_results.json")  # fmt: skip
+STUDY_FILES = ("alignment_results.json", "transplant_results.json")
 REPORT_FILE = "report.html"
 TEMPLATE = Path(__file__).parent / "assets" / "report.html"
 PACKAGES = ("torch", "transformers", "lightning", "datasets", "safetensors")
@@ -51,9 +53,41 @@ def embedded_data(output_dir: str | Path, provenance: dict) -> dict:
 
 def write_report_html(output_dir: str | Path, provenance: dict) -> Path:
     """output_dir/report.html (module docstring), written atomically; returns its path."""
-    data = json.dumps(embedded_data(output_dir, provenance), allow_nan=False)
-    data = data.replace("</", "<\\/")  # a "</script>" inside a generated sample must not end the data block
-    return write_text(Path(output_dir) / REPORT_FILE, TEMPLATE.read_text().replace("__REPORT_DATA__", data))
+    return _write(Path(output_dir) / REPORT_FILE, embedded_data(output_dir, provenance))
+
+
+def write_study_report_html(root: str | Path, labels: list[str], provenance: dict) -> Path:
+    """root/report.html of a two-model study (study/stages.py layout): besides the layer-wise sections of each
+    model's folder (artifacts named "<label>/<file>", so the layer table shows both models at one layer), the pair's
+    STUDY_FILES: per token role the CKA matrix as a heatmap (hover: the layer pair and value), the CKA diagonal with
+    its bootstrap CI and permutation p95, the direction cosine with its CI and matched-placebo p95, and the
+    transplant results."""
+    root = Path(root)
+    artifacts = {f"{label}/{name}": artifact for label in labels
+                 for name, artifact in embedded_data(root / label, provenance)["artifacts"].items()}  # fmt: skip
+    study = {name.removesuffix(".json"): json.loads((root / name).read_text()) for name in STUDY_FILES
+             if (root / name).is_file()}  # fmt: skip
+    return _write(root / REPORT_FILE, {"artifacts": artifacts, "study": study, "provenance": provenance})
+
+
+def write_comparison_html(first: str | Path, second: str | Path, output_dir: str | Path, provenance: dict) -> Path:
+    """output_dir/report.html overlaying two result folders: their artifacts as "<folder name>/<file>", and for each
+    file both hold, one chart per per-layer metric with the two runs as its series."""
+    folders = [Path(first), Path(second)]
+    names = [folder.name if folder.name != other.name else str(folder) for folder, other in zip(folders, folders[::-1])]
+    for folder in folders:
+        if not any((folder / name).is_file() for name in ARTIFACTS):
+            raise UserError(f"--compare {folder}: no result file ({', '.join(ARTIFACTS)}) in it")
+    artifacts = {f"{name}/{file}": artifact for name, folder in zip(names, folders)
+                 for file, artifact in embedded_data(folder, provenance)["artifacts"].items()}  # fmt: skip
+    compare = {"runs": names, "files": [file for file in ARTIFACTS if all((f / file).is_file() for f in folders)]}
+    return _write(Path(output_dir) / REPORT_FILE, {"artifacts": artifacts, "compare": compare, "provenance": provenance})
+
+
+def _write(path: Path, data: dict) -> Path:
+    text = json.dumps(data, allow_nan=False)
+    text = text.replace("</", "<\\/")  # a "</script>" inside a generated sample must not end the data block
+    return write_text(path, TEMPLATE.read_text().replace("__REPORT_DATA__", text))
 
 
 def read_embedded_data(report: str | Path) -> dict:

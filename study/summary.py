@@ -1,5 +1,6 @@
 """The summary stage: logs/<run>/visualizations/ (summary.png, logit_lens.png, cka_<role>.png and a copy of every
-per-model figure as <label>_<name>.png) and the same figures plus per-layer scalars in TensorBoard (logs/<run>/study)."""
+per-model figure as <label>_<name>.png), the same figures plus per-layer scalars in TensorBoard (logs/<run>/study), and
+logs/<run>/report.html (both models and the pair in one interactive page, `interp.report_html`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from cli import LOG_ROOT
 from interp.atomic import copy_file, save_figure
 from interp.plots import create_summary_figure, plot_heatmap, plot_layer_curves
+from interp.report_html import provenance, write_study_report_html
 from study.stages import OUTPUTS, Study
 
 SUMMARY_ROLE = "last"  # the role the summary figure shows (alignment_results.json holds every role)
@@ -62,5 +64,6 @@ def run_summary(study: Study) -> None:
     for name, figure in figures.items():
         save_figure(figure, out / f"{name}.png")
         plt.close(figure)
+    write_study_report_html(study.root, study.labels, provenance())
     save_figure(summary, study.root / OUTPUTS["summary"])  # last: it marks the stage finished
     plt.close(summary)

@@ -53,3 +53,23 @@ def shared_cache_dir(tmp_path_factory):
     """One activation-cache root per session (per xdist worker). Caches are keyed by everything that determines
     their content, so tests with identical settings extract once; a test that changes a cache uses its own dir."""
     return tmp_path_factory.mktemp("activations")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless chromium driven by selenium (tests/test_report_html.py); skips, saying why, where there is none."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
+    driver_path = shutil.which("chromedriver")
+    if driver_path is None or not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        pytest.skip("no chromium/chromedriver on this machine (make test installs Debian's where apt and root allow)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1600"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()

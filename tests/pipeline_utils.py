@@ -53,3 +53,10 @@ def cache_contents(cache) -> tuple[dict, torch.Tensor]:
     acts = torch.cat([shard["activations"] for shard in cache.iter_shards()])
     rows = torch.cat([shard["row_index"] for shard in cache.iter_shards()])
     return {k: v for k, v in meta.items() if not k.startswith("shard")}, acts[rows.argsort()]
+
+
+def open_in_browser(browser, report: Path) -> None:
+    """Load a report.html from disk in the `browser` fixture's chromium; no console error may occur."""
+    browser.get(Path(report).resolve().as_uri())
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]
+    assert not errors, errors

@@ -149,3 +149,39 @@ def test_every_shipped_preset_loads(name, monkeypatch):
     assert len(preset.models) == 2 and preset.sources and set(preset.transplant["maps"]) <= {"identity", "ridge"}
     assert load_preset(name, model1="tiny-qwq", n_problems=10).sources[0]["limit"] == 10
     assert load_preset(name, model1="tiny-qwq").models[next(iter(preset.models))] == "tiny-qwq"
+
+
+def test_the_study_report_embeds_every_result_and_works_in_a_browser(study, browser):
+    """logs/<run>/report.html: the pair's files and both models' files verbatim; in chromium the CKA heatmap has a
+    cell per layer pair whose hover text is the JSON's value, and the layer table shows both models at one layer."""
+    from pipeline_utils import open_in_browser
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    from interp.report_html import read_embedded_data
+
+    root, _, _ = study
+    embedded = read_embedded_data(root / "report.html")
+    alignment = json.loads((root / "alignment_results.json").read_text())
+    assert embedded["study"]["alignment_results"] == alignment
+    assert embedded["study"]["transplant_results"] == json.loads((root / "transplant_results.json").read_text())
+    for label in ("qwq", "r1_distill"):
+        assert embedded["artifacts"][f"{label}/probe_accuracies.json"] == json.loads(
+            (root / label / "probe_accuracies.json").read_text())
+
+    open_in_browser(browser, root / "report.html")
+    role, block = next(iter(alignment["roles"].items()))
+    cells = browser.find_elements(By.CSS_SELECTOR, ".heatmap svg rect")
+    assert len(cells) == len(alignment["layers"]) ** 2 * len(alignment["roles"])
+    cell = next(c for c in cells if (c.get_attribute("data-row"), c.get_attribute("data-col")) == ("2", "1"))
+    ActionChains(browser).move_to_element(cell).perform()
+    value = block["cka"]["matrix"][LAYERS.index(2)][LAYERS.index(1)]
+    tip = cell.find_element(By.XPATH, "ancestor::div[contains(@class, 'heatmap')]//div[@class='tooltip']")
+    assert tip.text.startswith("qwq 2, r1_distill 1: ")
+    assert float(tip.text.rsplit(": ", 1)[1]) == pytest.approx(value, rel=5e-4)  # shown to 4 significant digits
+    shown = {(tr.get_attribute("data-artifact"), tr.get_attribute("data-metric")): tr
+             for tr in browser.find_elements(By.CSS_SELECTOR, "#layer-table tbody tr")}  # fmt: skip
+    assert ("qwq/probe_accuracies.json", "accuracy") in shown and ("r1_distill/probe_accuracies.json", "accuracy") in shown
+    cka = shown[(f"alignment ({role} token)", "cka_diagonal")].find_elements(By.TAG_NAME, "td")[2]
+    assert json.loads(cka.get_attribute("data-value")) == block["cka"]["diagonal"][0]
+    browser.save_screenshot(str(root / "report.png"))

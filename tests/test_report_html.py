@@ -4,10 +4,9 @@ with no console error, every chart draws, the layer control and hover show the J
 samples filter by condition and correctness, and a screenshot is saved beside the report."""
 
 import json
-import shutil
 
 import pytest
-from pipeline_utils import tiny_config
+from pipeline_utils import open_in_browser, tiny_config
 
 import evaluate
 import train
@@ -62,27 +61,6 @@ def test_a_generated_script_tag_cannot_break_the_page(tmp_path):
 
 
 # ---- in a real browser ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def browser():
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
-    driver_path = shutil.which("chromedriver")
-    if driver_path is None or not (shutil.which("chromium") or shutil.which("chromium-browser")):
-        pytest.skip("no chromium/chromedriver on this machine (make test installs Debian's where apt and root allow)")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1600"):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    yield driver
-    driver.quit()
-
-
-def _open(browser, report):
-    browser.get(report.resolve().as_uri())
-    errors = [entry for entry in browser.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]
-    assert not errors, errors
 
 
 @pytest.mark.slow
@@ -90,7 +68,7 @@ def test_the_report_works_in_a_browser(browser, probe_run):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
-    _open(browser, probe_run / "report.html")
+    open_in_browser(browser, probe_run / "report.html")
     rows = json.loads((probe_run / "probe_accuracies.json").read_text())["layers"]
     charts = browser.find_elements(By.CSS_SELECTOR, ".chart svg")
     assert charts and all(chart.find_elements(By.CSS_SELECTOR, "path[d^='M']") for chart in charts)
@@ -117,7 +95,7 @@ def test_samples_filter_by_condition_and_correctness_in_a_browser(browser, tmp_p
     from selenium.webdriver.support.ui import Select
 
     (tmp_path / "intervention_results.json").write_text(json.dumps(_conditions_artifact()))
-    _open(browser, write_report_html(tmp_path, provenance()))
+    open_in_browser(browser, write_report_html(tmp_path, provenance()))
     def shown():
         return [(tr.get_attribute("data-condition"), tr.get_attribute("data-correct"))
                 for tr in browser.find_elements(By.CSS_SELECTOR, "table.samples tr[data-condition]")]  # fmt: skip
@@ -131,3 +109,33 @@ def test_samples_filter_by_condition_and_correctness_in_a_browser(browser, tmp_p
     bars = browser.find_elements(By.CSS_SELECTOR, "svg.bars rect")
     assert [bar.find_element(By.TAG_NAME, "title").get_attribute("textContent") for bar in bars] == [
         "baseline: accuracy 1", "ablated: accuracy 0.5000"]
+
+
+@pytest.mark.slow
+def test_compare_overlays_two_runs_in_a_browser(browser, probe_run, tmp_path, monkeypatch):
+    """evaluate.py --compare: for every per-layer metric of the file both folders hold, one chart whose two series
+    are the two runs' values (hover shows both at a layer); the embedded files are the folders' own."""
+    from selenium.webdriver.common.by import By
+
+    monkeypatch.chdir(probe_run.parents[1])
+    config = str(tiny_config("quickstart.yaml", tmp_path, limit=6))
+    train.main(["--config", config, "--run_name", "other", "--trainer.max_epochs", "1", "--model.init_args.lr", "0.05"])
+    evaluate.main(["--ckpt", "checkpoints/other/best.ckpt"])
+    evaluate.main(["--compare", "logs/run", "logs/other"])
+    report = probe_run.parent / "compare" / "run_vs_other" / "report.html"
+    embedded = read_embedded_data(report)
+    runs = {name: json.loads((probe_run.parent / name / "probe_accuracies.json").read_text()) for name in ("run", "other")}
+    assert embedded["artifacts"] == {f"{name}/probe_accuracies.json": runs[name] for name in runs}
+
+    open_in_browser(browser, report)
+    chart = browser.find_element(By.CSS_SELECTOR, "section[data-artifact='compare'] .chart[data-title='probe_accuracies.json: accuracy']")
+    assert [p.get_attribute("data-series") for p in chart.find_elements(By.CSS_SELECTOR, "path[data-series]")] == ["run", "other"]
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    svg = chart.find_element(By.TAG_NAME, "svg")
+    ActionChains(browser).move_to_element_with_offset(svg, -svg.size["width"] // 2 + 56, 0).perform()  # layer 0
+    lines = chart.find_element(By.CSS_SELECTOR, ".tooltip").text.splitlines()
+    assert lines[0] == "layer 0"
+    for line, name in zip(lines[1:], ("run", "other")):
+        assert line.startswith(f"{name}: ") and float(line.split(": ")[1]) == pytest.approx(
+            runs[name]["layers"][0]["accuracy"], rel=5e-4)
