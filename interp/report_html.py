@@ -65,7 +65,7 @@ def write_study_report_html(root: str | Path, labels: list[str], provenance: dic
     root = Path(root)
     artifacts = {f"{label}/{name}": artifact for label in labels
                  for name, artifact in embedded_data(root / label, provenance)["artifacts"].items()}  # fmt: skip
-    study = {name.removesuffix(".json"): json.loads((root / name).read_text()) for name in STUDY_FILES
+    study = {name.removesuffix("_results.json"): json.loads((root / name).read_text()) for name in STUDY_FILES
              if (root / name).is_file()}  # fmt: skip
     return _write(root / REPORT_FILE, {"artifacts": artifacts, "study": study, "provenance": provenance})
 

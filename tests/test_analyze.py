@@ -163,8 +163,8 @@ def test_the_study_report_embeds_every_result_and_works_in_a_browser(study, brow
     root, _, _ = study
     embedded = read_embedded_data(root / "report.html")
     alignment = json.loads((root / "alignment_results.json").read_text())
-    assert embedded["study"]["alignment_results"] == alignment
-    assert embedded["study"]["transplant_results"] == json.loads((root / "transplant_results.json").read_text())
+    assert embedded["study"]["alignment"] == alignment
+    assert embedded["study"]["transplant"] == json.loads((root / "transplant_results.json").read_text())
     for label in ("qwq", "r1_distill"):
         assert embedded["artifacts"][f"{label}/probe_accuracies.json"] == json.loads(
             (root / label / "probe_accuracies.json").read_text())
@@ -179,6 +179,8 @@ def test_the_study_report_embeds_every_result_and_works_in_a_browser(study, brow
     tip = cell.find_element(By.XPATH, "ancestor::div[contains(@class, 'heatmap')]//div[@class='tooltip']")
     assert tip.text.startswith("qwq 2, r1_distill 1: ")
     assert float(tip.text.rsplit(": ", 1)[1]) == pytest.approx(value, rel=5e-4)  # shown to 4 significant digits
+    browser.execute_script("arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'))",
+                           browser.find_element(By.ID, "layer-slider"), LAYERS[0])  # fmt: skip
     shown = {(tr.get_attribute("data-artifact"), tr.get_attribute("data-metric")): tr
              for tr in browser.find_elements(By.CSS_SELECTOR, "#layer-table tbody tr")}  # fmt: skip
     assert ("qwq/probe_accuracies.json", "accuracy") in shown and ("r1_distill/probe_accuracies.json", "accuracy") in shown

@@ -268,7 +268,7 @@ def test_fast_dev_run_per_module_class(class_path, tmp_path, monkeypatch):
             super().__init__(args=args)
             runs.append(self)
 
-    monkeypatch.setattr(train, "ProjectCLI", RecordingCLI)
+    monkeypatch.setattr("cli.ProjectCLI", RecordingCLI)  # train.main imports it from cli when called
     train.main(["--config", str(tiny_config(config_name, tmp_path, limit=limit, **overrides)),
                 "--trainer.fast_dev_run", "true", "--run_name", "dev"])  # fmt: skip
     (cli,) = runs
