@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from importlib import metadata
 
 from cli import LOG_ROOT, check_run_name, run_main
 from interp.backbone import BackboneSpec
 from interp.errors import UserError
+from interp.report_html import package_versions
 from study.preset import PER_MODEL_STAGES, load_preset, parse_stages
 from study.stages import Study, run_directions, run_interventions, run_probes, run_tuned_lens, write_json
-
-PACKAGES = ("torch", "transformers", "lightning", "datasets", "safetensors")
 
 
 def _check(study: Study, stages: list[str]) -> None:
@@ -41,12 +39,7 @@ def _check(study: Study, stages: list[str]) -> None:
 
 
 def _record(study: Study, done: list[str]) -> None:
-    versions = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
+    versions = package_versions()
     write_json(study.root / "study.json", {"run_name": study.run, "preset": study.preset.as_dict(),
                                             "stages_finished": done, "versions": versions})  # fmt: skip
 

@@ -40,6 +40,7 @@ from datamodules.prompt_rows import (
     label_names,
     resolve_control_template,
 )
+from interp.atomic import file_sha256
 from interp.backbone import BackboneSpec, load_tokenizer
 from interp.cache import SPLITS  # the "split" tensor encoding in batches
 from interp.errors import UserError
@@ -67,14 +68,6 @@ def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> dict:
         "padding_side": tokenizer.padding_side,
         "chat_template_sha256": sha(tokenizer.chat_template or ""),
     }
-
-
-def _file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class PromptCollator:
@@ -228,7 +221,7 @@ class ReasoningPromptsDataModule(LightningDataModule):
         for source in self.sources:
             entry = dataclasses.asdict(source)
             if source.is_local and not source.generated:  # generated rows: the rows digest below covers them
-                entry["sha256"] = _file_sha256(source.local_file())
+                entry["sha256"] = file_sha256(source.local_file())
             sources.append(entry)
         rows_json = json.dumps([dataclasses.astuple(r) for r in self.rows], ensure_ascii=False)
         self._spec = {

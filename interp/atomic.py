@@ -5,6 +5,7 @@ the final name, never half of one (a temporary name next to it, fsync, then os.r
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -34,6 +35,15 @@ def replaced_atomically(path: str | Path) -> Iterator[Path]:
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from interp.atomic import replaced_atomically, write_text
+from interp.atomic import file_sha256, replaced_atomically, write_text
 from interp.errors import UserError
 
 FORMAT_VERSION = 1
@@ -43,14 +43,6 @@ STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 def cache_key(spec: dict) -> str:
     """Stable short hash of a JSON-able spec (sorted keys)."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ActivationCache:
@@ -93,7 +85,7 @@ class ActivationCache:
         complete = len(rows) == n_rows and bool(torch.equal(rows.sort().values, torch.arange(n_rows)))
         manifest = {**manifest, "format": FORMAT_VERSION, "complete": complete}
         if complete:
-            manifest["shards"] = {path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            manifest["shards"] = {path.name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
                                   for path in self.shards()}  # fmt: skip
         write_text(self.directory / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
         return manifest
@@ -130,7 +122,7 @@ class ActivationCache:
                 damaged[name] = "missing"
             elif path.stat().st_size != record["bytes"]:
                 damaged[name] = f"{path.stat().st_size} bytes where the manifest recorded {record['bytes']}"
-            elif _sha256(path) != record["sha256"]:
+            elif file_sha256(path) != record["sha256"]:
                 damaged[name] = "its sha256 differs from the manifest's: the file changed after it was written"
         if recorded is not None:
             for path in self.shards():

@@ -31,15 +31,20 @@ TEMPLATE = Path(__file__).parent / "assets" / "report.html"
 PACKAGES = ("torch", "transformers", "lightning", "datasets", "safetensors")
 
 
-def provenance(config_yaml: str | None = None, fingerprint: dict | None = None) -> dict:
-    """What produced a report: the run's config (YAML text), backbone fingerprint, package versions, command."""
+def package_versions() -> dict[str, str | None]:
+    """The installed versions of the packages that decide the numbers (None: not installed)."""
     versions = {}
     for package in PACKAGES:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    return {"config": config_yaml, "backbone": fingerprint, "versions": versions,
+    return versions
+
+
+def provenance(config_yaml: str | None = None, fingerprint: dict | None = None) -> dict:
+    """What produced a report: the run's config (YAML text), backbone fingerprint, package versions, command."""
+    return {"config": config_yaml, "backbone": fingerprint, "versions": package_versions(),
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}  # fmt: skip
 
 
