@@ -6,7 +6,10 @@ It embeds, verbatim, every known result file found in `output_dir` (`ARTIFACTS`)
 JSON block (<script id="report-data" type="application/json">); the page's script (interp/assets/report.html, plain
 JavaScript and SVG: no network, no server, no library) draws everything from that block and computes nothing:
 - every artifact with a "layers" list ({"layer": int, <metric>: number, ...}): one chart of its metrics vs layer
-  (hover: the values at the nearest layer; click: select that layer);
+  (hover: the values at the nearest layer; click: select that layer); with "layers" a list of ints (logit_lens.json),
+  every array of numbers as long as it is a metric, a sibling "ci" its band;
+- a directions run's candidates (reasoning_directions.json): the selection scores by layer per position, the
+  selected candidate and its report on held-out problems;
 - one layer control (a slider) for the whole page: a table shows every per-layer metric at the selected layer;
 - every artifact with "conditions" (the intervention and steering reports): accuracy per condition with the gold-NLL
   mean and CI, and the generated samples, graded, with the truncation flag, filterable by condition and correctness;
@@ -23,8 +26,8 @@ from pathlib import Path
 from interp.atomic import write_text
 from interp.errors import UserError
 
-ARTIFACTS = ("probe_accuracies.json", "tuned_lens_results.json", "intervention_results.json",
-             "steering_results.json")  # fmt: skip
+ARTIFACTS = ("probe_accuracies.json", "reasoning_directions.json", "tuned_lens_results.json", "intervention_results.json",
+             "steering_results.json", "logit_lens.json")  # fmt: skip
 STUDY_FILES = ("alignment_results.json", "transplant_results.json")
 REPORT_FILE = "report.html"
 TEMPLATE = Path(__file__).parent / "assets" / "report.html"

@@ -158,16 +158,16 @@ def test_the_study_report_embeds_every_result_and_works_in_a_browser(study, brow
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
-    from interp.report_html import read_embedded_data
+    from interp.report_html import ARTIFACTS, read_embedded_data
 
     root, _, _ = study
     embedded = read_embedded_data(root / "report.html")
     alignment = json.loads((root / "alignment_results.json").read_text())
     assert embedded["study"]["alignment"] == alignment
     assert embedded["study"]["transplant"] == json.loads((root / "transplant_results.json").read_text())
-    for label in ("qwq", "r1_distill"):
-        assert embedded["artifacts"][f"{label}/probe_accuracies.json"] == json.loads(
-            (root / label / "probe_accuracies.json").read_text())
+    shown = {f"{label}/{name}": json.loads((root / label / name).read_text())
+             for label in ("qwq", "r1_distill") for name in ARTIFACTS if (root / label / name).is_file()}  # fmt: skip
+    assert embedded["artifacts"] == shown and len(shown) == 2 * 5  # probes, directions, lens, interventions, logit lens
 
     open_in_browser(browser, root / "report.html")
     role, block = next(iter(alignment["roles"].items()))
