@@ -5,6 +5,7 @@ direct child of the base model: `norm` in Qwen2 / Llama, `ln_f` in GPT-2) and th
 (`model.get_output_embeddings()`), then
     logits(resid [..., d_model])                        -> [..., vocab] float32
     decode_layer_activations(acts [(batch,) n_layers, d_model], k) -> top-k ids / probs / strings per layer
+                                                           (`lens_top_k` with any lens's one-layer readout)
     target_rank_and_prob(acts, target_token_id)         -> rank (0 = top) and probability per layer
                                                            (`rank_and_prob` on any lens's logits)
     last_position_logits(prompts, layers)               -> [n_prompts, n_layers, vocab] at the last token
@@ -68,6 +69,29 @@ class LensTopK:
     tokens: list  # decoded strings, nested like ids: [n_layers][k] or [batch][n_layers][k]
 
 
+@torch.no_grad()
+def lens_top_k(layer_logits, acts: torch.Tensor, k: int, tokenizer: PreTrainedTokenizerBase) -> LensTopK:
+    """The k most probable tokens of a lens at every layer: `layer_logits(resid [..., d_model], slot)` -> [..., vocab]
+    is a lens's one-layer readout (`LogitLens.layer_logits`, `TunedLens.layer_logits`); acts [(batch,) n_layers,
+    d_model] with slot = index into its layers. Probabilities are the softmax over the whole vocabulary."""
+    ids, probs = [], []
+    for slot in range(acts.shape[-2]):
+        logits = layer_logits(acts[..., slot, :], slot)
+        if not 1 <= k <= logits.shape[-1]:
+            raise UserError(f"k must be between 1 and the vocabulary size {logits.shape[-1]}, got {k}")
+        top = logits.softmax(-1).topk(k, dim=-1)  # [..., k]
+        ids.append(top.indices.cpu())
+        probs.append(top.values.cpu())
+    ids_t, probs_t = torch.stack(ids, dim=-2), torch.stack(probs, dim=-2)  # [..., n_layers, k]
+
+    def decode(rows: list) -> list:  # nested lists of ids -> the same nesting of strings
+        if rows and isinstance(rows[0], list):
+            return [decode(row) for row in rows]
+        return [tokenizer.decode([token]) for token in rows]
+
+    return LensTopK(ids_t, probs_t, decode(ids_t.tolist()))
+
+
 class LensReadout(nn.Module):
     """The model's final norm + unembedding and nothing else: [..., d_model] -> [..., vocab] float32 logits.
 
@@ -118,28 +142,12 @@ class LogitLens:
                 f"got {tuple(acts.shape)}"
             )
 
-    @torch.no_grad()
     def decode_layer_activations(self, acts: torch.Tensor, k: int = 5) -> LensTopK:
         """Top-k tokens per layer for acts [n_layers, d_model] or [batch, n_layers, d_model]."""
         self._check(acts)
-        vocab = self.unembed.weight.shape[0]
-        if not 1 <= k <= vocab:
-            raise UserError(f"k must be between 1 and the vocabulary size {vocab}, got {k}")
         if self.tokenizer is None:
             raise UserError("decode_layer_activations needs the tokenizer: LogitLens(model, tokenizer)")
-        ids, probs = [], []
-        for layer in range(acts.shape[-2]):
-            top = self.logits(acts[..., layer, :]).softmax(-1).topk(k, dim=-1)  # [..., k]
-            ids.append(top.indices.cpu())
-            probs.append(top.values.cpu())
-        ids_t, probs_t = torch.stack(ids, dim=-2), torch.stack(probs, dim=-2)  # [..., n_layers, k]
-
-        def decode(rows: list) -> list:  # nested lists of ids -> the same nesting of strings
-            if rows and isinstance(rows[0], list):
-                return [decode(row) for row in rows]
-            return [self.tokenizer.decode([token]) for token in rows]
-
-        return LensTopK(ids_t, probs_t, decode(ids_t.tolist()))
+        return lens_top_k(self.layer_logits, acts, k, self.tokenizer)
 
     @torch.no_grad()
     def target_rank_and_prob(self, acts: torch.Tensor, target_token_id) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,12 @@ writes tuned_lens_results.json and visualizations/tuned_lens_kl.png and prints a
                                                        i.e. every cached layer but the last (the model itself,
                                                        KL 0 by construction)
      "lensed_layers": [int],
-     "layers": [{"layer": int, "kl_tuned": float, "kl_logit": float}, ...]}    every cached layer, the last too
+     "layers": [{"layer": int, "kl_tuned": float, "kl_logit": float}, ...],   every cached layer, the last too
+     "top_tokens": {"k": int, "examples": [{"row_index", "kind", "problem_id", "prompt_tail": str (the prompt's
+                    last TAIL_CHARS characters), "tuned": {...}, "logit": {"ids", "tokens", "probs":
+                    [[k values] per cached layer]}}]}}   the first TOP_TOKEN_ROWS test rows: each lens's k most
+                    probable next tokens per layer (`interp.lens.lens_top_k`, softmax over the whole vocabulary);
+                    at the last layer both are the model's own output
 
 KL in nats.
 """
@@ -22,14 +27,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import torch
 from rich.console import Console
 from rich.table import Table
 
+from interp.lens import lens_top_k
 from interp.plots import plot_layer_curves
 from lightning_modules.protocol import write_report_files
 
 RESULTS_FILE = "tuned_lens_results.json"
 FIGURE_FILE = "tuned_lens_kl.png"
+TOP_TOKEN_ROWS, TOP_K, TAIL_CHARS = 4, 5, 120
 
 
 def tuned_lens_report(trainer: L.Trainer, module, datamodule, checkpoint: str) -> dict:
@@ -50,7 +58,28 @@ def tuned_lens_report(trainer: L.Trainer, module, datamodule, checkpoint: str) -
         "lensed_layers": [module.layers[slot] for slot in lensed],
         "layers": [{"layer": layer, "kl_tuned": float(kl_tuned[slot]), "kl_logit": float(kl_logit[slot])}
                    for slot, layer in enumerate(module.layers)],  # fmt: skip
+        "top_tokens": top_tokens(module, datamodule),
     }
+
+
+def top_tokens(module, datamodule) -> dict:
+    """Both lenses' TOP_K next tokens per cached layer on the first TOP_TOKEN_ROWS test rows (module docstring)."""
+    test = datamodule.datasets["test"]
+    n = min(TOP_TOKEN_ROWS, len(test))
+    x = torch.stack([test[i]["x"] for i in range(n)])  # [n, n_layers, d_model]
+    lens = module.lens
+    readouts = {"tuned": lens.layer_logits, "logit": lambda resid, slot: lens.readout(resid)}
+    tokenizer = datamodule.prompts.tokenizer  # set up with the rows
+    tops = {name: lens_top_k(readout, x, TOP_K, tokenizer) for name, readout in readouts.items()}
+    examples = []
+    for i, row_index in enumerate(datamodule.row_index["test"][:n].tolist()):
+        row = datamodule.prompts.rows[row_index]
+        example = {"row_index": row_index, "kind": row.kind, "problem_id": row.problem_id,
+                   "prompt_tail": row.prompt[-TAIL_CHARS:]}  # fmt: skip
+        for name, top in tops.items():
+            example[name] = {"ids": top.ids[i].tolist(), "tokens": top.tokens[i], "probs": top.probs[i].tolist()}
+        examples.append(example)
+    return {"k": TOP_K, "examples": examples}
 
 
 def write_tuned_lens_report(report: dict, output_dir: Path) -> dict[str, Path]:

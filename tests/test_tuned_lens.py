@@ -5,6 +5,8 @@ written out in float64 for every KL (compared within the float32 error bound of 
 closed-form translators.
 """
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -297,3 +299,48 @@ def test_evaluate_a_tuned_lens_checkpoint(tmp_path, monkeypatch, tiny, shared_ca
         assert abs(report[f"{name}_mean"] - float(ref[lensed].mean())) <= float((bound + U32 * ref.abs())[lensed].mean())
     # one training step moved the tuned lens away from the logit lens by more than the bounds: a swap would fail
     assert abs(float(ref_tuned[0] - ref_logit[0])) > 4 * float(bound_tuned[0] + bound_logit[0])
+    _assert_top_tokens(report["top_tokens"], dm, module, model, x)
+
+
+def _assert_top_tokens(top: dict, dm, module, model, x: torch.Tensor) -> None:
+    """tuned_lens_results.json's top tokens: the first test rows; for each lens and layer, the reported tokens are
+    the k most probable under a float64 readout of the same residual (probabilities within the float32 readout
+    and softmax error, no other token more probable beyond that error), decoded by the run's tokenizer; at the
+    last layer both lenses are the model's own next-token distribution (an HF forward of the prompt)."""
+    from tolerances import U32, float32_sum_error
+
+    k, examples = top["k"], top["examples"]
+    assert k == 5 and [e["row_index"] for e in examples] == dm.row_index["test"][:4].tolist()
+    weight, tokenizer = model.lm_head.weight.double(), dm.prompts.tokenizer
+    softmax_error = float32_sum_error(weight.shape[0]) + 4 * U32
+    readouts = {"tuned": lambda slot: module.translators.apply_layer(x[:4, slot], slot).detach(),
+                "logit": lambda slot: x[:4, slot]}  # fmt: skip
+    for name, residual in readouts.items():
+        for slot in range(x.shape[1]):
+            with torch.no_grad():
+                normed, log_p = _readout64(model, residual(slot))  # [4, d_model], [4, vocab]
+            logit_error = float32_readout_error(normed, weight)  # [4]
+            for i, example in enumerate(examples):
+                ids = torch.tensor(example[name]["ids"][slot])
+                reported = torch.tensor(example[name]["probs"][slot], dtype=torch.float64)
+                p = log_p[i].exp()
+                slack = math.expm1(2 * float(logit_error[i]) + softmax_error)
+                assert len(set(ids.tolist())) == k and bool((reported[:-1] >= reported[1:]).all())
+                assert bool(((reported - p[ids]).abs() <= slack * p[ids]).all())
+                others = torch.ones_like(p, dtype=torch.bool)
+                others[ids] = False
+                assert float(p[others].max()) <= float(p[ids].min()) * (1 + slack) ** 2  # they are the top k
+                assert example[name]["tokens"][slot] == [tokenizer.decode([t]) for t in ids.tolist()]
+                assert slack < 1e-3
+    for example in examples:
+        row = dm.prompts.rows[example["row_index"]]
+        assert (example["kind"], example["problem_id"]) == (row.kind, row.problem_id)
+        assert row.prompt.endswith(example["prompt_tail"]) and example["prompt_tail"]
+        assert example["tuned"]["ids"][-1] == example["logit"]["ids"][-1]  # the last translator is the identity
+        with torch.no_grad():
+            logits = model(**tokenize_prompts(tokenizer, [row.prompt])).logits[0, -1]
+        ids = torch.tensor(example["logit"]["ids"][-1])
+        others = torch.ones_like(logits, dtype=torch.bool)
+        others[ids] = False
+        # the lens's last-layer logits are the model's within 1e-4 (test_last_layer_lens_logits_are_the_models_logits)
+        assert float(logits[others].max()) <= float(logits[ids].min()) + 2e-4
