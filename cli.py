@@ -23,6 +23,7 @@ from pathlib import Path
 import lightning as L
 import yaml
 from jsonargparse import ArgumentParser, set_parsing_settings
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -211,6 +212,13 @@ class ProjectCLI(LightningCLI):
         check_data = getattr(self.model, "check_data", None)  # a model / data mismatch fails before any model loads
         if check_data is not None:
             check_data(self.datamodule)
+        spec = getattr(self.datamodule, "backbone", None)
+        if isinstance(self.trainer.accelerator, CUDAAccelerator) and hasattr(spec, "replica_gpus"):
+            import torch
+
+            from interp.backbone import check_replica_placement
+
+            check_replica_placement(spec, self.trainer.device_ids, self.trainer.world_size, torch.cuda.device_count())
 
     @property
     def run_name(self) -> str:

@@ -26,7 +26,8 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -393,6 +394,39 @@ def _gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
+def replica_max_memory(max_memory: dict | None, first_gpu: int, n_gpus: int, free_bytes: Callable[[int], int]) -> dict:
+    """accelerate's max_memory for one copy of the model on GPUs first_gpu .. first_gpu + n_gpus - 1: accelerate
+    places device_map "auto" on the devices max_memory names and no others. Each GPU's limit is the configured one
+    (key: the GPU index), else free_bytes(gpu); a configured "cpu" / "disk" offload limit is kept."""
+    max_memory = max_memory or {}
+    placed = {gpu: max_memory.get(gpu, max_memory.get(str(gpu))) for gpu in range(first_gpu, first_gpu + n_gpus)}
+    placed = {gpu: free_bytes(gpu) if limit is None else limit for gpu, limit in placed.items()}
+    return placed | {key: max_memory[key] for key in ("cpu", "disk") if key in max_memory}
+
+
+def check_replica_placement(spec: BackboneSpec, device_ids: list[int], world_size: int, visible_gpus: int) -> None:
+    """device_map auto under several processes needs replica_gpus, and each process's GPUs [d, d + replica_gpus)
+    (d: its trainer device) must exist and not overlap another's: one clear line before any model loads."""
+    if spec.device_map != "auto":
+        return
+    example = ("e.g. --trainer.devices [0,2,4,6] --data.init_args.backbone.replica_gpus 2 (4 copies of 2 GPUs), or "
+               "device_map null for one whole copy per GPU")  # fmt: skip
+    if spec.replica_gpus is None:
+        if world_size > 1:
+            raise UserError(f"backbone.device_map auto with {world_size} processes: each would shard its copy over "
+                            f"every GPU it sees; set backbone.replica_gpus (GPUs per copy), {example}")  # fmt: skip
+        return
+    taken: dict[int, int] = {}
+    for first in device_ids:
+        for gpu in range(first, first + spec.replica_gpus):
+            if gpu >= visible_gpus or gpu in taken:
+                problem = f"GPU {gpu} is not visible ({visible_gpus} are)" if gpu >= visible_gpus else (
+                    f"GPU {gpu} is also in the copy starting at GPU {taken[gpu]}")  # fmt: skip
+                raise UserError(f"backbone.replica_gpus {spec.replica_gpus} with trainer devices {device_ids}: "
+                                f"{problem}; list each copy's first GPU, {example}")  # fmt: skip
+            taken[gpu] = first
+
+
 @dataclass
 class BackboneSpec:
     """Which frozen backbone to load and how (the config's `backbone:` section)."""
@@ -413,6 +447,11 @@ class BackboneSpec:
     max_memory: dict[int | str, int | str] | None = None
     """With device_map auto: the most memory per device, e.g. {0: 70GiB, 1: 70GiB, cpu: 200GiB} (accelerate's
     max_memory); checked before loading against the weights' size (parameters x bytes per parameter)."""
+    replica_gpus: int | None = None
+    """With device_map auto: the GPUs each process's copy spans, from the process's own GPU on: under DDP with
+    trainer.devices [0, 2, 4, 6] and replica_gpus 2, rank r shards its copy over GPUs 2r and 2r + 1 (a
+    model-parallel group per data-parallel replica). Needed for device_map auto with more than one process, where
+    every rank would otherwise shard over all the GPUs it sees."""
     revision: str | None = None
     """Hub revision (branch, tag or commit); part of the activation-cache key."""
     trust_remote_code: bool = False
@@ -430,6 +469,9 @@ class BackboneSpec:
                             "pip install -e '.[quantization]' (CUDA GPUs only)")  # fmt: skip
         if self.max_memory is not None and self.device_map is None:
             raise UserError("backbone.max_memory needs backbone.device_map (e.g. auto) to place the model with")
+        if self.replica_gpus is not None and (self.device_map != "auto" or self.replica_gpus < 1):
+            raise UserError(f"backbone.replica_gpus {self.replica_gpus} needs backbone.device_map auto and a positive "
+                            "number of GPUs per copy")  # fmt: skip
         if self.name_or_path not in BUILTIN_BACKBONES:
             resolve_backbone_path(self.name_or_path)  # a missing local path fails here, before any loading
         self.check_max_memory()
@@ -456,6 +498,15 @@ class BackboneSpec:
             raise UserError(f"backbone.max_memory totals {_gib(budget)}, less than the weights of "
                             f"{self.name_or_path} alone ({n / 1e9:.3g}B parameters x {per_parameter:g} bytes = "
                             f"{_gib(n * per_parameter)}): raise it, add devices or quantize")  # fmt: skip
+
+    def for_replica(self, first_gpu: int, free_bytes: Callable[[int], int]) -> BackboneSpec:
+        """This spec placed on GPUs first_gpu .. first_gpu + replica_gpus - 1 only (`replica_max_memory`); itself
+        without replica_gpus. free_bytes(gpu): the memory to allow on a GPU max_memory does not name (e.g.
+        torch.cuda.mem_get_info(gpu)[0])."""
+        if self.replica_gpus is None:
+            return self
+        max_memory = replica_max_memory(self.max_memory, first_gpu, self.replica_gpus, free_bytes)
+        return replace(self, max_memory=max_memory, replica_gpus=None)
 
     def config(self):
         """The architecture's config without loading (or building) any weights."""

@@ -6,8 +6,13 @@ It embeds, verbatim, every known result file found in `output_dir` (`ARTIFACTS`)
 JSON block (<script id="report-data" type="application/json">); the page's script (interp/assets/report.html, plain
 JavaScript and SVG: no network, no server, no library) draws everything from that block and computes nothing:
 - every artifact with a "layers" list ({"layer": int, <metric>: number, ...}): one chart of its metrics vs layer
-  (hover: the values at the nearest layer; click: select that layer); with "layers" a list of ints (logit_lens.json),
-  every array of numbers as long as it is a metric, a sibling "ci" its band;
+  (hover: the values at the nearest layer; click: select that layer), a row's "ci" [low, high] the band of its first
+  metric (ablation_results.json: each layer ablated, and the selected direction ablated against its null); with
+  "layers" a list of ints (logit_lens.json), every array of numbers as long as it is a metric, a sibling "ci" its band;
+- the tuned lens's and logit lens's top next tokens (tuned_lens_results.json "top_tokens") at the selected layer,
+  beside the model's own output;
+- a patching sweep (patching_results.json, written by callbacks/patching.py into the run's log folder): the fraction
+  recovered per (layer, post-instruction token) as a heatmap, hover giving its Fieller CI or why the cell is cut;
 - a directions run's candidates (reasoning_directions.json): the selection scores by layer per position, the
   selected candidate and its report on held-out problems;
 - one layer control (a slider) for the whole page: a table shows every per-layer metric at the selected layer;
@@ -27,7 +32,7 @@ from interp.atomic import write_text
 from interp.errors import UserError
 
 ARTIFACTS = ("probe_accuracies.json", "reasoning_directions.json", "tuned_lens_results.json", "intervention_results.json",
-             "steering_results.json", "logit_lens.json")  # fmt: skip
+             "steering_results.json", "logit_lens.json", "ablation_results.json", "patching_results.json")  # fmt: skip
 STUDY_FILES = ("alignment_results.json", "transplant_results.json")
 REPORT_FILE = "report.html"
 TEMPLATE = Path(__file__).parent / "assets" / "report.html"

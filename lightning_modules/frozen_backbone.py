@@ -58,18 +58,22 @@ class FrozenBackbone:
     def loaded(self) -> bool:
         return self._model is not None
 
-    def _load(self) -> None:
+    def _load(self, device: torch.device | None = None) -> None:
         if self.spec is None:
             raise UserError("the backbone was released and has no spec to load it again from")
-        model, self._tokenizer = self.spec.load()
+        spec = self.spec
+        if spec.replica_gpus is not None and device is not None and device.type == "cuda":
+            # this process's copy goes on its own GPU and the next replica_gpus - 1 (a model-parallel group)
+            spec = spec.for_replica(device.index or 0, lambda gpu: torch.cuda.mem_get_info(gpu)[0])
+        model, self._tokenizer = spec.load()
         self._model = self._keep(model) if self._keep else model
         self._device = None
 
     def model(self, device: torch.device | str) -> nn.Module:
         """The (kept part of the) frozen model, loaded if needed and moved to `device` unless sharded."""
-        if self._model is None:
-            self._load()
         device = torch.device(device)
+        if self._model is None:
+            self._load(device)
         if not self.sharded and self._device != device:
             self._model.to(device)
             self._device = device

@@ -640,3 +640,68 @@ def test_evaluate_a_directions_checkpoint(directions_run, tiny):
     assert report["conditions"][2]["samples"] == base["samples"] and report["generation"]["do_sample"] is False
     texts = generate(model, tokenizer, prompts, max_new_tokens=4, do_sample=False)
     assert [s["generation"] for s in base["samples"]] == texts
+
+
+@pytest.mark.slow
+def test_the_report_shows_the_patching_heatmap_and_the_layer_ablations(directions_run, browser):
+    """report.html of the run's log folder embeds the callbacks' files verbatim; in chromium the patching heatmap has a
+    cell per (layer, post-instruction token) whose hover gives the JSON's value and CI (or why it is cut), the layer
+    control outlines that layer's row and tabulates its values, and the layer ablations draw with their CI band."""
+    from pipeline_utils import open_in_browser
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    from interp.report_html import provenance, read_embedded_data, write_report_html
+
+    log_dir = directions_run / "logs" / "run"
+    report = write_report_html(log_dir, provenance())
+    embedded = read_embedded_data(report)["artifacts"]
+    for name in ("reasoning_directions.json", "ablation_results.json", "patching_results.json"):
+        assert embedded[name] == json.loads((log_dir / name).read_text())
+    patching, ablation = embedded["patching_results.json"], embedded["ablation_results.json"]
+    tokens = [f"{k}:{json.dumps(t, ensure_ascii=False)}" for k, t in enumerate(patching["post_tokens"])]
+
+    open_in_browser(browser, report)
+    box = browser.find_element(By.CSS_SELECTOR, "section[data-artifact='patching_results.json'] .heatmap")
+    cells = box.find_elements(By.CSS_SELECTOR, "svg rect[data-row]")
+    assert len(cells) == len(patching["layers"]) * len(tokens) == 2 * 7
+    tip = box.find_element(By.CSS_SELECTOR, ".tooltip")
+    for cell in cells:
+        i, j = patching["layers"].index(int(cell.get_attribute("data-row"))), tokens.index(cell.get_attribute("data-col"))
+        ActionChains(browser).move_to_element(cell).perform()
+        head, _, shown = tip.get_attribute("textContent").partition(f"layer {patching['layers'][i]}, token {tokens[j]}: ")
+        assert head == "" and shown
+        if patching["cut"][i][j]:
+            assert shown == f"cut ({patching['cut_reason']})"
+            continue
+        assert float(shown.split(" ")[0]) == pytest.approx(patching["recovered"][i][j], rel=5e-4)
+        low, high = patching["recovered_ci_low"][i][j], patching["recovered_ci_high"][i][j]
+        if low is None:
+            assert shown.endswith(f"(no CI: {patching['ci_reason']})")
+        else:
+            bounds = [float(v) for v in shown.split("[")[1].rstrip("]").split(", ")]
+            assert bounds == pytest.approx([low, high], rel=5e-4)
+
+    slider = browser.find_element(By.ID, "layer-slider")
+    for layer in (2, 10, 0):
+        browser.execute_script("arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'))",
+                               slider, layer)  # fmt: skip
+        shown = {(tr.get_attribute("data-artifact"), tr.get_attribute("data-metric")):
+                 json.loads(tr.find_elements(By.TAG_NAME, "td")[2].get_attribute("data-value"))
+                 for tr in browser.find_elements(By.CSS_SELECTOR, "#layer-table tbody tr")}  # fmt: skip
+        outline = box.find_element(By.CSS_SELECTOR, "rect.selected-row")
+        if layer in patching["layers"]:
+            i = patching["layers"].index(layer)
+            assert {t: shown[("patching_results.json", f"recovered @ {t}")] for t in tokens} == {
+                t: patching["recovered"][i][j] for j, t in enumerate(tokens)}
+            row_y = next(c for c in cells if c.get_attribute("data-row") == str(layer)).get_attribute("y")
+            assert outline.get_attribute("visibility") == "visible" and outline.get_attribute("y") == row_y
+        else:
+            assert outline.get_attribute("visibility") == "hidden"
+        rows = {row["layer"]: row for row in ablation["layers"]}
+        if layer in rows:
+            assert shown[("ablation_results.json", "delta")] == rows[layer]["delta"]
+            assert shown[("ablation_results.json", "ci")] == rows[layer]["ci"]
+    chart = browser.find_element(By.CSS_SELECTOR, "section[data-artifact='ablation_results.json'] .chart")
+    assert chart.find_elements(By.CSS_SELECTOR, "polygon[data-band='delta']")  # the CI band of the layer ablations
+    browser.save_screenshot(str(log_dir / "report.png"))

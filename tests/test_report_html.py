@@ -139,3 +139,31 @@ def test_compare_overlays_two_runs_in_a_browser(browser, probe_run, tmp_path, mo
     for line, name in zip(lines[1:], ("run", "other")):
         assert line.startswith(f"{name}: ") and float(line.split(": ")[1]) == pytest.approx(
             runs[name]["layers"][0]["accuracy"], rel=5e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["cut", "one pair"])
+def test_patching_cells_without_a_value_or_a_ci_say_why_in_a_browser(browser, tmp_path, case):
+    """A heatmap cell left NaN by the cutoff is grey and its hover gives the cut reason; with one pair the hover gives
+    the value and why there is no CI (interp.patching_stats.summarise, the callback's own summary)."""
+    import torch
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    from interp.patching_stats import summarise
+
+    reasoning, control = (torch.tensor([1.0, -1.0]), torch.zeros(2)) if case == "cut" else (torch.ones(1), torch.zeros(1))
+    patched = torch.linspace(0, 1, len(reasoning) * 2 * 3).reshape(len(reasoning), 2, 3)
+    result = summarise("exact", reasoning, control, patched, [3, 5], ["<|im_end|>", "\n", "<think>"]).to_dict()
+    (tmp_path / "patching_results.json").write_text(json.dumps(result))
+    open_in_browser(browser, write_report_html(tmp_path, provenance()))
+    cell = browser.find_element(By.CSS_SELECTOR, ".heatmap rect[data-row='5'][data-col='1:\"\\\\n\"']")
+    ActionChains(browser).move_to_element(cell).perform()
+    text = browser.find_element(By.CSS_SELECTOR, ".heatmap .tooltip").get_attribute("textContent")
+    if case == "cut":
+        assert result["cut"][1][1] and cell.get_attribute("fill") == "#ddd"
+        assert text == f'layer 5, token 1:"\\n": cut ({result["cut_reason"]})'
+    else:
+        assert result["recovered"][1][1] == pytest.approx(float(patched[0, 1, 1]))
+        assert text.startswith('layer 5, token 1:"\\n": ') and text.endswith(f"(no CI: {result['ci_reason']})")
+        assert float(text.split(": ")[1].split(" ")[0]) == pytest.approx(result["recovered"][1][1], rel=5e-4)

@@ -1,6 +1,8 @@
 """Real-shape backbones with random weights (interp/shape_backbone.py): the 32B architectures on the meta device
 with the real parameter count and no memory, a small config built on the CPU with the model's own initialisation,
-the real tokenizer and template, and bad input."""
+the real tokenizer and template, bad input, and the placement of one copy per group of GPUs (replica_gpus)."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -81,3 +83,59 @@ def test_bad_shape_input_is_one_clear_error(kwargs, message):
 def test_cuda_without_a_gpu_is_one_clear_error():
     with pytest.raises(UserError, match="no CUDA device is visible"):
         load_backbone("shape:qwq-32b", device_map="cuda")
+
+
+# ---- model-parallel groups under DDP: backbone.replica_gpus ---------------------------------------------------------
+GIB = 2**30
+
+
+def test_a_replica_is_placed_on_its_own_gpus_only():
+    """Rank r's copy of QwQ-32B (bf16, 61 GiB) with replica_gpus 2 on trainer device 2: accelerate's own placement
+    (infer_auto_device_map, as from_pretrained runs it) puts every module on GPU 2 or 3 and nothing elsewhere."""
+    from accelerate import infer_auto_device_map
+
+    spec = BackboneSpec("shape:qwq-32b", dtype="bfloat16", device_map="auto", replica_gpus=2)
+    placed = spec.for_replica(2, free_bytes=lambda gpu: 40 * GIB)
+    assert placed.max_memory == {2: 40 * GIB, 3: 40 * GIB} and placed.replica_gpus is None
+    model, _ = load_backbone("shape:qwq-32b", dtype="bfloat16", device_map="meta")
+    device_map = infer_auto_device_map(model, max_memory=placed.max_memory, no_split_module_classes=["Qwen2DecoderLayer"])
+    assert set(device_map.values()) == {2, 3}
+    configured = BackboneSpec("shape:qwq-32b", dtype="bfloat16", device_map="auto", replica_gpus=2,
+                              max_memory={3: "35GiB", "cpu": "100GiB"})  # fmt: skip
+    assert configured.for_replica(2, free_bytes=lambda gpu: 40 * GIB).max_memory == {
+        2: 40 * GIB, 3: "35GiB", "cpu": "100GiB"}  # a configured limit wins; the CPU offload is kept
+    with pytest.raises(UserError, match="less than the weights"):  # a copy must fit its own GPUs
+        spec.for_replica(0, free_bytes=lambda gpu: 20 * GIB)
+
+
+def test_frozen_backbone_loads_each_ranks_copy_on_its_group(monkeypatch):
+    from lightning_modules.frozen_backbone import FrozenBackbone
+
+    loaded = []
+    monkeypatch.setattr(BackboneSpec, "load", lambda self: loaded.append(self) or (torch.nn.Linear(1, 1), None))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda gpu: (70 * GIB, 80 * GIB))
+    spec = BackboneSpec("shape:qwq-32b", dtype="bfloat16", device_map="auto", replica_gpus=2)
+    FrozenBackbone(spec).model(torch.device("cuda", 4))
+    assert loaded[-1].max_memory == {4: 70 * GIB, 5: 70 * GIB}
+    FrozenBackbone(dataclasses.replace(spec, replica_gpus=None)).model(torch.device("cuda", 4))
+    assert loaded[-1].max_memory is None  # without replica_gpus: accelerate's default, every visible GPU
+
+
+@pytest.mark.parametrize(("replica_gpus", "device_ids", "world_size", "visible", "message"), [
+    (None, [0, 1, 2, 3], 4, 4, "each would shard its copy over every GPU"),
+    (2, [0, 1], 2, 4, "GPU 1 is also in the copy starting at GPU 0"),
+    (2, [0, 2, 4, 6], 4, 7, "GPU 7 is not visible"),
+    (2, [0, 2, 4, 6], 4, 8, None),
+    (None, [0], 1, 8, None),  # one process: accelerate shards over every visible GPU, as documented
+])  # fmt: skip
+def test_replica_placement_is_checked_before_loading(replica_gpus, device_ids, world_size, visible, message):
+    from interp.backbone import check_replica_placement
+
+    spec = BackboneSpec("shape:qwq-32b", dtype="bfloat16", device_map="auto", replica_gpus=replica_gpus)
+    if message is None:
+        check_replica_placement(spec, device_ids, world_size, visible)
+    else:
+        with pytest.raises(UserError, match=message):
+            check_replica_placement(spec, device_ids, world_size, visible)
+    with pytest.raises(UserError, match="needs backbone.device_map auto"):
+        BackboneSpec("shape:qwq-32b", replica_gpus=2)

@@ -248,23 +248,32 @@ def test_config_without_the_last_layer_fails_before_any_model_loads(tmp_path, mo
         train.main(["--config", str(config), "--trainer.fast_dev_run", "true", "--run_name", "dev"])
 
 
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory, shared_cache_dir):
+    """train.py 1 epoch, then evaluate.py on last.ckpt: (checkpoint, logs/run with tuned_lens_results.json)."""
+    import evaluate
+
+    tmp_path = tmp_path_factory.mktemp("evaluated_lens")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        config = tiny_config("tuned_lens_tiny.yaml", tmp_path, limit=3, cache_dir=str(shared_cache_dir))
+        train.main(["--config", str(config), "--run_name", "run", "--trainer.max_epochs", "1"])
+        ckpt = tmp_path / "checkpoints" / "run" / "last.ckpt"
+        evaluate.main(["--ckpt", str(ckpt)])
+    return ckpt, tmp_path / "logs" / "run"
+
+
 @pytest.mark.slow
-def test_evaluate_a_tuned_lens_checkpoint(tmp_path, monkeypatch, tiny, shared_cache_dir):
-    """train.py 1 epoch, then evaluate.py: tuned_lens_results.json equals a float64 recomputation on the test rows."""
+def test_evaluate_a_tuned_lens_checkpoint(evaluated_run, tiny):
+    """tuned_lens_results.json equals a float64 recomputation on the test rows."""
     import json
 
     from tolerances import U32
 
-    import evaluate
     from cli import datamodule_from_run_config
 
     model, _ = tiny
-    monkeypatch.chdir(tmp_path)
-    config = tiny_config("tuned_lens_tiny.yaml", tmp_path, limit=3, cache_dir=str(shared_cache_dir))
-    train.main(["--config", str(config), "--run_name", "run", "--trainer.max_epochs", "1"])
-    ckpt = tmp_path / "checkpoints" / "run" / "last.ckpt"
-    evaluate.main(["--ckpt", str(ckpt)])
-    out = tmp_path / "logs" / "run"
+    ckpt, out = evaluated_run
     report = json.loads((out / "tuned_lens_results.json").read_text())
     assert (out / "visualizations" / "tuned_lens_kl.png").is_file()
 
@@ -344,3 +353,29 @@ def _assert_top_tokens(top: dict, dm, module, model, x: torch.Tensor) -> None:
         others[ids] = False
         # the lens's last-layer logits are the model's within 1e-4 (test_last_layer_lens_logits_are_the_models_logits)
         assert float(logits[others].max()) <= float(logits[ids].min()) + 2e-4
+
+
+@pytest.mark.slow
+def test_the_report_shows_the_top_tokens_of_the_selected_layer(evaluated_run, browser):
+    """report.html in chromium: moving the layer control shows, per example, each lens's top tokens at that layer
+    exactly as tuned_lens_results.json holds them, and the model's own output (the last layer)."""
+    import json
+
+    from pipeline_utils import open_in_browser
+    from selenium.webdriver.common.by import By
+
+    _, out = evaluated_run
+    top = json.loads((out / "tuned_lens_results.json").read_text())["top_tokens"]
+    open_in_browser(browser, out / "report.html")
+    for layer in (0, 17, N_BACKBONE_LAYERS - 1):
+        browser.execute_script("arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'))",
+                               browser.find_element(By.ID, "layer-slider"), layer)  # fmt: skip
+        for lens, json_lens, slot in (("tuned", "tuned", layer), ("logit", "logit", layer),
+                                      ("model", "logit", N_BACKBONE_LAYERS - 1)):  # fmt: skip
+            for i, example in enumerate(top["examples"]):
+                cell = browser.find_element(By.CSS_SELECTOR, f"table.top-tokens td[data-lens='{lens}'][data-example='{i}']")
+                shown = [(d.get_attribute("data-token"), int(d.get_attribute("data-id")), float(d.get_attribute("data-prob")))
+                         for d in cell.find_elements(By.CSS_SELECTOR, "div[data-token]")]  # fmt: skip
+                readout = example[json_lens]
+                assert shown == list(zip(readout["tokens"][slot], readout["ids"][slot], readout["probs"][slot]))
+    browser.save_screenshot(str(out / "report.png"))
