@@ -99,7 +99,9 @@ def write_comparison_html(first: str | Path, second: str | Path, output_dir: str
 
 def _write(path: Path, data: dict) -> Path:
     text = json.dumps(data, allow_nan=False)
-    text = text.replace("</", "<\\/")  # a "</script>" inside a generated sample must not end the data block
+    # No "<" at all inside the data block: a "</script>" in a generated sample would end it, and "<!--" then
+    # "<script" anywhere in the data would make the parser skip its real end (HTML's script data escape states).
+    text = text.replace("<", "\\u003c")
     return write_text(path, TEMPLATE.read_text().replace("__REPORT_DATA__", text))
 
 
@@ -108,4 +110,4 @@ def read_embedded_data(report: str | Path) -> dict:
     text = Path(report).read_text()
     start = text.index('<script id="report-data" type="application/json">') + len(
         '<script id="report-data" type="application/json">')
-    return json.loads(text[start:text.index("</script>", start)])  # JSON reads "<\/" as "</"
+    return json.loads(text[start:text.index("</script>", start)])  # JSON reads "\u003c" as "<"

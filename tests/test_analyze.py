@@ -186,4 +186,12 @@ def test_the_study_report_embeds_every_result_and_works_in_a_browser(study, brow
     assert ("qwq/probe_accuracies.json", "accuracy") in shown and ("r1_distill/probe_accuracies.json", "accuracy") in shown
     cka = shown[(f"alignment ({role} token)", "cka_diagonal")].find_elements(By.TAG_NAME, "td")[2]
     assert json.loads(cka.get_attribute("data-value")) == block["cka"]["diagonal"][0]
+    transfers = json.loads((root / "transplant_results.json").read_text())["transfers"]
+    for name, transfer in transfers.items():  # the transplant ratios by layer, with their CI and p_rank
+        for map_name in transfer["maps"]:
+            for score, values in transfer["transplanted"][map_name].items():
+                for metric, expected in ((f"{score} ratio", values["ratio"][0]), (f"{score} p_rank", values["p_rank"][0]),
+                                         (f"{score} ratio ci", values["ci"][0])):  # fmt: skip
+                    cell = shown[(f"transplant {name} ({map_name})", metric)].find_elements(By.TAG_NAME, "td")[2]
+                    assert json.loads(cell.get_attribute("data-value")) == expected
     browser.save_screenshot(str(root / "report.png"))

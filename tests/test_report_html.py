@@ -39,7 +39,7 @@ def _conditions_artifact() -> dict:
 
     return {"checkpoint": "c.ckpt", "conditions": [
         condition("baseline", 1.0, [sample(0, True, "2 + 2 = \\boxed{4}"), sample(1, True, "so 4 </script> ok")]),
-        condition("ablated", 0.5, [sample(0, False, "2 + 2 = 5"), sample(1, True, "four: \\boxed{4}")]),
+        condition("ablated", 0.5, [sample(0, False, "2 + 2 = 5"), sample(1, True, "<!-- <script>four: \\boxed{4}")]),
     ]}  # fmt: skip
 
 
@@ -55,7 +55,7 @@ def test_the_embedded_numbers_are_the_result_files(probe_run):
 def test_a_generated_script_tag_cannot_break_the_page(tmp_path):
     (tmp_path / "intervention_results.json").write_text(json.dumps(_conditions_artifact()))
     report = write_report_html(tmp_path, provenance())
-    assert "</script> ok" not in report.read_text()
+    assert "</script> ok" not in report.read_text() and "<!-- <script>" not in report.read_text()
     assert read_embedded_data(report)["artifacts"]["intervention_results.json"] == _conditions_artifact()
     assert "intervention_results.json" in ARTIFACTS
 
@@ -102,10 +102,13 @@ def test_samples_filter_by_condition_and_correctness_in_a_browser(browser, tmp_p
 
     assert shown() == [("baseline", "true"), ("baseline", "true"), ("ablated", "false"), ("ablated", "true")]
     assert "so 4 </script> ok" in browser.find_element(By.CSS_SELECTOR, "table.samples").text
+    assert "<!-- <script>four" in browser.find_element(By.CSS_SELECTOR, "table.samples").text  # the page script ran
     Select(browser.find_element(By.CSS_SELECTOR, "select[data-filter='condition']")).select_by_value("ablated")
     assert shown() == [("ablated", "false"), ("ablated", "true")]
     Select(browser.find_element(By.CSS_SELECTOR, "select[data-filter='correct']")).select_by_value("incorrect")
     assert shown() == [("ablated", "false")]
+    Select(browser.find_element(By.CSS_SELECTOR, "select[data-filter='correct']")).select_by_value("ungraded")
+    assert shown() == []  # every sample here is graded
     bars = browser.find_elements(By.CSS_SELECTOR, "svg.bars rect")
     assert [bar.find_element(By.TAG_NAME, "title").get_attribute("textContent") for bar in bars] == [
         "baseline: accuracy 1", "ablated: accuracy 0.5000"]
@@ -167,3 +170,26 @@ def test_patching_cells_without_a_value_or_a_ci_say_why_in_a_browser(browser, tm
         assert result["recovered"][1][1] == pytest.approx(float(patched[0, 1, 1]))
         assert text.startswith('layer 5, token 1:"\\n": ') and text.endswith(f"(no CI: {result['ci_reason']})")
         assert float(text.split(": ")[1].split(" ")[0]) == pytest.approx(result["recovered"][1][1], rel=5e-4)
+
+
+@pytest.mark.slow
+def test_missing_values_break_the_line_and_lone_values_show_in_a_browser(browser, tmp_path):
+    """A null layer breaks a chart's line and CI band instead of bridging it; a value between nulls, or a run's only
+    layer, is still drawn (a point, a thin band); a metric null everywhere draws nothing and says so."""
+    from selenium.webdriver.common.by import By
+
+    rows = [{"layer": 0, "delta": -0.5, "ci": [-0.7, -0.3]}, {"layer": 1, "delta": None, "ci": [None, None]},
+            {"layer": 2, "delta": 0.4, "ci": [0.2, 0.6]}, {"layer": 3, "delta": None, "ci": [None, None]},
+            {"layer": 4, "delta": 0.1, "ci": [0.0, 0.2]}]  # fmt: skip
+    (tmp_path / "ablation_results.json").write_text(json.dumps({"metric": "first_tokens", "layers": rows}))
+    (tmp_path / "logit_lens.json").write_text(json.dumps({"layers": [0, 1, 2], "kl": {"mean": [None] * 3, "ci": [None] * 3},
+                                                          "answer": {"mean": [0.1, 0.2, 0.3]}}))  # fmt: skip
+    open_in_browser(browser, write_report_html(tmp_path, provenance()))
+    chart = browser.find_element(By.CSS_SELECTOR, "section[data-artifact='ablation_results.json'] .chart")
+    path = chart.find_element(By.CSS_SELECTOR, "path[data-series='delta']").get_attribute("d")
+    assert path.count("M") == 3 and "L" not in path  # three lone values, nothing bridged
+    assert len(chart.find_elements(By.CSS_SELECTOR, "circle[data-series='delta']")) == 3
+    assert len(chart.find_elements(By.CSS_SELECTOR, "polygon[data-band='delta']")) == 3
+    lens = browser.find_element(By.CSS_SELECTOR, "section[data-artifact='logit_lens.json']")
+    assert "kl by layer: no values" in lens.text and lens.find_elements(By.CSS_SELECTOR, "path[data-series='answer.mean']")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#layer-table tr[data-metric='kl.ci']")
