@@ -56,17 +56,15 @@ def provenance(config_yaml: str | None = None, fingerprint: dict | None = None) 
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}  # fmt: skip
 
 
-def embedded_data(output_dir: str | Path, provenance: dict) -> dict:
-    """{"artifacts": {file name: its JSON, verbatim}, "provenance": ...}: what the page shows."""
-    output_dir = Path(output_dir)
-    artifacts = {name: json.loads((output_dir / name).read_text()) for name in ARTIFACTS
-                 if (output_dir / name).is_file()}  # fmt: skip
-    return {"artifacts": artifacts, "provenance": provenance}
+def read_artifacts(folder: str | Path) -> dict:
+    """{file name: its JSON, verbatim} for every ARTIFACTS file in folder."""
+    folder = Path(folder)
+    return {name: json.loads((folder / name).read_text()) for name in ARTIFACTS if (folder / name).is_file()}
 
 
 def write_report_html(output_dir: str | Path, provenance: dict) -> Path:
     """output_dir/report.html (module docstring), written atomically; returns its path."""
-    return _write(Path(output_dir) / REPORT_FILE, embedded_data(output_dir, provenance))
+    return _write(Path(output_dir) / REPORT_FILE, {"artifacts": read_artifacts(output_dir), "provenance": provenance})
 
 
 def write_study_report_html(root: str | Path, labels: list[str], provenance: dict) -> Path:
@@ -77,7 +75,7 @@ def write_study_report_html(root: str | Path, labels: list[str], provenance: dic
     transplant results."""
     root = Path(root)
     artifacts = {f"{label}/{name}": artifact for label in labels
-                 for name, artifact in embedded_data(root / label, provenance)["artifacts"].items()}  # fmt: skip
+                 for name, artifact in read_artifacts(root / label).items()}  # fmt: skip
     study = {name.removesuffix("_results.json"): json.loads((root / name).read_text()) for name in STUDY_FILES
              if (root / name).is_file()}  # fmt: skip
     return _write(root / REPORT_FILE, {"artifacts": artifacts, "study": study, "provenance": provenance})
@@ -92,7 +90,7 @@ def write_comparison_html(first: str | Path, second: str | Path, output_dir: str
         if not any((folder / name).is_file() for name in ARTIFACTS):
             raise UserError(f"--compare {folder}: no result file ({', '.join(ARTIFACTS)}) in it")
     artifacts = {f"{name}/{file}": artifact for name, folder in zip(names, folders)
-                 for file, artifact in embedded_data(folder, provenance)["artifacts"].items()}  # fmt: skip
+                 for file, artifact in read_artifacts(folder).items()}  # fmt: skip
     compare = {"runs": names, "files": [file for file in ARTIFACTS if all((f / file).is_file() for f in folders)]}
     return _write(Path(output_dir) / REPORT_FILE, {"artifacts": artifacts, "compare": compare, "provenance": provenance})
 
