@@ -13,8 +13,9 @@ writes tuned_lens_results.json and visualizations/tuned_lens_kl.png and prints a
                                                        KL 0 by construction)
      "lensed_layers": [int],
      "layers": [{"layer": int, "kl_tuned": float, "kl_logit": float}, ...],   every cached layer, the last too
-     "top_tokens": {"k": int, "examples": [{"row_index", "kind", "problem_id", "prompt_tail": str (the prompt's
-                    last TAIL_CHARS characters), "tuned": {...}, "logit": {"ids", "tokens", "probs":
+     "top_tokens": {"k": int, "examples": [{"row_index", "kind", "problem_id", "prompt_tail": str (the last
+                    TAIL_CHARS characters of the prompt up to the token read: the lenses predict the token after
+                    it; with positions mean, of the whole prompt), "tuned": {...}, "logit": {"ids", "tokens", "probs":
                     [[k values] per cached layer]}}]}}   the first TOP_TOKEN_ROWS test rows: each lens's k most
                     probable next tokens per layer (`interp.lens.lens_top_k`, softmax over the whole vocabulary);
                     at the last layer both are the model's own output
@@ -75,11 +76,22 @@ def top_tokens(module, datamodule) -> dict:
     for i, row_index in enumerate(datamodule.row_index["test"][:n].tolist()):
         row = datamodule.prompts.rows[row_index]
         example = {"row_index": row_index, "kind": row.kind, "problem_id": row.problem_id,
-                   "prompt_tail": row.prompt[-TAIL_CHARS:]}  # fmt: skip
+                   "prompt_tail": _text_read(datamodule, tokenizer, row.prompt)[-TAIL_CHARS:]}  # fmt: skip
         for name, top in tops.items():
             example[name] = {"ids": top.ids[i].tolist(), "tokens": top.tokens[i], "probs": top.probs[i].tolist()}
         examples.append(example)
     return {"k": TOP_K, "examples": examples}
+
+
+def _text_read(datamodule, tokenizer, prompt: str) -> str:
+    """The prompt up to and including the token whose residual the batches hold: the cached positions are the
+    prompt's last n_positions tokens (last, last_<k>, post_instruction) and batch_position picks one; with
+    positions "mean" (every token averaged) the whole prompt."""
+    if datamodule.positions.kind == "mean":
+        return prompt
+    n_positions = int(datamodule.cache.manifest["n_positions"])
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids[: len(ids) - n_positions + datamodule.batch_position % n_positions + 1])
 
 
 def write_tuned_lens_report(report: dict, output_dir: Path) -> dict[str, Path]:

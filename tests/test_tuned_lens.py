@@ -379,3 +379,22 @@ def test_the_report_shows_the_top_tokens_of_the_selected_layer(evaluated_run, br
                 readout = example[json_lens]
                 assert shown == list(zip(readout["tokens"][slot], readout["ids"][slot], readout["probs"][slot]))
     browser.save_screenshot(str(out / "report.png"))
+
+
+@pytest.mark.parametrize(("positions", "n_positions", "batch_position", "tokens_dropped"),
+                         [("last", 1, -1, 0), ("last_4", 4, -1, 0), ("last_4", 4, 0, 3), ("last_4", 4, -3, 2),
+                          ("post_instruction", 6, 1, 4)])  # fmt: skip
+def test_the_top_tokens_prompt_ends_at_the_token_read(tiny, positions, n_positions, batch_position, tokens_dropped):
+    """The lenses read one cached position; the prompt shown beside their top tokens ends with that token."""
+    from types import SimpleNamespace
+
+    from interp.positions import PositionSpec
+    from lightning_modules.tuned_lens_report import _text_read
+
+    _, tokenizer = tiny
+    prompt = "Natalia sold clips to 48 of her friends.<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    datamodule = SimpleNamespace(positions=PositionSpec.parse(positions), batch_position=batch_position,
+                                 cache=SimpleNamespace(manifest={"n_positions": n_positions}))  # fmt: skip
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert _text_read(datamodule, tokenizer, prompt) == tokenizer.decode(ids[: len(ids) - tokens_dropped])
+    assert _text_read(SimpleNamespace(positions=PositionSpec.parse("mean")), tokenizer, prompt) == prompt
