@@ -95,7 +95,7 @@ class CachedActivationDataModule(L.LightningDataModule):
         super().__init__()
         self.backbone = backbone or BackboneSpec()
         self.prompts = prompts
-        prompts.bind_backbone(self.backbone.name_or_path)
+        prompts.bind_backbone(self.backbone)
         self.layers = check_layers(layers, self.backbone.num_layers())
         self.positions = PositionSpec.parse(positions)
         if label not in PROBE_LABELS:

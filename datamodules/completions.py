@@ -48,7 +48,7 @@ class CompletionDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.backbone = backbone or BackboneSpec()
-        prompts.bind_backbone(self.backbone.name_or_path)
+        prompts.bind_backbone(self.backbone)
         if max_completion_tokens is not None and max_completion_tokens < 1:
             raise UserError(f"max_completion_tokens must be >= 1 or null, got {max_completion_tokens}")
         if batch_size < 1:

@@ -163,10 +163,14 @@ class ReasoningPromptsDataModule(LightningDataModule):
         self.label_names: dict[str, list[str]] | None = None
         self._labels: dict[str, torch.Tensor] | None = None
         self._spec: dict | None = None
+        self._revision, self._trust_remote_code = None, False  # the reading datamodule's (bind_backbone)
 
-    def bind_backbone(self, name_or_path: str) -> None:
+    def bind_backbone(self, spec: BackboneSpec) -> None:
         """Format with the reading datamodule's backbone: fill in an unset `backbone`, never overwrite it (one
-        model decides the tokenizer and what is read); a different one already set is a UserError."""
+        model decides the tokenizer and what is read); a different one already set is a UserError. The tokenizer
+        and config then come from the spec's revision (a pinned model's own chat template, not the hub's newest)."""
+        name_or_path = spec.name_or_path
+        self._revision, self._trust_remote_code = spec.revision, spec.trust_remote_code
         if self.backbone is None:
             self.backbone = name_or_path
         elif self.backbone != name_or_path:
@@ -179,7 +183,7 @@ class ReasoningPromptsDataModule(LightningDataModule):
             return
         if self.backbone is None:
             self.backbone = "tiny"
-        self.tokenizer = load_tokenizer(self.backbone)
+        self.tokenizer = load_tokenizer(self.backbone, self._revision, self._trust_remote_code)
         self.problems = load_sources(self.sources, self.seed)
         self.rows = build_prompt_rows(
             self.problems, self.tokenizer, control=self.control, reasoning_template=self.reasoning_template,
@@ -190,7 +194,8 @@ class ReasoningPromptsDataModule(LightningDataModule):
         self._labels = encode_labels(self.rows, self.label_names)
         prompts = [r.prompt for r in self.rows]
         self.prompt_lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-        context = getattr(BackboneSpec(self.backbone).config().get_text_config(), "max_position_embeddings", None)
+        spec = BackboneSpec(self.backbone, revision=self._revision, trust_remote_code=self._trust_remote_code)
+        context = getattr(spec.config().get_text_config(), "max_position_embeddings", None)
         if context is not None and max(self.prompt_lengths) > context:  # the model would read positions it never saw
             raise UserError(f"the longest prompt has {max(self.prompt_lengths)} tokens, more than the context of "
                             f"{self.backbone} ({context} tokens): set data.prompts.max_prompt_tokens <= {context}")

@@ -30,3 +30,21 @@ def test_prompts_alone_default_to_the_tiny_tokenizer():
     prompts = ReasoningPromptsDataModule(sources=SOURCES)
     prompts.setup()
     assert prompts.backbone == "tiny" and prompts.rows
+
+
+def test_the_prompts_tokenizer_comes_from_the_backbones_revision(tmp_path, monkeypatch):
+    """A pinned revision formats the prompts with that revision's tokenizer and chat template, not the hub's newest."""
+    import datamodules.prompts as prompts_module
+
+    calls = []
+    real = prompts_module.load_tokenizer
+
+    def recording(name_or_path, revision=None, trust_remote_code=False):
+        calls.append((name_or_path, revision, trust_remote_code))
+        return real(name_or_path)  # a built-in has no revisions to choose from
+
+    monkeypatch.setattr(prompts_module, "load_tokenizer", recording)
+    prompts = ReasoningPromptsDataModule(sources=SOURCES)
+    CachedActivationDataModule(prompts, BackboneSpec("tiny", revision="v1.1"), cache_dir=tmp_path)
+    prompts.setup()
+    assert calls == [("tiny", "v1.1", False)]

@@ -53,8 +53,8 @@ def _write_jsonl(path: Path, rows: list) -> Path:
 
 
 @cache
-def _tokenizer(name: str):
-    return load_tokenizer(name)
+def _tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
+    return load_tokenizer(name, revision, trust_remote_code)
 
 
 @pytest.fixture(autouse=True)
