@@ -453,7 +453,8 @@ class BackboneSpec:
     model-parallel group per data-parallel replica). Needed for device_map auto with more than one process, where
     every rank would otherwise shard over all the GPUs it sees."""
     revision: str | None = None
-    """Hub revision (branch, tag or commit); part of the activation-cache key."""
+    """Hub revision (branch, tag or commit); part of the activation-cache key. The prompts' tokenizer and chat
+    template come from the same revision."""
     trust_remote_code: bool = False
     """Let transformers run the Python files shipped in the model's repository (config, tokenizer, model).
     Never needed for Qwen2 models (QwQ-32B, DeepSeek-R1-Distill-Qwen-32B); turn it on only for a repository you
